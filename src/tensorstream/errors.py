@@ -1,0 +1,87 @@
+"""Every exception tensorstream raises.
+
+One root, :class:`TensorStreamError`; each subclass also inherits the builtin it refines, so code that
+already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` keeps working::
+
+    TensorStreamError(Exception)
+     ├── ConfigError(ValueError)               a Config field or environment variable is invalid
+     ├── FormatError(ValueError)               a file is not a valid .ts file or manifest
+     │    └── CorruptFileError                 a .ts file or store is damaged (truncated, bad checksum)
+     ├── StaleStoreError(FileNotFoundError)    the store is missing a file or no longer matches its source
+     ├── BudgetError(MemoryError)              the memory budget cannot hold the minimum working set
+     ├── BackendUnavailableError(ImportError)  an I/O backend cannot run here (missing package, no driver)
+     ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
+     ├── StreamingError(RuntimeError)          a background read failed while the model was running
+     ├── NotStreamingError(ValueError)         the model passed in is not streaming
+     └── LockTimeoutError(TimeoutError)        another process held the reshard lock for too long
+
+Every message names the file or argument concerned and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "BudgetError",
+    "ConfigError",
+    "CorruptFileError",
+    "FormatError",
+    "LockTimeoutError",
+    "NotStreamingError",
+    "StaleStoreError",
+    "StreamingError",
+    "TensorStreamError",
+    "UnsupportedModelError",
+]
+
+
+class TensorStreamError(Exception):
+    """Root of every error raised by tensorstream."""
+
+
+class ConfigError(TensorStreamError, ValueError):
+    """A `Config` field, keyword argument or ``TENSORSTREAM_*`` variable has an invalid value."""
+
+
+class FormatError(TensorStreamError, ValueError):
+    """A file is not a valid ``.ts`` file, manifest or checkpoint."""
+
+
+class CorruptFileError(FormatError):
+    """A ``.ts`` file or store is damaged: truncated, wrong size, or its checksum does not match."""
+
+
+class StaleStoreError(TensorStreamError, FileNotFoundError):
+    """A store is missing files or was written from a different source than the one asked for."""
+
+
+class BudgetError(TensorStreamError, MemoryError):
+    """The memory budget cannot hold the non-block weights plus the minimum number of streaming slots.
+
+    Attributes:
+        minimum_bytes: the smallest budget that would work, in bytes (``None`` when unknown).
+    """
+
+    def __init__(self, message: str, minimum_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+
+
+class BackendUnavailableError(TensorStreamError, ImportError):
+    """An I/O backend was asked for but cannot run on this machine."""
+
+
+class UnsupportedModelError(TensorStreamError, ValueError):
+    """The model has no repeated blocks that tensorstream could stream."""
+
+
+class StreamingError(TensorStreamError, RuntimeError):
+    """A background read failed; raised from the forward call that needed the block."""
+
+
+class LockTimeoutError(TensorStreamError, TimeoutError):
+    """Another process held the reshard lock for longer than the timeout."""
+
+
+class NotStreamingError(TensorStreamError, ValueError):
+    """A function that needs a streaming model (`stats`, `detach`) was given one that is not streaming."""
