@@ -1,0 +1,446 @@
+"""The ``.ts`` file: a safetensors file laid out so one read brings a whole block into one buffer.
+
+A ``.ts`` file is a valid safetensors file (any safetensors reader opens it) with three additions:
+
+* the data section starts at a multiple of :data:`DATA_ALIGNMENT` (4096) bytes: the JSON header is padded
+  with spaces, which the safetensors format allows;
+* every tensor starts at a multiple of :data:`TENSOR_ALIGNMENT` (64) bytes inside the data section.
+  Tensors whose size is a multiple of 64 bytes come first, in the order given; the rest follow, largest
+  item size first; where a gap is still needed, a filler tensor named ``__tensorstream_pad__.<n>`` (``U8``,
+  zeros) fills it, because safetensors forbids holes. tensorstream's readers skip fillers;
+* ``__metadata__`` holds ``format`` (``"tensorstream"``), ``format_version``, ``block`` (the module path the
+  file holds, ``""`` for non-block weights) and ``checksum`` (``crc32:<8 hex digits>`` of the whole data
+  section).
+
+So a block is read with one large request (``O_DIRECT`` or cuFile friendly) into one buffer, and every tensor
+is an aligned view of that buffer. ``docs/format.md`` is the full specification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptFileError, FormatError
+
+__all__ = [
+    "DATA_ALIGNMENT",
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "TENSOR_ALIGNMENT",
+    "TensorInfo",
+    "TsHeader",
+    "load_ts",
+    "read_ts_header",
+    "save_to_ts",
+]
+
+FORMAT_NAME = "tensorstream"
+FORMAT_VERSION = 1
+DATA_ALIGNMENT = 4096
+TENSOR_ALIGNMENT = 64
+#: The safetensors cap on the JSON header; anything larger is rejected before it is read.
+MAX_HEADER_BYTES = 100_000_000
+PAD_PREFIX = "__tensorstream_pad__."
+_WRITE_CHUNK = 64 << 20
+
+#: The one dtype table: safetensors code -> torch dtype (newer dtypes only where this torch has them).
+DTYPES: dict[str, torch.dtype] = {
+    code: dtype
+    for code, dtype in {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "U16": getattr(torch, "uint16", None),
+        "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "C64": torch.complex64,
+    }.items()
+    if dtype is not None
+}
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives inside a ``.ts`` data section (offsets relative to the data section)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TsHeader:
+    """The parsed, validated header of a ``.ts`` file.
+
+    Attributes:
+        path: the file.
+        data_offset: byte offset of the data section in the file (a multiple of 4096).
+        data_size: bytes in the data section; the file is ``data_offset + data_size`` bytes long.
+        tensors: tensor name -> `TensorInfo`, fillers excluded, in data order.
+        metadata: the ``__metadata__`` strings.
+    """
+
+    path: Path
+    data_offset: int
+    data_size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def checksum(self) -> str | None:
+        return self.metadata.get("checksum")
+
+    @property
+    def block(self) -> str | None:
+        return self.metadata.get("block")
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.data_size
+
+
+def _align(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def data_checksum(chunks: list[memoryview] | memoryview | bytes) -> str:
+    """``crc32:<hex>`` of the data section, given as one buffer or a list of consecutive chunks."""
+    crc = 0
+    for chunk in chunks if isinstance(chunks, list) else [chunks]:
+        crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 and float8 included)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return flat.view(torch.uint8).numpy().data.cast("B")
+
+
+def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """(name, dtype code, shape, start, end) for tensors and fillers, in data order, every start aligned."""
+    first = [name for name, t in tensors.items() if (t.numel() * t.element_size()) % TENSOR_ALIGNMENT == 0]
+    rest = [name for name in tensors if name not in set(first)]
+    rest.sort(key=lambda name: -tensors[name].element_size())  # stable: keeps order among equal item sizes
+    layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    offset = 0
+    pads = 0
+    for name in first + rest:
+        t = tensors[name]
+        gap = _align(offset, TENSOR_ALIGNMENT) - offset
+        if gap:
+            layout.append((f"{PAD_PREFIX}{pads}", "U8", (gap,), offset, offset + gap))
+            pads += 1
+            offset += gap
+        nbytes = t.numel() * t.element_size()
+        layout.append((name, DTYPE_CODES[t.dtype], tuple(t.shape), offset, offset + nbytes))
+        offset += nbytes
+    return layout
+
+
+def save_to_ts(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    block: str = "",
+) -> TsHeader:
+    """Write tensors to a ``.ts`` file, atomically (a temporary file, fsync, then rename).
+
+    Args:
+        tensors (`Mapping[str, torch.Tensor]`):
+            Name -> tensor. Tensors may live on any device; they are copied to CPU one at a time.
+        path (`str` or `os.PathLike`):
+            The file to write. Its folder must exist.
+        metadata (`Mapping[str, str]`, *optional*):
+            Extra ``__metadata__`` strings. The keys ``format``, ``format_version``, ``block`` and ``checksum``
+            are reserved.
+        block (`str`, *optional*):
+            The module path the file holds (``"model.layers.3"``), ``""`` for non-block weights.
+
+    Returns:
+        `TsHeader`: the header of the written file.
+
+    Example:
+        ```python
+        >>> import torch, tensorstream
+        >>> h = tensorstream.save_to_ts({"w": torch.ones(2, 3)}, "/tmp/w.ts")
+        >>> h.data_offset % 4096, h.tensors["w"].shape
+        (0, (2, 3))
+        ```
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    reserved = {"format", "format_version", "block", "checksum"} & set(metadata)
+    if reserved:
+        raise FormatError(f"save_to_ts({path}): metadata keys {sorted(reserved)} are reserved by the .ts format.")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise FormatError(f"save_to_ts({path}): __metadata__ holds strings only; got {key!r}: {value!r}.")
+    cpu: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name or name.startswith(PAD_PREFIX) or name == "__metadata__":
+            raise FormatError(f"save_to_ts({path}): {name!r} is not a valid tensor name.")
+        if not isinstance(tensor, torch.Tensor):
+            raise FormatError(f"save_to_ts({path}): {name!r} is a {type(tensor).__name__}, not a torch.Tensor.")
+        if tensor.device.type == "meta":
+            raise FormatError(f"save_to_ts({path}): {name!r} is on the meta device and has no data to write.")
+        if tensor.dtype not in DTYPE_CODES:
+            raise FormatError(f"save_to_ts({path}): {name!r} has dtype {tensor.dtype}, which safetensors cannot hold.")
+        cpu[name] = tensor.detach().to("cpu").contiguous()
+
+    layout = _layout(cpu)
+    views = [
+        _as_bytes_view(cpu[name]) if not name.startswith(PAD_PREFIX) else bytes(end - start)
+        for name, _, _, start, end in layout
+    ]
+    data_size = layout[-1][4] if layout else 0
+    meta = {
+        **metadata,
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "block": block,
+        "checksum": data_checksum([memoryview(v) for v in views]),
+    }
+    header: dict[str, object] = {"__metadata__": meta}
+    for name, code, shape, start, end in layout:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [start, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    header_len = _align(8 + len(raw), DATA_ALIGNMENT) - 8
+    raw = raw + b" " * (header_len - len(raw))
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", header_len))
+            f.write(raw)
+            for view in views:
+                for i in range(0, len(view), _WRITE_CHUNK):
+                    f.write(view[i : i + _WRITE_CHUNK])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    infos = {n: TensorInfo(c, s, a, b) for n, c, s, a, b in layout if not n.startswith(PAD_PREFIX)}
+    return TsHeader(path=path, data_offset=8 + header_len, data_size=data_size, tensors=infos, metadata=meta)
+
+
+def read_ts_header(path: str | os.PathLike[str], *, require_ts: bool = True) -> TsHeader:
+    """Read and validate the header of a ``.ts`` file (or, with ``require_ts=False``, any safetensors file).
+
+    Checks: the header length is capped at 100 MB, the JSON is an object of well-formed entries, every dtype is
+    known, every shape matches its byte count, offsets are non-negative, in bounds, without overlap or holes,
+    the file is exactly as long as the header says, and (for ``.ts``) the data section is 4096-aligned and the
+    format version is one this tensorstream reads.
+
+    Raises:
+        `FormatError`: the file is not a valid ``.ts`` file. `CorruptFileError`: it is truncated or too long.
+        `FileNotFoundError`: the file does not exist.
+
+    Example:
+        ```python
+        >>> h = tensorstream.read_ts_header("/tmp/w.ts")
+        >>> h.metadata["format"], list(h.tensors)
+        ('tensorstream', ['w'])
+        ```
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptFileError(f"{path}: {file_size} bytes is too short for a safetensors header; {_REPAIR}")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap; {_REPAIR}")
+        if 8 + header_len > file_size:
+            raise CorruptFileError(f"{path}: header of {header_len} bytes runs past the end of the file; {_REPAIR}")
+        raw = f.read(header_len)
+    return parse_ts_header(raw, path=path, file_size=file_size, require_ts=require_ts)
+
+
+_REPAIR = "rerun `tensorstream reshard` on the source model to rebuild the store."
+
+
+def parse_ts_header(raw: bytes, *, path: Path, file_size: int, require_ts: bool = True) -> TsHeader:
+    """Validate a raw JSON header (``raw`` is the N bytes after the length prefix). See `read_ts_header`."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"{path}: header is not valid UTF-8 JSON ({err}); {_REPAIR}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is a JSON {type(header).__name__}, not an object; {_REPAIR}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings; {_REPAIR}")
+    data_offset = 8 + len(raw)
+    entries: list[tuple[str, TensorInfo]] = []
+    for name, entry in header.items():
+        entries.append((name, _parse_entry(name, entry, path)))
+    entries.sort(key=lambda item: (item[1].start, item[1].end))
+    cursor = 0
+    for name, info in entries:
+        if info.start != cursor:
+            kind = "overlaps the tensor before it" if info.start < cursor else "leaves a hole before it"
+            raise FormatError(f"{path}: tensor {name!r} at offset {info.start} {kind} (expected {cursor}); {_REPAIR}")
+        cursor = info.end
+    data_size = cursor
+    if data_offset + data_size != file_size:
+        what = "truncated" if data_offset + data_size > file_size else "longer than its header says"
+        raise CorruptFileError(
+            f"{path}: file is {what} ({file_size} bytes, header says {data_offset + data_size}); {_REPAIR}"
+        )
+    if require_ts:
+        if metadata.get("format") != FORMAT_NAME:
+            raise FormatError(f"{path}: not a tensorstream .ts file (no format={FORMAT_NAME!r} in __metadata__).")
+        version = metadata.get("format_version", "")
+        if not version.isdigit() or int(version) < 1:
+            raise FormatError(f"{path}: format_version {version!r} is not a positive integer; {_REPAIR}")
+        if int(version) > FORMAT_VERSION:
+            raise FormatError(
+                f"{path}: written by a newer tensorstream (format version {version}, this one reads up to "
+                f"{FORMAT_VERSION}); upgrade with `pip install -U tensorstream`."
+            )
+        if data_offset % DATA_ALIGNMENT:
+            raise FormatError(f"{path}: data section starts at byte {data_offset}, not a multiple of 4096; {_REPAIR}")
+        for name, info in entries:
+            if not name.startswith(PAD_PREFIX) and info.start % TENSOR_ALIGNMENT:
+                raise FormatError(f"{path}: tensor {name!r} at offset {info.start} is not 64-byte aligned; {_REPAIR}")
+    tensors = {name: info for name, info in entries if not name.startswith(PAD_PREFIX)}
+    return TsHeader(path=path, data_offset=data_offset, data_size=data_size, tensors=tensors, metadata=metadata)
+
+
+def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{path}: entry {name!r} must have exactly dtype, shape and data_offsets; {_REPAIR}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}; known: {sorted(DTYPES)}.")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise FormatError(f"{path}: tensor {name!r} has invalid shape {shape!r}; {_REPAIR}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or offsets[0] < 0
+        or offsets[1] < offsets[0]
+    ):
+        raise FormatError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; {_REPAIR}")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if numel * itemsize != offsets[1] - offsets[0]:
+        raise FormatError(
+            f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes but its "
+            f"offsets span {offsets[1] - offsets[0]}; {_REPAIR}"
+        )
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def aligned_empty(nbytes: int, *, alignment: int = DATA_ALIGNMENT, pin_memory: bool = False) -> torch.Tensor:
+    """A CPU ``uint8`` tensor of ``nbytes`` whose first byte sits at a multiple of ``alignment``."""
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin_memory)
+    shift = (-raw.data_ptr()) % alignment
+    return raw[shift : shift + nbytes]
+
+
+def tensor_views(buffer: torch.Tensor, header: TsHeader) -> dict[str, torch.Tensor]:
+    """Views of every tensor of ``header`` into ``buffer``, a ``uint8`` tensor holding the data section."""
+    out = {}
+    for name, info in header.tensors.items():
+        out[name] = buffer[info.start : info.end].view(info.torch_dtype).view(info.shape)
+    return out
+
+
+def read_data(path: Path, header: TsHeader, out: torch.Tensor) -> None:
+    """Read the whole data section of ``path`` into ``out`` (a CPU ``uint8`` tensor) with buffered reads."""
+    view = _as_bytes_view(out)[: header.data_size]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < header.data_size:
+            n = os.preadv(fd, [view[done:]], header.data_offset + done)
+            if n == 0:
+                raise CorruptFileError(f"{path}: file ended after {done} of {header.data_size} data bytes; {_REPAIR}")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def load_ts(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, verify_checksum: bool = False
+) -> dict[str, torch.Tensor]:
+    """Load every tensor of a ``.ts`` file with one read; tensors are views of one aligned buffer.
+
+    Args:
+        path (`str` or `os.PathLike`): the ``.ts`` file.
+        device (`str` or `torch.device`, defaults to ``"cpu"``): where the tensors go (one copy of the buffer).
+        verify_checksum (`bool`, defaults to `False`): also check the data against the header's checksum.
+
+    Raises:
+        `CorruptFileError`: the data does not match its checksum (with ``verify_checksum=True``).
+
+    Example:
+        ```python
+        >>> tensorstream.load_ts("/tmp/w.ts")["w"].sum().item()
+        6.0
+        ```
+    """
+    header = read_ts_header(path)
+    buffer = aligned_empty(header.data_size)
+    read_data(header.path, header, buffer)
+    if verify_checksum:
+        verify_buffer(header, buffer)
+    device = torch.device(device)
+    if device.type != "cpu":
+        buffer = buffer.to(device)
+    return tensor_views(buffer, header)
+
+
+def verify_buffer(header: TsHeader, buffer: torch.Tensor) -> None:
+    """Raise `CorruptFileError` unless ``buffer`` (the data section, on CPU) matches the header's checksum."""
+    expected = header.checksum
+    if expected is None:
+        raise CorruptFileError(f"{header.path}: no checksum in __metadata__; {_REPAIR}")
+    actual = data_checksum(_as_bytes_view(buffer)[: header.data_size])
+    if actual != expected:
+        raise CorruptFileError(
+            f"{header.path}: data checksum {actual} does not match the header's {expected}: the file is damaged. "
+            f"Run `tensorstream verify` to list every damaged file, then {_REPAIR}"
+        )
