@@ -1,0 +1,237 @@
+"""Which modules are blocks, and what stays resident under the budget.
+
+Blocks are found from the model's structure, not from names: the outermost ``torch.nn.ModuleList`` containers
+whose children are all of one class and hold parameters, preferring classes listed in transformers'
+``_no_split_modules``. Execution order is registration order (encoder blocks before decoder blocks).
+
+The planner splits the budget (resident weights plus streaming slots) as follows:
+
+1. all non-block weights are resident;
+2. if every block also fits, nothing streams;
+3. otherwise ``prefetch + 1`` slots (one computing, ``prefetch`` loading), each the size of the largest streamed
+   block, and as many of the first blocks in execution order as still fit stay resident;
+4. when even that does not fit, the planner lowers the depth, down to two slots (one when ``prefetch=0``),
+   keeping as many blocks resident as fit next to them.
+
+A budget below the non-block weights plus the minimum slots raises `BudgetError` naming the minimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BudgetError, UnsupportedModelError
+
+__all__ = ["Plan", "auto_budget_bytes", "find_blocks", "make_plan"]
+
+logger = logging.getLogger(__name__)
+SLOT_ALIGNMENT = 4096
+AUTO_BUDGET_FRACTION = 0.8
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Module paths of the repeated blocks of ``model``, in execution order.
+
+    Raises:
+        `UnsupportedModelError`: nothing that looks like a stack of repeated blocks was found.
+
+    Example:
+        ```python
+        >>> find_blocks(LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, ...)))
+        ['model.layers.0', 'model.layers.1']
+        ```
+    """
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[tuple[str, nn.ModuleList, bool]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        children = list(module)
+        kind = type(children[0])
+        if not all(type(child) is kind for child in children):
+            continue
+        if next(children[0].parameters(), None) is None:
+            continue
+        preferred = kind.__name__ in no_split
+        if preferred or len(children) >= 2:
+            candidates.append((name, module, preferred))
+    if any(preferred for _, _, preferred in candidates):
+        candidates = [c for c in candidates if c[2]]
+    chosen: list[str] = []
+    for name, _, _ in candidates:
+        if any(name.startswith(outer + ".") for outer in chosen):
+            continue  # nested inside a stack already chosen (e.g. experts inside a decoder layer)
+        chosen.append(name)
+    if not chosen:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no repeated blocks to stream: tensorstream looks for a torch.nn.ModuleList "
+            f"of modules of one class that hold parameters (preferring _no_split_modules={sorted(no_split)}). "
+            "Load this model without device_map='tensorstream'."
+        )
+    lists = dict(model.named_modules())
+    return [f"{prefix}.{i}" if prefix else str(i) for prefix in chosen for i in range(len(lists[prefix]))]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The split of the budget between resident weights and streaming slots.
+
+    Attributes:
+        budget_bytes: the budget the plan was made for.
+        non_block_bytes: weights outside the blocks (always resident).
+        resident: blocks kept on the device, in execution order.
+        streamed: blocks read from the store at every step, in execution order.
+        slot_bytes: size of one slot (the largest streamed block, rounded up to 4096).
+        num_slots: slots allocated; ``num_slots - 1`` blocks are read ahead of the computing one.
+        block_bytes: every block's size.
+    """
+
+    budget_bytes: int
+    non_block_bytes: int
+    resident: tuple[str, ...]
+    streamed: tuple[str, ...]
+    slot_bytes: int
+    num_slots: int
+    block_bytes: dict[str, int]
+
+    @property
+    def prefetch(self) -> int:
+        """Blocks read ahead of the one computing."""
+        return max(self.num_slots - 1, 0)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.non_block_bytes + sum(self.block_bytes[name] for name in self.resident)
+
+    @property
+    def device_bytes(self) -> int:
+        """Peak weight bytes on the device: resident weights plus slots (never above the budget)."""
+        return self.resident_bytes + self.num_slots * self.slot_bytes
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes read from storage per full pass over the model."""
+        return sum(self.block_bytes[name] for name in self.streamed)
+
+    def describe(self) -> str:
+        head = f"budget {format_gb(self.budget_bytes)}: non-block {format_gb(self.non_block_bytes)}"
+        total = len(self.resident) + len(self.streamed)
+        if not self.streamed:
+            return f"{head}, all {total} blocks resident, nothing streamed"
+        return (
+            f"{head}, {len(self.resident)}/{total} blocks resident "
+            f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
+            f"({format_gb(self.streamed_bytes)} per pass) through {self.num_slots} slots of "
+            f"{format_gb(self.slot_bytes)} (prefetch {self.prefetch})"
+        )
+
+
+def format_gb(nbytes: float) -> str:
+    """``nbytes`` in GB (10^9 bytes) with enough digits to be useful for tiny and huge sizes alike."""
+    gb = nbytes / 1e9
+    return f"{gb:.2f} GB" if gb >= 10 else f"{gb:.3g} GB"
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+
+
+def make_plan(non_block_bytes: int, blocks: Sequence[tuple[str, int]], budget_bytes: int, prefetch: int) -> Plan:
+    """Split ``budget_bytes`` between resident weights and streaming slots (see the module docstring).
+
+    Args:
+        non_block_bytes: bytes of the weights outside the blocks.
+        blocks: ``(name, bytes)`` of every block in execution order.
+        budget_bytes: the weights budget on the execution device.
+        prefetch: upper bound on blocks read ahead.
+
+    Raises:
+        `BudgetError`: the budget cannot hold the non-block weights plus the minimum number of slots.
+
+    Example:
+        ```python
+        >>> p = make_plan(100, [("b0", 4096), ("b1", 4096), ("b2", 4096)], budget_bytes=100 + 3 * 4096, prefetch=2)
+        >>> p.resident, p.streamed, p.num_slots
+        ((), ('b0', 'b1', 'b2'), 3)
+        ```
+    """
+    sizes = dict(blocks)
+    names = [name for name, _ in blocks]
+    if non_block_bytes + sum(sizes.values()) <= budget_bytes:
+        return Plan(budget_bytes, non_block_bytes, tuple(names), (), 0, 0, sizes)
+    min_slots = 1 if prefetch == 0 else 2
+    for wanted in range(prefetch + 1, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
+        for keep in range(len(names) - 1, -1, -1):
+            streamed = names[keep:]
+            slot = _aligned(max(sizes[name] for name in streamed))
+            resident_bytes = non_block_bytes + sum(sizes[name] for name in names[:keep])
+            num_slots = min(wanted, len(streamed))
+            if resident_bytes + num_slots * slot <= budget_bytes:
+                return Plan(
+                    budget_bytes, non_block_bytes, tuple(names[:keep]), tuple(streamed), slot, num_slots, sizes
+                )
+    slot = _aligned(max(sizes.values()))
+    minimum = non_block_bytes + min(min_slots, len(names)) * slot
+    slots = min(min_slots, len(names))
+    raise BudgetError(
+        f"budget_gb={budget_bytes / 1e9:.6g} is too small for this model: it needs at least {format_gb(minimum)} "
+        f"(non-block weights {format_gb(non_block_bytes)} plus {slots} streaming slot{'s' * (slots > 1)} of "
+        f"{format_gb(slot)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {minimum / 1e9:.6g}.",
+        minimum,
+    )
+
+
+def auto_budget_bytes(device: torch.device) -> int:
+    """80% of the memory free on ``device``: free VRAM on CUDA, available RAM (cgroup limit respected) on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * AUTO_BUDGET_FRACTION)
+    available = _meminfo_available()
+    cgroup = _cgroup_available()
+    if cgroup is not None:
+        available = min(available, cgroup)
+    return int(available * AUTO_BUDGET_FRACTION)
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _cgroup_available() -> int | None:
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= 1 << 60:
+            return None
+        return max(int(limit_text) - usage, 0)
+    return None
+
+
+def log_plan(plan: Plan, requested_prefetch: int) -> None:
+    logger.info("tensorstream plan: %s", plan.describe())
+    if plan.streamed and plan.prefetch < min(requested_prefetch, len(plan.streamed) - 1):
+        logger.info(
+            "tensorstream: budget allows prefetch depth %d (asked for %d); raise budget_gb for deeper read-ahead",
+            plan.prefetch,
+            requested_prefetch,
+        )

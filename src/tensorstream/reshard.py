@@ -1,0 +1,495 @@
+"""Checkpoint -> store: one pass, tensor by tensor, RAM bounded by about one block.
+
+Two entry points share one writer:
+
+* `reshard` takes a model folder or Hub id. The model is built by transformers itself with every weight
+  mapped to ``"disk"``: nothing is read, and transformers' own conversions (renamed or fused tensors, dtype
+  plan, tied weights) decide what the runtime modules hold. Each block's tensors are then read one at a time
+  through the offload index transformers built and written to ``blocks/<module path>.ts``.
+* `reshard_module` takes a model already in memory (used by `tensorstream.offload`).
+
+Either way the store is written into ``<storage_path>/.<fingerprint>.partial/`` and renamed to
+``<storage_path>/<fingerprint>/`` when complete (the manifest is written last). A killed reshard resumes from
+the block files already written; concurrent processes serialise on ``.<fingerprint>.lock`` and all reuse the
+store the first one wrote. The source checkpoint is only ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.utils import are_progress_bars_disabled
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import default_storage_path, parse_dtype
+from .errors import FormatError, LockTimeoutError, StaleStoreError, TensorStreamError
+from .format import FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
+from .plan import find_blocks
+from .store import MANIFEST_NAME, STORE_FORMAT, Store
+
+__all__ = ["reshard", "reshard_module", "resolve_source"]
+
+logger = logging.getLogger(__name__)
+
+#: Store files end in ``.ts.safetensors``: a .ts file, and a name transformers' loader recognises as safetensors.
+TS_SUFFIX = ".ts.safetensors"
+NON_BLOCK_FILE = f"non_block{TS_SUFFIX}"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_SOURCE_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+_CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"}
+
+
+def resolve_source(
+    source: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    subfolder: str = "",
+) -> Path:
+    """The local folder holding ``source``: the folder itself, or the Hub snapshot (downloaded if needed).
+
+    Raises:
+        `FileNotFoundError`: ``source`` is neither a folder nor a repo available from the Hub or its cache.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = (path / subfolder) if subfolder else path
+        return folder.resolve()
+    if path.exists():
+        raise FormatError(f"{path} is a file; pass the model folder that holds config.json and the weights.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    patterns = [f"{subfolder}/{p}" if subfolder else p for p in _HUB_PATTERNS]
+    try:
+        folder = Path(
+            snapshot_download(
+                str(source),
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=patterns,
+            )
+        )
+    except (HFValidationError, LocalEntryNotFoundError) as err:
+        raise FileNotFoundError(
+            f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
+        ) from None
+    folder = folder / subfolder if subfolder else folder
+    if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
+        # A repo with only PyTorch .bin weights: fetch those too (loaded later with weights_only=True).
+        folder = Path(
+            snapshot_download(
+                str(source),
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=[*patterns, "*.bin"],
+            )
+        )
+        folder = folder / subfolder if subfolder else folder
+    return folder
+
+
+def resolve_model_class(config: Any, model_class: type | str | None) -> Any:
+    """The concrete transformers class to build: ``model_class``, else ``config.architectures[0]``."""
+    import transformers
+
+    if isinstance(model_class, type):
+        if hasattr(model_class, "_model_mapping"):  # an Auto class: resolve to the concrete one
+            return model_class._model_mapping[type(config)]
+        return model_class
+    name = model_class or next(iter(getattr(config, "architectures", None) or []), None)
+    if name:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise TensorStreamError(f"model_class={name!r} is not a class of transformers {transformers.__version__}.")
+        return resolve_model_class(config, cls)
+    return resolve_model_class(config, transformers.AutoModel)
+
+
+def source_fingerprint(folder: Path, cls: type, dtype: torch.dtype | None, config: Any) -> str:
+    """A short hash of what decides the store's content: the weight files, the config, the class and dtype.
+
+    Files are identified by name, size and, for Hub cache snapshots, their blob name (a content hash), else
+    their modification time: a large checkpoint is never read to fingerprint it.
+    """
+    config_dict = {k: v for k, v in config.to_diff_dict().items() if k not in _CONFIG_KEYS_IGNORED}
+    digest = hashlib.sha256()
+    head = {"format_version": FORMAT_VERSION, "class": cls.__name__, "dtype": str(dtype), "config": config_dict}
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for file in sorted(folder.iterdir()):
+        if not (file.suffix in _WEIGHT_SUFFIXES or file.name in _SOURCE_FILES) or not file.is_file():
+            continue
+        stat = file.stat()
+        identity = Path(os.readlink(file)).name if file.is_symlink() else str(stat.st_mtime_ns)
+        digest.update(f"{file.name}\0{stat.st_size}\0{identity}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-load progress bar and offload warnings while tensorstream drives it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    accelerate_logger = logging.getLogger("accelerate")
+    accelerate_level = accelerate_logger.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    accelerate_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        accelerate_logger.setLevel(accelerate_level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<root>/.<fingerprint>.lock``; other processes wait (and say so in the log)."""
+    path = root / f".{fingerprint}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start = time.monotonic()
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if not announced:
+                logger.info("tensorstream: another process is resharding into %s; waiting for it", root / fingerprint)
+                announced = True
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise LockTimeoutError(
+                    f"{path} was held by another process for over {timeout:.0f} s; if no reshard is running, "
+                    "delete the lock file and retry."
+                )
+            time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def reshard(
+    source: str | os.PathLike[str],
+    storage_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    model_class: type | str | None = None,
+    config: Any = None,
+    force: bool = False,
+    progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    subfolder: str = "",
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Reshard a checkpoint into a store of per-block ``.ts`` files, once; later calls reuse it.
+
+    Args:
+        source (`str` or `os.PathLike`):
+            A local model folder (``config.json`` plus safetensors shards, one file or many with
+            ``model.safetensors.index.json``, or PyTorch ``.bin`` files) or a Hub repo id.
+        storage_path (`str` or `os.PathLike`, *optional*):
+            Where stores live; defaults to ``<HF hub cache>/tensorstream``.
+        dtype (`str` or `torch.dtype`, *optional*):
+            Convert floating-point weights (``"bf16"``, ``torch.float16``...). Defaults to the checkpoint's.
+        model_class (`type` or `str`, *optional*):
+            The transformers class whose runtime tensors the store holds. Defaults to ``config.architectures[0]``.
+        config (`PretrainedConfig`, *optional*): a config to build the model with instead of the folder's.
+        force (`bool`, defaults to `False`): rebuild even if an up-to-date store exists.
+        progress (`bool`, defaults to `True`): show a progress bar (blocks and GB/s).
+        cache_dir, revision, local_files_only, token, subfolder: as in ``from_pretrained``, for Hub ids.
+
+    Returns:
+        `Path`: the store folder, ``<storage_path>/<fingerprint>``.
+
+    Notes:
+        Peak RAM is about one block plus the largest non-block tensor: tensors are read one at a time through
+        safetensors' memory map and each block is written before the next is read.
+
+    Example:
+        ```python
+        >>> store = tensorstream.reshard("./my-llama", "/nvme/tensorstream", dtype="bf16")
+        >>> sorted(p.name for p in store.iterdir())[:3]
+        ['blocks', 'config.json', 'generation_config.json']
+        ```
+    """
+    from transformers import AutoConfig
+
+    folder = resolve_source(
+        source,
+        cache_dir=cache_dir,
+        revision=revision,
+        local_files_only=local_files_only,
+        token=token,
+        subfolder=subfolder,
+    )
+    if config is None:
+        config = AutoConfig.from_pretrained(folder)
+    cls = resolve_model_class(config, model_class)
+    dtype = parse_dtype(dtype)
+    fingerprint = source_fingerprint(folder, cls, dtype, config)
+    root = Path(storage_path).expanduser() if storage_path else default_storage_path()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / fingerprint
+    if not force and _is_complete(final):
+        logger.info("tensorstream: store %s is up to date with %s; nothing to reshard", final, source)
+        return final
+    with store_lock(root, fingerprint):
+        if not force and _is_complete(final):
+            logger.info("tensorstream: store %s was written by another process; reusing it", final)
+            return final
+        staging = root / f".{fingerprint}.partial"
+        staging.mkdir(exist_ok=True)
+        offload = staging / "_offload"
+        with quiet_transformers():
+            model = cls.from_pretrained(
+                str(folder),
+                config=config,
+                device_map={"": "disk"},
+                offload_folder=str(offload),
+                dtype=dtype or "auto",
+                **dict(model_kwargs or {}),
+            )
+        loader = _offload_loader(model, folder)
+
+        def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach() if tensor.device.type != "meta" else loader[name]
+
+        source_info = {"source": str(source), "folder": str(folder)}
+        _write_store(staging, model, get_tensor, fingerprint, cls.__name__, dtype, source_info, progress)
+        for name in ("generation_config.json",):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, staging / name)
+        shutil.rmtree(offload, ignore_errors=True)
+        _publish(staging, final)
+    return final
+
+
+def reshard_module(
+    model: nn.Module,
+    storage_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    progress: bool = True,
+) -> Path:
+    """Reshard a model already in memory (used by `tensorstream.offload`); reuses a store with the same content.
+
+    The fingerprint hashes every tensor's bytes (crc32, several GB/s), so a model changed in memory gets a new
+    store. Weights are converted to ``dtype`` when given.
+    """
+    dtype = parse_dtype(dtype)
+    digest = hashlib.sha256(f"{FORMAT_VERSION}\0{type(model).__name__}\0{dtype}\n".encode())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.device.type == "meta":
+            raise TensorStreamError(
+                f"{type(model).__name__}.{name} is on the meta device: offload() needs a model with its weights "
+                "loaded. Use from_pretrained(..., device_map='tensorstream') to stream straight from a checkpoint."
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy())) if data.numel() else 0
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{crc}\n".encode())
+    fingerprint = digest.hexdigest()[:16]
+    root = Path(storage_path).expanduser() if storage_path else default_storage_path()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / fingerprint
+    if _is_complete(final):
+        logger.info("tensorstream: store %s already holds this model; reusing it", final)
+        return final
+    with store_lock(root, fingerprint):
+        if _is_complete(final):
+            return final
+        staging = root / f".{fingerprint}.partial"
+        staging.mkdir(exist_ok=True)
+
+        def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.detach()
+            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+        source_info = {"source": f"in-memory {type(model).__name__}"}
+        _write_store(staging, model, get_tensor, fingerprint, type(model).__name__, dtype, source_info, progress)
+        _publish(staging, final)
+    return final
+
+
+def _is_complete(store: Path) -> bool:
+    if not (store / MANIFEST_NAME).is_file():
+        return False
+    try:
+        Store.open(store, verify="header")
+    except (TensorStreamError, OSError) as err:
+        raise StaleStoreError(
+            f"{store} exists but is damaged ({err}). Delete it or rerun `tensorstream reshard --force`."
+        ) from err
+    return True
+
+
+def _offload_loader(model: nn.Module, folder: Path) -> Mapping[str, torch.Tensor]:
+    for module in model.modules():
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:
+            return getattr(weights_map, "dataset", weights_map)
+    raise TensorStreamError(
+        f"transformers built {type(model).__name__} from {folder} without a disk offload index; this transformers "
+        "version loads disk-offloaded models differently than tensorstream expects. Please report it."
+    )
+
+
+def _owner_of(name: str, blocks: set[str]) -> str:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in blocks:
+            return prefix
+    return ""
+
+
+def _write_store(
+    staging: Path,
+    model: nn.Module,
+    get_tensor: Callable[[str, torch.Tensor], torch.Tensor],
+    fingerprint: str,
+    class_name: str,
+    dtype: torch.dtype | None,
+    source_info: dict[str, str],
+    progress: bool,
+) -> None:
+    blocks = find_blocks(model)
+    block_set = set(blocks)
+    owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["", *blocks]}
+    seen: dict[tuple[str, int], str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner = _owner_of(name, block_set)
+        key = (owner, id(tensor))
+        if key in seen:  # the same tensor under a second name (tied weights): stored once
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        owned[owner][name] = tensor
+    (staging / "blocks").mkdir(exist_ok=True)
+    total = sum(_nbytes(t) for group in owned.values() for t in group.values())
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="tensorstream reshard",
+        disable=not progress or are_progress_bars_disabled(),
+        dynamic_ncols=True,
+    )
+    entries: list[dict[str, Any]] = []
+    weight_map: dict[str, str] = {}
+    with bar:
+        for done, block in enumerate(["", *blocks]):
+            rel = f"blocks/{block}{TS_SUFFIX}" if block else NON_BLOCK_FILE
+            path = staging / rel
+            header = _reusable(path, block)
+            if header is None:
+                tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
+                header = save_to_ts(tensors, path, block=block)
+                del tensors
+            bar.update(sum(_nbytes(t) for t in owned[block].values()))
+            bar.set_postfix_str(f"block {done}/{len(blocks)}", refresh=False)
+            entries.append(
+                {
+                    "name": block,
+                    "file": rel,
+                    "data_size": header.data_size,
+                    "checksum": header.checksum,
+                    "dtypes": sorted({info.dtype for info in header.tensors.values()}),
+                }
+            )
+            weight_map.update(dict.fromkeys(header.tensors, rel))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        config.to_json_file(str(staging / "config.json"))
+    total_size = sum(entry["data_size"] for entry in entries)
+    _write_json(
+        staging / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    )
+    from . import __version__
+
+    manifest = {
+        "format": STORE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tensorstream_version": __version__,
+        "fingerprint": fingerprint,
+        "model_class": class_name,
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        **source_info,
+        "total_bytes": total_size,
+        "tied": tied,
+        "non_block": entries[0],
+        "blocks": entries[1:],
+    }
+    _write_json(staging / MANIFEST_NAME, manifest)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _reusable(path: Path, block: str) -> TsHeader | None:
+    """The header of a block file left by an interrupted reshard, if it is complete and for this block."""
+    if not path.is_file():
+        return None
+    try:
+        header = read_ts_header(path)
+    except (TensorStreamError, OSError):
+        path.unlink(missing_ok=True)
+        return None
+    return header if header.block == block else None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    if final.exists():  # --force over an existing store: move it aside, then delete it
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(staging, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from tensorstream import BudgetError, UnsupportedModelError
+from tensorstream.plan import find_blocks, make_plan
+
+MB = 1 << 20
+
+
+def blocks(n: int, size: int = 4 * MB) -> list[tuple[str, int]]:
+    return [(f"layers.{i}", size) for i in range(n)]
+
+
+def test_everything_fits() -> None:
+    plan = make_plan(10 * MB, blocks(4), 10 * MB + 16 * MB, prefetch=2)
+    assert plan.streamed == () and plan.num_slots == 0 and len(plan.resident) == 4
+    assert plan.device_bytes <= plan.budget_bytes
+
+
+def test_stream_everything_with_requested_depth() -> None:
+    plan = make_plan(10 * MB, blocks(8), 10 * MB + 3 * 4 * MB, prefetch=2)
+    assert plan.resident == () and len(plan.streamed) == 8 and plan.num_slots == 3 and plan.prefetch == 2
+
+
+def test_resident_blocks_come_first_and_fill_the_budget() -> None:
+    plan = make_plan(10 * MB, blocks(8), 10 * MB + 5 * 4 * MB + MB, prefetch=2)
+    assert plan.resident == ("layers.0", "layers.1")
+    assert plan.streamed == tuple(f"layers.{i}" for i in range(2, 8))
+    assert plan.num_slots == 3
+    assert plan.device_bytes <= plan.budget_bytes
+
+
+def test_tight_budget_lowers_the_depth_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    plan = make_plan(10 * MB, blocks(8), 10 * MB + 2 * 4 * MB + MB, prefetch=5)
+    assert plan.num_slots == 2 and plan.prefetch == 1 and plan.resident == ()
+
+
+def test_prefetch_is_an_upper_bound() -> None:
+    plan = make_plan(0, blocks(8), 7 * 4 * MB, prefetch=1)
+    assert plan.num_slots == 2 and len(plan.resident) == 5
+
+
+def test_prefetch_zero_needs_one_slot() -> None:
+    plan = make_plan(10 * MB, blocks(4), 10 * MB + 4 * MB, prefetch=0)
+    assert plan.num_slots == 1 and plan.prefetch == 0
+
+
+def test_budget_error_names_the_minimum() -> None:
+    with pytest.raises(BudgetError, match=r"at least 0\.0189 GB") as info:
+        make_plan(10 * MB, blocks(4), 10 * MB + 4 * MB, prefetch=2)
+    assert info.value.minimum_bytes == 10 * MB + 2 * 4 * MB
+    assert isinstance(info.value, MemoryError)
+    make_plan(10 * MB, blocks(4), info.value.minimum_bytes, prefetch=2)  # the minimum works
+
+
+def test_uneven_blocks_size_slots_by_the_largest_streamed() -> None:
+    sizes = [("b0", 20 * MB), ("b1", 4 * MB), ("b2", 4 * MB), ("b3", 4 * MB)]
+    plan = make_plan(0, sizes, 20 * MB + 2 * 4 * MB, prefetch=2)
+    assert plan.resident == ("b0",) and plan.slot_bytes == 4 * MB and plan.device_bytes <= plan.budget_bytes
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+
+class Net(nn.Module):
+    _no_split_modules = ("Block",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.encoder = nn.ModuleList(Block() for _ in range(2))
+        self.decoder = nn.ModuleList(Block() for _ in range(3))
+        self.norms = nn.ModuleList(nn.LayerNorm(4) for _ in range(5))
+
+
+def test_find_blocks_prefers_no_split_modules_and_skips_nested_stacks() -> None:
+    assert find_blocks(Net()) == ["encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"]
+
+
+def test_find_blocks_without_hint_takes_outermost_stacks() -> None:
+    net = Net()
+    net._no_split_modules = ()  # type: ignore[misc]
+    assert find_blocks(net)[:2] == ["encoder.0", "encoder.1"]
+    assert "encoder.0.experts.0" not in find_blocks(net)
+
+
+def test_model_without_blocks_is_a_clear_error() -> None:
+    with pytest.raises(UnsupportedModelError, match="ModuleList"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
