@@ -1,0 +1,397 @@
+"""The streaming engine: a fixed pool of slots, reader threads, and the prefetch schedule.
+
+One `Engine` serves one model. It owns ``num_slots`` buffers allocated once, each the size of the largest
+streamed block, and a pool of ``io_threads`` readers. Blocks are read in execution order, ``prefetch`` ahead
+of the one computing, wrapping around to the first streamed block for the next step. The hook of each block
+calls `Engine.acquire` before the block runs (wait for its read, bind its parameters as views of the slot) and
+`Engine.release` after (rebind to meta, free the slot, start the next read).
+
+A block that runs out of the expected order (a miss) is loaded synchronously and the schedule restarts after
+it: slower, counted in `StreamStats.sync_loads`, never wrong. A failed read reaches the forward call as
+`StreamingError`; the engine stays usable for the next call.
+
+Threading: all schedule state lives on the thread that runs the model; reader threads only fill buffers and
+signal an event, with one lock for the statistics.
+
+On CUDA, blocks are read into pinned host staging buffers (one per slot) and copied to the device slot with
+``non_blocking=True`` on the current stream when the block is acquired; a staging buffer is refilled only
+after the event recorded after its copy has completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, get_backend
+from .config import Config
+from .errors import CorruptFileError, StaleStoreError, StreamingError
+from .format import TsHeader, aligned_empty, data_checksum
+from .plan import Plan
+from .store import BlockEntry, Store
+
+__all__ = ["Engine", "StreamStats"]
+
+logger = logging.getLogger(__name__)
+MIN_REQUEST = 4 << 20
+MAX_REQUEST = 64 << 20
+
+
+@dataclass
+class StreamStats:
+    """What the engine did since the model was loaded (or since `reset`).
+
+    Attributes:
+        bytes_read: bytes read from the store.
+        blocks_loaded: block reads completed.
+        prefetch_hits: blocks whose read had been started before the block was needed.
+        sync_loads: blocks that were not in the prefetch pipeline and were read on demand (misses).
+        wait_seconds: time forward calls spent waiting for reads.
+        read_seconds: wall time during which at least one read was in progress.
+        blocks_run: streamed block forwards.
+        resident_blocks, streamed_blocks, num_slots, backend: the plan and backend in use.
+    """
+
+    bytes_read: int = 0
+    blocks_loaded: int = 0
+    prefetch_hits: int = 0
+    sync_loads: int = 0
+    wait_seconds: float = 0.0
+    read_seconds: float = 0.0
+    blocks_run: int = 0
+    resident_blocks: int = 0
+    streamed_blocks: int = 0
+    num_slots: int = 0
+    backend: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def read_gb_per_s(self) -> float:
+        """Read throughput while reads were in progress, in GB/s (10^9 bytes)."""
+        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+    def reset(self) -> None:
+        """Zero the counters (the plan fields stay)."""
+        with self._lock:
+            self.bytes_read = self.blocks_loaded = self.prefetch_hits = self.sync_loads = self.blocks_run = 0
+            self.wait_seconds = self.read_seconds = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = (
+            "bytes_read",
+            "blocks_loaded",
+            "prefetch_hits",
+            "sync_loads",
+            "wait_seconds",
+            "read_seconds",
+            "blocks_run",
+            "resident_blocks",
+            "streamed_blocks",
+            "num_slots",
+            "backend",
+        )
+        return {**{name: getattr(self, name) for name in fields}, "read_gb_per_s": self.read_gb_per_s}
+
+    def __str__(self) -> str:
+        return (
+            f"StreamStats(read {self.bytes_read / 1e9:.3f} GB in {self.blocks_loaded} block loads at "
+            f"{self.read_gb_per_s:.2f} GB/s, {self.prefetch_hits} prefetch hits, {self.sync_loads} sync loads, "
+            f"waited {self.wait_seconds:.3f} s over {self.blocks_run} block forwards; {self.resident_blocks} "
+            f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend})"
+        )
+
+
+class _Load:
+    """One block read in flight or done, into one slot."""
+
+    __slots__ = ("block", "done", "error", "lock", "pending", "slot")
+
+    def __init__(self, block: int, slot: int, pending: int) -> None:
+        self.block = block
+        self.slot = slot
+        self.pending = pending
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+
+class _Block:
+    """A streamed block: its file, header, and the parameters it binds."""
+
+    def __init__(self, name: str, entry: BlockEntry, header: TsHeader, handle: Any, targets: list[Any]) -> None:
+        self.name = name
+        self.entry = entry
+        self.header = header
+        self.handle = handle
+        #: (submodule, attribute, meta placeholder, tensor start, tensor end, dtype, shape) per parameter.
+        self.targets = targets
+
+
+class Engine:
+    """Streams the blocks of one model through a fixed pool of slots.
+
+    Args:
+        store: the opened store.
+        plan: which blocks are streamed and how many slots there are.
+        modules: block name -> module, for every streamed block.
+        config: the settings (device, backend, direct_io, verify, io_threads).
+    """
+
+    def __init__(self, store: Store, plan: Plan, modules: Mapping[str, nn.Module], config: Config) -> None:
+        self.store = store
+        self.plan = plan
+        self.device = config.execution_device
+        self.backend: Backend = get_backend(config.backend, self.device, direct_io=config.direct_io)
+        self.verify_checksum = config.verify == "checksum"
+        self.stats = StreamStats(
+            resident_blocks=len(plan.resident),
+            streamed_blocks=len(plan.streamed),
+            num_slots=plan.num_slots,
+            backend=self.backend.name,
+        )
+        entries = {entry.name: entry for entry in store.blocks}
+        tied = store.manifest.get("tied", {})
+        self.blocks: list[_Block] = []
+        self.index = {name: i for i, name in enumerate(plan.streamed)}
+        try:
+            for name in plan.streamed:
+                entry = entries[name]
+                header = store.header(entry)
+                targets = _targets(name, modules[name], header, tied, store.file(entry))
+                self.blocks.append(_Block(name, entry, header, self.backend.open(store.file(entry)), targets))
+        except BaseException:
+            self._close_handles()
+            raise
+        self.cuda = self.device.type == "cuda"
+        num = plan.num_slots
+        if self.cuda:
+            self.slots = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(num)]
+            self.host = [aligned_empty(plan.slot_bytes, pin_memory=True) for _ in range(num)]
+            self.copied: list[torch.cuda.Event | None] = [None] * num
+        else:
+            self.slots = [aligned_empty(plan.slot_bytes) for _ in range(num)]
+            self.host = self.slots
+        self.host_views = [buf.numpy().data.cast("B") for buf in self.host]
+        self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
+        self.request = -(-self.request // 4096) * 4096
+        self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
+        self.free: deque[int] = deque(range(num))
+        self.pipeline: OrderedDict[int, _Load] = OrderedDict()
+        self.bound: tuple[int, int] | None = None
+        self.next = 0
+        self.read_ahead = plan.prefetch > 0
+        self._active = 0
+        self._busy_since = 0.0
+        self.executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="tensorstream-io")
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self.executor, self.backend, [b.handle for b in self.blocks]
+        )
+        self._fill()
+
+    # -- the schedule (model thread only) ------------------------------------------------------------------------
+
+    def acquire(self, name: str) -> None:
+        """Wait for block ``name``'s weights and bind them; called by the hook before the block runs."""
+        b = self.index[name]
+        if self.bound is not None:  # the previous block raised before its release ran
+            self._unbind()
+        load = self.pipeline.get(b)
+        if load is None:
+            with self.stats._lock:
+                self.stats.sync_loads += 1
+            load = self._restart_at(b)
+        else:
+            while next(iter(self.pipeline)) != b:  # blocks issued before b were skipped this step
+                self._drop(next(iter(self.pipeline)))
+            if load.done.is_set() and self.read_ahead:
+                with self.stats._lock:
+                    self.stats.prefetch_hits += 1
+        if not load.done.is_set():
+            start = time.perf_counter()
+            load.done.wait()
+            with self.stats._lock:
+                self.stats.wait_seconds += time.perf_counter() - start
+        if load.error is not None:
+            self._drop(b)
+            error = load.error
+            if isinstance(error, StreamingError | CorruptFileError | StaleStoreError):
+                raise error
+            raise StreamingError(f"reading {self.blocks[b].entry.file} failed: {error}") from error
+        if self.cuda:
+            self.slots[load.slot].copy_(self.host[load.slot], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.copied[load.slot] = event
+        self._bind(b, load.slot)
+
+    def release(self, name: str) -> None:
+        """Rebind block ``name`` to meta, free its slot and start the next read; called after the block ran."""
+        b = self.index[name]
+        if self.bound is None or self.bound[0] != b:
+            return
+        self._unbind()
+        with self.stats._lock:
+            self.stats.blocks_run += 1
+        self._fill()
+
+    def _bind(self, b: int, slot: int) -> None:
+        views = self._views.get((b, slot))
+        block = self.blocks[b]
+        if views is None:
+            buf = self.slots[slot]
+            views = [
+                nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=False)
+                for _, _, _, start, end, dtype, shape in block.targets
+            ]
+            self._views[(b, slot)] = views
+        for (module, attr, *_), param in zip(block.targets, views, strict=True):
+            module._parameters[attr] = param
+        self.bound = (b, slot)
+
+    def _unbind(self) -> None:
+        assert self.bound is not None
+        b, slot = self.bound
+        for module, attr, placeholder, *_ in self.blocks[b].targets:
+            module._parameters[attr] = placeholder
+        self.bound = None
+        self.pipeline.pop(b, None)
+        self.free.append(slot)
+
+    def _fill(self) -> None:
+        """Start reads for the next blocks in execution order while slots are free."""
+        if not self.read_ahead:
+            return
+        while self.free and self.next not in self.pipeline:
+            self._issue(self.next)
+            self.next = (self.next + 1) % len(self.blocks)
+
+    def _restart_at(self, b: int) -> _Load:
+        """A miss: drain the pipeline, read ``b`` now, and continue the schedule after it."""
+        for pending in list(self.pipeline):
+            self._drop(pending)
+        load = self._issue(b)
+        self.next = (b + 1) % len(self.blocks)
+        self._fill()
+        return load
+
+    def _drop(self, b: int) -> None:
+        """Forget the read of ``b`` (waiting for it to finish first: a running read cannot be cancelled)."""
+        load = self.pipeline.pop(b)
+        load.done.wait()
+        self.free.append(load.slot)
+
+    def _issue(self, b: int) -> _Load:
+        slot = self.free.popleft()
+        block = self.blocks[b]
+        align = self.backend.alignment
+        size = -(-block.header.data_size // align) * align
+        starts = list(range(0, size, self.request)) or [0]
+        load = _Load(b, slot, len(starts))
+        self.pipeline[b] = load
+        for start in starts:
+            end = min(start + self.request, size)
+            self.executor.submit(self._read, load, block, start, end)
+        return load
+
+    # -- reader threads ----------------------------------------------------------------------------------------
+
+    def _read(self, load: _Load, block: _Block, start: int, end: int) -> None:
+        error: BaseException | None = None
+        self._busy(+1)
+        try:
+            if self.cuda:
+                copied = self.copied[load.slot]
+                if copied is not None:
+                    copied.synchronize()  # the staging buffer's previous copy to the device must be finished
+            view = self.host_views[load.slot][start:end]
+            n = self.backend.read_into(block.handle, block.header.data_offset + start, view)
+            expected = min(end, block.header.data_size) - start
+            if n < expected:
+                raise CorruptFileError(
+                    f"{self.store.file(block.entry)}: file ended {expected - n} bytes early at data offset "
+                    f"{start + n}; rerun `tensorstream reshard --force` on the source."
+                )
+            with self.stats._lock:
+                self.stats.bytes_read += expected
+        except BaseException as err:
+            error = err
+        finally:
+            self._busy(-1)
+        with load.lock:
+            load.pending -= 1
+            if error is not None and load.error is None:
+                load.error = error
+            last = load.pending == 0
+        if last:
+            if load.error is None:
+                with self.stats._lock:
+                    self.stats.blocks_loaded += 1
+                if self.verify_checksum:
+                    actual = data_checksum(self.host_views[load.slot][: block.header.data_size])
+                    if actual != block.entry.checksum:
+                        load.error = CorruptFileError(
+                            f"{self.store.file(block.entry)}: data checksum {actual} does not match "
+                            f"{block.entry.checksum}; the file is damaged. "
+                            f"Run `tensorstream verify {self.store.path}` "
+                            "and rerun `tensorstream reshard --force` on the source."
+                        )
+            load.done.set()
+
+    def _busy(self, delta: int) -> None:
+        now = time.perf_counter()
+        with self.stats._lock:
+            if delta > 0 and self._active == 0:
+                self._busy_since = now
+            self._active += delta
+            if delta < 0 and self._active == 0:
+                self.stats.read_seconds += now - self._busy_since
+
+    # -- lifetime ----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the readers, unbind any block and close the files. The engine cannot be used afterwards."""
+        if self.bound is not None:
+            self._unbind()
+        self._finalizer()
+
+    def _close_handles(self) -> None:
+        for block in self.blocks:
+            self.backend.close(block.handle)
+
+
+def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any]) -> None:
+    executor.shutdown(wait=True, cancel_futures=True)
+    for handle in handles:
+        backend.close(handle)
+
+
+def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, str], file: Any) -> list[Any]:
+    """(submodule, attribute, placeholder, start, end, dtype, shape) for each parameter of block ``name``."""
+    targets = []
+    for local, param in module.named_parameters(remove_duplicate=False):
+        full = f"{name}.{local}"
+        info = header.tensors.get(tied.get(full, full))
+        if info is None:
+            raise StaleStoreError(
+                f"{file} has no tensor {full!r}, which the model needs: the store was built for a different model "
+                "or transformers version; rerun `tensorstream reshard --force` on the source."
+            )
+        if tuple(param.shape) != info.shape or param.dtype != info.torch_dtype:
+            raise StaleStoreError(
+                f"{file}: {full!r} is {info.dtype}{list(info.shape)} in the store but the model expects "
+                f"{param.dtype}{list(param.shape)}; rerun `tensorstream reshard --force` (with the same dtype)."
+            )
+        submodule_name, _, attr = local.rpartition(".")
+        submodule = module.get_submodule(submodule_name)
+        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape))
+    return targets

@@ -1,0 +1,1 @@
+"""Integrations with the rest of the Hugging Face stack (transformers' ``from_pretrained``)."""

@@ -1,0 +1,169 @@
+"""Start and stop streaming on a model: `offload`, `detach`, `stats`, and the setup both entry points share.
+
+``from_pretrained(..., device_map="tensorstream")`` (see `tensorstream.integrations.transformers`) and
+`offload` both end in `start_streaming`: plan the budget, build the engine, attach one hook per streamed block.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import Config, parse_dtype
+from .engine import Engine, StreamStats
+from .errors import ConfigError, NotStreamingError
+from .format import aligned_empty, read_data
+from .hooks import attach_hooks, remove_hooks
+from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
+from .reshard import reshard_module
+from .store import Store
+
+__all__ = ["detach", "offload", "plan_for", "start_streaming", "stats"]
+
+logger = logging.getLogger(__name__)
+ENGINE_ATTR = "_tensorstream_engine"
+
+
+def plan_for(store: Store, config: Config) -> Plan:
+    """The plan for ``store`` under ``config``'s budget (sized from free memory when ``budget_gb`` is None)."""
+    budget = config.budget_bytes
+    if budget is None:
+        budget = auto_budget_bytes(config.execution_device)
+        logger.info("tensorstream: budget_gb not set; using %.2f GB (80%% of free memory)", budget / 1e9)
+    blocks = [(entry.name, entry.data_size) for entry in store.blocks]
+    plan = make_plan(store.non_block.data_size, blocks, budget, config.prefetch)
+    log_plan(plan, config.prefetch)
+    return plan
+
+
+def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) -> Engine:
+    """Build the engine for ``model`` and attach the hooks; the streamed blocks' parameters must be on meta."""
+    modules = {name: model.get_submodule(name) for name in plan.streamed}
+    engine = Engine(store, plan, modules, config)
+    attach_hooks(model, engine)
+    setattr(model, ENGINE_ATTR, engine)
+    logger.info(
+        "tensorstream: streaming %d of %d blocks from %s into %s with the %s backend",
+        len(plan.streamed),
+        len(plan.streamed) + len(plan.resident),
+        store.path,
+        engine.device,
+        engine.backend.name,
+    )
+    return engine
+
+
+def _engine(model: nn.Module) -> Engine:
+    engine = getattr(model, ENGINE_ATTR, None)
+    if engine is None:
+        raise NotStreamingError(
+            f"this {type(model).__name__} is not streaming; load it with from_pretrained(..., "
+            "device_map='tensorstream') or call tensorstream.offload(model)."
+        )
+    return engine
+
+
+def stats(model: nn.Module) -> StreamStats:
+    """What tensorstream did for ``model``: bytes read, GB/s, prefetch hits, synchronous loads, time waited.
+
+    Raises:
+        `NotStreamingError`: ``model`` is not streaming.
+
+    Example:
+        ```python
+        >>> model.generate(**inputs, max_new_tokens=20)
+        >>> print(tensorstream.stats(model))
+        StreamStats(read 2.41 GB in 240 block loads at 1.21 GB/s, 238 prefetch hits, 2 sync loads, ...)
+        ```
+    """
+    return _engine(model).stats
+
+
+def _owner(name: str, blocks: set[str]) -> str | None:
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in blocks:
+            return prefix
+    return None
+
+
+def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
+    """Stream a model that is already loaded in memory; frees the streamed blocks' RAM.
+
+    The model is resharded from its in-memory weights into ``config.storage_path`` (reused when the same
+    weights were resharded before), non-block weights and the blocks the budget can hold are moved to
+    ``config.device``, and every other block streams from the store.
+
+    Args:
+        model (`torch.nn.Module`): a transformers model (or any model with a stack of repeated blocks).
+        config (`Config`, *optional*): defaults to `Config.from_env()`.
+
+    Returns:
+        `torch.nn.Module`: the same model, streaming.
+
+    Example:
+        ```python
+        >>> model = AutoModelForCausalLM.from_pretrained("./my-llama")
+        >>> model = tensorstream.offload(model, tensorstream.Config(budget_gb=1, device="cpu"))
+        >>> model.generate(**inputs)
+        ```
+    """
+    config = config if config is not None else Config.from_env()
+    if getattr(model, ENGINE_ATTR, None) is not None:
+        raise ConfigError(f"this {type(model).__name__} is already streaming; call tensorstream.detach(model) first.")
+    find_blocks(model)  # fail early, before writing anything, on a model without blocks
+    store = Store.open(reshard_module(model, config.store_root, dtype=config.dtype), verify=config.verify)
+    plan = plan_for(store, config)
+    streamed = set(plan.streamed)
+    device, dtype = config.execution_device, parse_dtype(config.dtype)
+    moved: dict[int, torch.Tensor] = {}
+
+    def convert(tensor: torch.Tensor, to_meta: bool) -> torch.Tensor:
+        if id(tensor) not in moved:  # tied tensors stay tied
+            target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            data = tensor.detach().to(device="meta" if to_meta else device, dtype=target_dtype)
+            moved[id(tensor)] = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
+        return moved[id(tensor)]
+
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            in_streamed = _owner(module_name, streamed) is not None
+            for attr, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[attr] = convert(param, to_meta=in_streamed)
+            for attr, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[attr] = convert(buffer, to_meta=False)
+    moved.clear()
+    start_streaming(model, store, plan, config)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Stop streaming: load every streamed block into memory on the execution device and remove the hooks.
+
+    Raises:
+        `NotStreamingError`: ``model`` is not streaming.
+
+    Example:
+        ```python
+        >>> model = tensorstream.detach(model)   # now an ordinary, fully resident model
+        ```
+    """
+    engine = _engine(model)
+    engine.close()
+    for block in engine.blocks:
+        buffer = aligned_empty(block.header.data_size)
+        read_data(engine.store.file(block.entry), block.header, buffer)
+        buffer = buffer.to(engine.device)
+        made: dict[tuple[int, int], nn.Parameter] = {}
+        for module, attr, _, start, end, dtype, shape in block.targets:
+            if (start, end) not in made:  # tensors tied inside the block stay tied
+                made[(start, end)] = nn.Parameter(buffer[start:end].view(dtype).view(shape), requires_grad=False)
+            module._parameters[attr] = made[(start, end)]
+    remove_hooks(model, engine)
+    delattr(model, ENGINE_ATTR)
+    return model
