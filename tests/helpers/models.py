@@ -1,0 +1,36 @@
+"""Helpers shared by the tests: fully resident reference outputs and store sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import tensorstream
+from tensorstream.store import Store
+
+
+def store_sizes(storage: Path) -> tuple[int, list[int]]:
+    """(non-block bytes, block bytes) of the only store under ``storage``."""
+    (path,) = [p for p in storage.iterdir() if not p.name.startswith(".")]
+    store = Store.open(path)
+    return store.non_block.data_size, [b.data_size for b in store.blocks]
+
+
+def budgets(storage: Path, prefetch: int = 2) -> dict[str, float]:
+    """Budgets (GB) that stream every block, keep some resident, and hold everything, at this prefetch depth."""
+    non_block, blocks = store_sizes(storage)
+    slot = -(-max(blocks) // 4096) * 4096
+    slots = prefetch + 1
+    return {
+        "stream_all": (non_block + slots * slot) / 1e9,
+        "some_resident": (non_block + blocks[0] + slots * slot) / 1e9,
+        "all_resident": (non_block + sum(blocks)) / 1e9,
+    }
+
+
+def streaming(source: Path, storage: Path, **config: object) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tensorstream.Config(device="cpu", storage_path=storage, **config)  # type: ignore[arg-type]
+    return AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg)
