@@ -93,3 +93,19 @@ def test_find_blocks_without_hint_takes_outermost_stacks() -> None:
 def test_model_without_blocks_is_a_clear_error() -> None:
     with pytest.raises(UnsupportedModelError, match="ModuleList"):
         find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+def test_host_cache_tier_spreads_blocks_evenly() -> None:
+    plan = make_plan(0, blocks(8), 2 * 4 * MB, prefetch=1, host_cache_bytes=2 * 4 * MB + MB)
+    assert plan.cached == ("layers.0", "layers.4")
+    assert plan.cached_bytes == 8 * MB and plan.storage_bytes == plan.streamed_bytes - 8 * MB
+    assert "2 of them from pinned RAM" in plan.describe()
+    none = make_plan(0, blocks(8), 2 * 4 * MB, prefetch=1, host_cache_bytes=MB)
+    assert none.cached == ()
+
+
+def test_lower_bound_from_bandwidths() -> None:
+    plan = make_plan(0, blocks(8), 2 * 4 * MB, prefetch=1, host_cache_bytes=4 * 4 * MB)
+    disk, h2d = 1.0, 10.0
+    expected = 4 * 4 * MB / 1e9 / disk + 4 * 4 * MB / 1e9 / h2d
+    assert plan.lower_bound_seconds(disk, h2d) == pytest.approx(expected)

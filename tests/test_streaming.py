@@ -175,21 +175,6 @@ def budgets_for(model_dirs: dict[str, Path], storage: Path) -> float:
     return budgets(storage)["stream_all"]
 
 
-@pytest.mark.cuda
-def test_cuda_bit_identical(model_dirs: dict[str, Path], storage: Path) -> None:
-    reference = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).to("cuda")
-    tensorstream.reshard(model_dirs["llama"], storage, progress=False)
-    cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budgets(storage)["stream_all"])
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg
-    )
-    batch = {k: v.to("cuda") for k, v in inputs(3).items()}
-    with torch.inference_mode():
-        assert torch.equal(model(**batch).logits, reference(**batch).logits)
-        args = dict(batch, max_new_tokens=20, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(**args), reference.generate(**args))
-
-
 def test_streaming_peak_rss_stays_within_the_budget(tmp_path: Path) -> None:
     """A ~280 MB fp32 Llama streamed with a budget of 45% of it: peak RSS above the baseline <= budget + 64 MB."""
     result = subprocess.run(
@@ -226,3 +211,17 @@ def test_backends_are_bit_identical(
     with torch.inference_mode():
         for _ in range(2):
             assert torch.equal(model(**inputs(3)).logits, references["llama"](**inputs(3)).logits)
+
+
+def test_host_cache_on_cpu_warns_and_is_ignored(model_dirs: dict[str, Path], storage: Path) -> None:
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False)
+    with pytest.warns(UserWarning, match="host_cache_gb=1.0 is ignored on cpu"):
+        model = streaming(model_dirs["llama"], storage, budget_gb=budgets(storage)["stream_all"], host_cache_gb=1)
+    assert model._tensorstream_engine.plan.cached == ()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(model_dirs: dict[str, Path], storage: Path) -> None:
+    cfg = tensorstream.Config(device="cuda:1", storage_path=storage, budget_gb=1)
+    with pytest.raises(tensorstream.ConfigError, match="no usable CUDA device"):
+        AutoModelForCausalLM.from_pretrained(model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg)

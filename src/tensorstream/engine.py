@@ -6,16 +6,18 @@ of the one computing, wrapping around to the first streamed block for the next s
 calls `Engine.acquire` before the block runs (wait for its read, bind its parameters as views of the slot) and
 `Engine.release` after (rebind to meta, free the slot, start the next read).
 
-A block that runs out of the expected order (a miss) is loaded synchronously and the schedule restarts after
+The schedule follows execution, not names: it starts from the structural order and learns, for every block,
+which block actually ran next (its successor), so an encoder-decoder model whose decode steps skip the encoder
+prefetches the decoder's first block after the decoder's last one once it has seen it happen. A block that is
+not in the prefetch pipeline when it is needed (a miss) is read synchronously and the schedule restarts after
 it: slower, counted in `StreamStats.sync_loads`, never wrong. A failed read reaches the forward call as
-`StreamingError`; the engine stays usable for the next call.
+`StreamingError` (or the typed error that caused it); the engine stays usable for the next call.
 
-Threading: all schedule state lives on the thread that runs the model; reader threads only fill buffers and
-signal an event, with one lock for the statistics.
+Blocks chosen for the host cache tier (``host_cache_gb``, CUDA) are read once into pinned RAM at start-up; their
+loads are a copy from RAM, the others come from storage.
 
-On CUDA, blocks are read into pinned host staging buffers (one per slot) and copied to the device slot with
-``non_blocking=True`` on the current stream when the block is acquired; a staging buffer is refilled only
-after the event recorded after its copy has completed.
+Threading: all schedule state lives on the thread that runs the model; reader threads only fill buffers, start
+the device copy (see `tensorstream.slots`) and signal an event, with one lock for the statistics.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from torch import nn
 from .backends import Backend, get_backend
 from .config import Config
 from .errors import CorruptFileError, StaleStoreError, StreamingError
-from .format import TsHeader, aligned_empty, data_checksum
+from .format import TsHeader, aligned_empty, data_checksum, read_data
 from .plan import Plan
+from .slots import make_slots
 from .store import BlockEntry, Store
 
 __all__ = ["Engine", "StreamStats"]
@@ -59,6 +62,7 @@ class StreamStats:
         wait_seconds: time forward calls spent waiting for reads.
         read_seconds: wall time during which at least one read was in progress.
         blocks_run: streamed block forwards.
+        cache_loads: block loads served from the pinned host cache tier instead of storage.
         resident_blocks, streamed_blocks, num_slots, backend: the plan and backend in use.
     """
 
@@ -69,6 +73,7 @@ class StreamStats:
     wait_seconds: float = 0.0
     read_seconds: float = 0.0
     blocks_run: int = 0
+    cache_loads: int = 0
     resident_blocks: int = 0
     streamed_blocks: int = 0
     num_slots: int = 0
@@ -84,6 +89,7 @@ class StreamStats:
         """Zero the counters (the plan fields stay)."""
         with self._lock:
             self.bytes_read = self.blocks_loaded = self.prefetch_hits = self.sync_loads = self.blocks_run = 0
+            self.cache_loads = 0
             self.wait_seconds = self.read_seconds = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -95,6 +101,7 @@ class StreamStats:
             "wait_seconds",
             "read_seconds",
             "blocks_run",
+            "cache_loads",
             "resident_blocks",
             "streamed_blocks",
             "num_slots",
@@ -126,7 +133,7 @@ class _Load:
 
 
 class _Block:
-    """A streamed block: its file, header, and the parameters it binds."""
+    """A streamed block: its file, header, the parameters it binds, and its host-cache copy if it has one."""
 
     def __init__(self, name: str, entry: BlockEntry, header: TsHeader, handle: Any, targets: list[Any]) -> None:
         self.name = name
@@ -135,6 +142,7 @@ class _Block:
         self.handle = handle
         #: (submodule, attribute, meta placeholder, tensor start, tensor end, dtype, shape) per parameter.
         self.targets = targets
+        self.cached: torch.Tensor | None = None
 
 
 class Engine:
@@ -142,7 +150,7 @@ class Engine:
 
     Args:
         store: the opened store.
-        plan: which blocks are streamed and how many slots there are.
+        plan: which blocks are streamed (and cached in host RAM) and how many slots there are.
         modules: block name -> module, for every streamed block.
         config: the settings (device, backend, direct_io, verify, io_threads).
     """
@@ -172,31 +180,35 @@ class Engine:
         except BaseException:
             self._close_handles()
             raise
-        self.cuda = self.device.type == "cuda"
-        num = plan.num_slots
-        if self.cuda:
-            self.slots = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(num)]
-            self.host = [aligned_empty(plan.slot_bytes, pin_memory=True) for _ in range(num)]
-            self.copied: list[torch.cuda.Event | None] = [None] * num
-        else:
-            self.slots = [aligned_empty(plan.slot_bytes) for _ in range(num)]
-            self.host = self.slots
-        self.host_views = [buf.numpy().data.cast("B") for buf in self.host]
+        direct = bool(getattr(self.backend, "reads_device_memory", False))
+        self.slots = make_slots(self.device, plan.num_slots, plan.slot_bytes, direct=direct)
+        self._load_host_cache(plan.cached)
         self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
         self.request = -(-self.request // 4096) * 4096
         self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
-        self.free: deque[int] = deque(range(num))
+        self.free: deque[int] = deque(range(plan.num_slots))
         self.pipeline: OrderedDict[int, _Load] = OrderedDict()
         self.bound: tuple[int, int] | None = None
+        count = len(self.blocks)
+        #: successor[b]: the block expected to run after b; starts structural, then learned from execution.
+        self.successor = [(b + 1) % count for b in range(count)] if count else []
+        self.last_run: int | None = None
         self.next = 0
         self.read_ahead = plan.prefetch > 0
         self._active = 0
         self._busy_since = 0.0
         self.executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="tensorstream-io")
-        self._finalizer = weakref.finalize(
-            self, _shutdown, self.executor, self.backend, [b.handle for b in self.blocks]
-        )
+        handles = [b.handle for b in self.blocks]
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self.backend, handles, self.slots)
         self._fill()
+
+    def _load_host_cache(self, cached: tuple[str, ...]) -> None:
+        """Read the host-cache tier's blocks into pinned RAM once (chosen by the planner, never evicted)."""
+        for name in cached:
+            block = self.blocks[self.index[name]]
+            buffer = aligned_empty(block.header.data_size, pin_memory=self.device.type == "cuda")
+            read_data(self.store.file(block.entry), block.header, buffer)
+            block.cached = buffer
 
     # -- the schedule (model thread only) ------------------------------------------------------------------------
 
@@ -205,13 +217,15 @@ class Engine:
         b = self.index[name]
         if self.bound is not None:  # the previous block raised before its release ran
             self._unbind()
+        if self.last_run is not None:
+            self.successor[self.last_run] = b  # learn the order blocks actually run in
         load = self.pipeline.get(b)
         if load is None:
             with self.stats._lock:
                 self.stats.sync_loads += 1
             load = self._restart_at(b)
         else:
-            while next(iter(self.pipeline)) != b:  # blocks issued before b were skipped this step
+            while next(iter(self.pipeline)) != b:  # blocks predicted before b did not run this time
                 self._drop(next(iter(self.pipeline)))
             if load.done.is_set() and self.read_ahead:
                 with self.stats._lock:
@@ -223,15 +237,12 @@ class Engine:
                 self.stats.wait_seconds += time.perf_counter() - start
         if load.error is not None:
             self._drop(b)
+            self.last_run = None
             error = load.error
             if isinstance(error, StreamingError | CorruptFileError | StaleStoreError):
                 raise error
-            raise StreamingError(f"reading {self.blocks[b].entry.file} failed: {error}") from error
-        if self.cuda:
-            self.slots[load.slot].copy_(self.host[load.slot], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.copied[load.slot] = event
+            raise StreamingError(f"reading {self.store.file(self.blocks[b].entry)} failed: {error}") from error
+        self.slots.before_compute(load.slot)
         self._bind(b, load.slot)
 
     def release(self, name: str) -> None:
@@ -240,15 +251,17 @@ class Engine:
         if self.bound is None or self.bound[0] != b:
             return
         self._unbind()
+        self.last_run = b
         with self.stats._lock:
             self.stats.blocks_run += 1
+        self.next = self.successor[b]
         self._fill()
 
     def _bind(self, b: int, slot: int) -> None:
         views = self._views.get((b, slot))
         block = self.blocks[b]
         if views is None:
-            buf = self.slots[slot]
+            buf = self.slots.device_buffer(slot)
             views = [
                 nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=False)
                 for _, _, _, start, end, dtype, shape in block.targets
@@ -265,22 +278,24 @@ class Engine:
             module._parameters[attr] = placeholder
         self.bound = None
         self.pipeline.pop(b, None)
+        self.slots.after_compute(slot)
         self.free.append(slot)
 
     def _fill(self) -> None:
-        """Start reads for the next blocks in execution order while slots are free."""
+        """Start reads for the blocks predicted to run next while slots are free."""
         if not self.read_ahead:
             return
         while self.free and self.next not in self.pipeline:
-            self._issue(self.next)
-            self.next = (self.next + 1) % len(self.blocks)
+            issued = self.next
+            self._issue(issued)
+            self.next = self.successor[issued]
 
     def _restart_at(self, b: int) -> _Load:
         """A miss: drain the pipeline, read ``b`` now, and continue the schedule after it."""
         for pending in list(self.pipeline):
             self._drop(pending)
         load = self._issue(b)
-        self.next = (b + 1) % len(self.blocks)
+        self.next = self.successor[b]
         self._fill()
         return load
 
@@ -293,6 +308,11 @@ class Engine:
     def _issue(self, b: int) -> _Load:
         slot = self.free.popleft()
         block = self.blocks[b]
+        if block.cached is not None:
+            load = _Load(b, slot, 1)
+            self.pipeline[b] = load
+            self.executor.submit(self._copy_cached, load, block)
+            return load
         align = self.backend.alignment
         size = -(-block.header.data_size // align) * align
         starts = list(range(0, size, self.request)) or [0]
@@ -305,16 +325,25 @@ class Engine:
 
     # -- reader threads ----------------------------------------------------------------------------------------
 
+    def _copy_cached(self, load: _Load, block: _Block) -> None:
+        try:
+            self.slots.prepare_read(load.slot)
+            self.slots.finish_read(load.slot, block.header.data_size, source=block.cached)
+            with self.stats._lock:
+                self.stats.cache_loads += 1
+        except BaseException as err:
+            load.error = err
+        finally:
+            load.done.set()
+
     def _read(self, load: _Load, block: _Block, start: int, end: int) -> None:
         error: BaseException | None = None
         self._busy(+1)
         try:
-            if self.cuda:
-                copied = self.copied[load.slot]
-                if copied is not None:
-                    copied.synchronize()  # the staging buffer's previous copy to the device must be finished
-            view = self.host_views[load.slot][start:end]
-            n = self.backend.read_into(block.handle, block.header.data_offset + start, view)
+            if start == 0:
+                self.slots.prepare_read(load.slot)
+            target = self.slots.read_target(load.slot)[start:end]
+            n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
             expected = min(end, block.header.data_size) - start
             if n < expected:
                 raise CorruptFileError(
@@ -333,18 +362,28 @@ class Engine:
                 load.error = error
             last = load.pending == 0
         if last:
+            self._finish(load, block)
+
+    def _finish(self, load: _Load, block: _Block) -> None:
+        """The last chunk of a read is in: verify it if asked, start the device copy, wake the model thread."""
+        try:
             if load.error is None:
-                with self.stats._lock:
-                    self.stats.blocks_loaded += 1
+                size = block.header.data_size
                 if self.verify_checksum:
-                    actual = data_checksum(self.host_views[load.slot][: block.header.data_size])
+                    actual = data_checksum(self.slots.host_view(load.slot, size))
                     if actual != block.entry.checksum:
-                        load.error = CorruptFileError(
+                        raise CorruptFileError(
                             f"{self.store.file(block.entry)}: data checksum {actual} does not match "
                             f"{block.entry.checksum}; the file is damaged. "
                             f"Run `tensorstream verify {self.store.path}` "
                             "and rerun `tensorstream reshard --force` on the source."
                         )
+                self.slots.finish_read(load.slot, size)
+                with self.stats._lock:
+                    self.stats.blocks_loaded += 1
+        except BaseException as err:
+            load.error = err
+        finally:
             load.done.set()
 
     def _busy(self, delta: int) -> None:
@@ -369,8 +408,9 @@ class Engine:
             self.backend.close(block.handle)
 
 
-def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any]) -> None:
+def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any], slots: Any) -> None:
     executor.shutdown(wait=True, cancel_futures=True)
+    slots.close()
     for handle in handles:
         backend.close(handle)
 

@@ -14,6 +14,10 @@ The planner splits the budget (resident weights plus streaming slots) as follows
    keeping as many blocks resident as fit next to them.
 
 A budget below the non-block weights plus the minimum slots raises `BudgetError` naming the minimum.
+
+With a host cache (``host_cache_gb``, CUDA only), a fixed set of streamed blocks, spread evenly over the
+execution order so that storage reads keep flowing between them, is kept in pinned RAM: chosen once, never
+evicted, so a per-step scan over a model larger than RAM cannot thrash it.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class Plan:
         slot_bytes: size of one slot (the largest streamed block, rounded up to 4096).
         num_slots: slots allocated; ``num_slots - 1`` blocks are read ahead of the computing one.
         block_bytes: every block's size.
+        cached: streamed blocks served from the pinned host cache tier instead of storage.
     """
 
     budget_bytes: int
@@ -100,6 +105,7 @@ class Plan:
     slot_bytes: int
     num_slots: int
     block_bytes: dict[str, int]
+    cached: tuple[str, ...] = ()
 
     @property
     def prefetch(self) -> int:
@@ -117,19 +123,46 @@ class Plan:
 
     @property
     def streamed_bytes(self) -> int:
-        """Bytes read from storage per full pass over the model."""
+        """Bytes moved to the device per full pass over the model (from storage or the host cache)."""
         return sum(self.block_bytes[name] for name in self.streamed)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes per pass that come from the pinned host cache tier."""
+        return sum(self.block_bytes[name] for name in self.cached)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes per pass read from storage."""
+        return self.streamed_bytes - self.cached_bytes
+
+    def lower_bound_seconds(self, disk_gb_per_s: float, h2d_gb_per_s: float | None = None) -> float:
+        """Seconds per full pass that the I/O alone needs: storage bytes / disk speed + cached bytes / copy speed.
+
+        Example:
+            ```python
+            >>> plan.lower_bound_seconds(disk_gb_per_s=6.5, h2d_gb_per_s=25.0)
+            0.41
+            ```
+        """
+        seconds = self.storage_bytes / (disk_gb_per_s * 1e9)
+        if self.cached and h2d_gb_per_s:
+            seconds += self.cached_bytes / (h2d_gb_per_s * 1e9)
+        return seconds
 
     def describe(self) -> str:
         head = f"budget {format_gb(self.budget_bytes)}: non-block {format_gb(self.non_block_bytes)}"
         total = len(self.resident) + len(self.streamed)
         if not self.streamed:
             return f"{head}, all {total} blocks resident, nothing streamed"
+        cached = (
+            f", {len(self.cached)} of them from pinned RAM ({format_gb(self.cached_bytes)})" if self.cached else ""
+        )
         return (
             f"{head}, {len(self.resident)}/{total} blocks resident "
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
             f"({format_gb(self.streamed_bytes)} per pass) through {self.num_slots} slots of "
-            f"{format_gb(self.slot_bytes)} (prefetch {self.prefetch})"
+            f"{format_gb(self.slot_bytes)} (prefetch {self.prefetch}){cached}"
         )
 
 
@@ -143,7 +176,14 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
 
 
-def make_plan(non_block_bytes: int, blocks: Sequence[tuple[str, int]], budget_bytes: int, prefetch: int) -> Plan:
+def make_plan(
+    non_block_bytes: int,
+    blocks: Sequence[tuple[str, int]],
+    budget_bytes: int,
+    prefetch: int,
+    *,
+    host_cache_bytes: int = 0,
+) -> Plan:
     """Split ``budget_bytes`` between resident weights and streaming slots (see the module docstring).
 
     Args:
@@ -151,6 +191,7 @@ def make_plan(non_block_bytes: int, blocks: Sequence[tuple[str, int]], budget_by
         blocks: ``(name, bytes)`` of every block in execution order.
         budget_bytes: the weights budget on the execution device.
         prefetch: upper bound on blocks read ahead.
+        host_cache_bytes: pinned host RAM for the cache tier (0: none).
 
     Raises:
         `BudgetError`: the budget cannot hold the non-block weights plus the minimum number of slots.
@@ -174,8 +215,9 @@ def make_plan(non_block_bytes: int, blocks: Sequence[tuple[str, int]], budget_by
             resident_bytes = non_block_bytes + sum(sizes[name] for name in names[:keep])
             num_slots = min(wanted, len(streamed))
             if resident_bytes + num_slots * slot <= budget_bytes:
+                cached = _spread(streamed, sizes, host_cache_bytes)
                 return Plan(
-                    budget_bytes, non_block_bytes, tuple(names[:keep]), tuple(streamed), slot, num_slots, sizes
+                    budget_bytes, non_block_bytes, tuple(names[:keep]), tuple(streamed), slot, num_slots, sizes, cached
                 )
     slot = _aligned(max(sizes.values()))
     minimum = non_block_bytes + min(min_slots, len(names)) * slot
@@ -186,6 +228,16 @@ def make_plan(non_block_bytes: int, blocks: Sequence[tuple[str, int]], budget_by
         f"{format_gb(slot)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {minimum / 1e9:.6g}.",
         minimum,
     )
+
+
+def _spread(streamed: Sequence[str], sizes: dict[str, int], capacity: int) -> tuple[str, ...]:
+    """The most streamed blocks that fit in ``capacity`` bytes, spread evenly over the execution order."""
+    n = len(streamed)
+    for count in range(n, 0, -1):
+        chosen = sorted({int(i * n / count) for i in range(count)})
+        if sum(sizes[streamed[i]] for i in chosen) <= capacity:
+            return tuple(streamed[i] for i in chosen)
+    return ()
 
 
 def auto_budget_bytes(device: torch.device) -> int:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -20,20 +21,54 @@ from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
 from .reshard import reshard_module
 from .store import Store
 
-__all__ = ["detach", "offload", "plan_for", "start_streaming", "stats"]
+__all__ = ["check_device", "detach", "offload", "plan_for", "start_streaming", "stats"]
 
 logger = logging.getLogger(__name__)
 ENGINE_ATTR = "_tensorstream_engine"
 
 
+def check_device(device: torch.device) -> None:
+    """Raise `ConfigError` for a device this machine does not have; warn once for non-CUDA accelerators."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu' "
+                "(or unset TENSORSTREAM_DEVICE to pick automatically)."
+            )
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"device={str(device)!r} does not exist: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}."
+            )
+    elif device.type not in ("cpu", "meta"):
+        warnings.warn(
+            f"device={str(device)!r}: tensorstream streams into {device.type} through host staging with a blocking "
+            "copy per block (no copy/compute overlap); CUDA and CPU have the fast paths.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def plan_for(store: Store, config: Config) -> Plan:
     """The plan for ``store`` under ``config``'s budget (sized from free memory when ``budget_gb`` is None)."""
+    check_device(config.execution_device)
     budget = config.budget_bytes
     if budget is None:
         budget = auto_budget_bytes(config.execution_device)
         logger.info("tensorstream: budget_gb not set; using %.2f GB (80%% of free memory)", budget / 1e9)
     blocks = [(entry.name, entry.data_size) for entry in store.blocks]
-    plan = make_plan(store.non_block.data_size, blocks, budget, config.prefetch)
+    host_cache = round(config.host_cache_gb * 1e9)
+    device = config.execution_device
+    if host_cache and device.type != "cuda":
+        warnings.warn(
+            f"host_cache_gb={config.host_cache_gb} is ignored on {device}: the host cache tier sits between storage "
+            "and a GPU; on this device the budget already is the memory blocks are read into.",
+            UserWarning,
+            stacklevel=3,
+        )
+        host_cache = 0
+    plan = make_plan(store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache)
     log_plan(plan, config.prefetch)
     return plan
 

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 def get_backend(name: str, device: torch.device, *, direct_io: bool | None = None) -> Backend:
     """The backend called ``name`` (``"auto"``, ``"posix"``, ``"mmap"`` or ``"kvikio"``) for ``device``.
 
-    ``"auto"`` is the POSIX backend; buffered unless ``direct_io=True``.
+    ``"auto"`` is KvikIO on a CUDA device where GPUDirect Storage is available, else the POSIX backend (buffered
+    unless ``direct_io=True``). The choice is logged once at INFO with the GDS and O_DIRECT status.
 
     Raises:
         `BackendUnavailableError`: the backend cannot run here; the message says how to fix it.
@@ -33,7 +34,8 @@ def get_backend(name: str, device: torch.device, *, direct_io: bool | None = Non
         'posix'
         ```
     """
-    if name == "kvikio":
+    backend: Backend
+    if name == "kvikio" or (name == "auto" and device.type == "cuda" and _gds_available()):
         if device.type != "cuda":
             raise BackendUnavailableError(
                 f"backend='kvikio' reads into CUDA memory, but the execution device is {device}; "
@@ -44,20 +46,44 @@ def get_backend(name: str, device: torch.device, *, direct_io: bool | None = Non
                 "backend='kvikio' needs KvikIO: pip install 'tensorstream[gds-cu12]' (CUDA 12) or "
                 "'tensorstream[gds-cu13]' (CUDA 13)."
             )
-        raise BackendUnavailableError(
-            "backend='kvikio' is not available in this tensorstream release; use backend='auto' (POSIX reads into "
-            "pinned memory, then a copy to the GPU)."
-        )
-    if name == "mmap":
+        from .kvikio import KvikioBackend
+
+        backend = KvikioBackend()
+    elif name == "mmap":
         if direct_io:
             raise BackendUnavailableError(
                 "backend='mmap' reads through the page cache; it cannot honour direct_io=True."
             )
         from .mmap import MmapBackend
 
-        return MmapBackend()
-    if name in ("auto", "posix"):
+        backend = MmapBackend()
+    elif name in ("auto", "posix"):
         from .posix import PosixBackend
 
-        return PosixBackend(direct=bool(direct_io))
-    raise BackendUnavailableError(f"backend={name!r} is unknown; use 'auto', 'posix', 'mmap' or 'kvikio'.")
+        backend = PosixBackend(direct=bool(direct_io))
+    else:
+        raise BackendUnavailableError(f"backend={name!r} is unknown; use 'auto', 'posix', 'mmap' or 'kvikio'.")
+    _log_choice(backend, device)
+    return backend
+
+
+def _gds_available() -> bool:
+    """KvikIO importable and reporting real GDS; imported only here, on CUDA devices."""
+    if importlib.util.find_spec("kvikio") is None:
+        return False
+    from .kvikio import gds_available
+
+    return gds_available()
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_choice(backend: Backend, device: torch.device) -> None:
+    key = (backend.name, str(device))
+    if key in _logged:
+        return
+    _logged.add(key)
+    direct = "on" if backend.alignment > 1 and backend.name.startswith("posix") else "off"
+    gds = "yes" if getattr(backend, "gds", False) else "no"
+    logger.info("tensorstream: I/O backend %s for %s (GDS: %s, O_DIRECT: %s)", backend.name, device, gds, direct)

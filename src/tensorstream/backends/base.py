@@ -2,7 +2,8 @@
 
 A backend opens a ``.ts`` file once and then serves ``read_into`` calls from several reader threads at once:
 read ``len(out)`` bytes at ``offset`` into ``out``, or fewer at the end of the file. ``out`` is a writable
-buffer (a ``memoryview`` of a slot). Backends are chosen by `tensorstream.backends.get_backend` and imported
+``memoryview`` of a host slot, or, for a backend with ``reads_device_memory = True`` (KvikIO), a ``uint8``
+CUDA tensor (a slice of the device slot). Backends are chosen by `tensorstream.backends.get_backend` and imported
 only when chosen, so ``import tensorstream`` never imports kvikio or CUDA.
 """
 
@@ -26,7 +27,7 @@ class Backend(Protocol):
         """Open ``path`` for reading; the handle is shared by all reader threads."""
         ...
 
-    def read_into(self, handle: Any, offset: int, out: memoryview) -> int:
+    def read_into(self, handle: Any, offset: int, out: Any) -> int:
         """Read up to ``len(out)`` bytes at ``offset``; return the count (short only at the end of the file)."""
         ...
 

@@ -1,0 +1,138 @@
+"""The CUDA path on a real GPU: bit-exactness for both backends, device memory vs budget, stream sanitizer.
+
+Every test here is marked ``cuda`` (or ``kvikio``): skipped on machines without them, and turned into failures
+by ``TENSORSTREAM_REQUIRE_GPU=1`` so a GPU run cannot pass vacuously (``scripts/gpu_check.sh`` sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tensorstream
+from helpers.models import budgets
+
+SANITIZED = """
+import sys, torch, tensorstream
+from transformers import AutoModelForCausalLM
+source, storage, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budget, prefetch=2)
+model = AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg)
+ids = torch.randint(3, 250, (2, 9), device="cuda")
+with torch.inference_mode():
+    for _ in range(3):
+        model(ids)
+    model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+torch.cuda.synchronize()
+print("sanitized run ok", tensorstream.stats(model))
+"""
+
+
+def inputs(batch: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(batch)
+    ids = torch.randint(3, 250, (batch, 9))
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :3] = 0
+        mask[1, :3] = 0
+    return {"input_ids": ids.cuda(), "attention_mask": mask.cuda()}
+
+
+def run_bit_exact(source: Path, storage: Path, backend: str, device: str = "cuda") -> tensorstream.StreamStats:
+    reference = AutoModelForCausalLM.from_pretrained(source).to(device)
+    tensorstream.reshard(source, storage, progress=False)
+    cfg = tensorstream.Config(device=device, storage_path=storage, budget_gb=budgets(storage)["stream_all"],
+                              backend=backend)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg)
+    assert model._tensorstream_engine.plan.streamed
+    with torch.inference_mode():
+        for batch in (1, 3):
+            data = {k: v.to(device) for k, v in inputs(batch).items()}
+            assert torch.equal(model(**data).logits, reference(**data).logits)
+            args = dict(data, max_new_tokens=20, do_sample=False, pad_token_id=0)
+            assert torch.equal(model.generate(**args), reference.generate(**args))
+    return tensorstream.stats(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_posix_backend_bit_identical(model_dirs: dict[str, Path], storage: Path, family: str) -> None:
+    stats = run_bit_exact(model_dirs[family], storage, "posix")
+    assert stats.backend.startswith("posix") and stats.sync_loads == 0
+
+
+@pytest.mark.kvikio
+def test_kvikio_backend_bit_identical(model_dirs: dict[str, Path], storage: Path) -> None:
+    stats = run_bit_exact(model_dirs["llama"], storage, "kvikio")
+    assert stats.backend.startswith("kvikio")
+
+
+@pytest.mark.cuda
+def test_device_index_and_local_rank(
+    model_dirs: dict[str, Path], storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    last = torch.cuda.device_count() - 1
+    monkeypatch.setenv("LOCAL_RANK", str(last))
+    assert tensorstream.Config().device == torch.device("cuda", last)
+    run_bit_exact(model_dirs["llama"], storage, "posix", device=f"cuda:{last}")
+    with pytest.raises(tensorstream.ConfigError, match="does not exist"):
+        cfg = tensorstream.Config(device=f"cuda:{last + 1}", storage_path=storage, budget_gb=1)
+        AutoModelForCausalLM.from_pretrained(model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg)
+
+
+@pytest.mark.cuda
+def test_weights_on_the_device_stay_within_the_budget(model_dirs: dict[str, Path], storage: Path) -> None:
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False)
+    budget = budgets(storage)["stream_all"]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budget)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg
+    )
+    after_load = torch.cuda.max_memory_allocated() - before
+    assert after_load <= budget * 1e9, (after_load, budget)
+    with torch.inference_mode():
+        model(**inputs(1))
+    torch.cuda.synchronize()
+    weights = model._tensorstream_engine.plan.device_bytes
+    assert weights <= budget * 1e9
+    # activations of this tiny model are far below 1 MB; everything else is the budgeted weights
+    assert torch.cuda.max_memory_allocated() - before <= budget * 1e9 + 1e6
+
+
+@pytest.mark.cuda
+def test_host_cache_tier_bit_identical(model_dirs: dict[str, Path], storage: Path) -> None:
+    reference = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).cuda()
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False)
+    cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budgets(storage)["stream_all"],
+                              host_cache_gb=1e-3)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg
+    )
+    assert model._tensorstream_engine.plan.cached
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(model(**inputs(3)).logits, reference(**inputs(3)).logits)
+    assert tensorstream.stats(model).cache_loads > 0
+
+
+@pytest.mark.cuda
+def test_stream_sanitizer_finds_no_race(model_dirs: dict[str, Path], storage: Path, tmp_path: Path) -> None:
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False)
+    script = tmp_path / "sanitized.py"
+    script.write_text(SANITIZED)
+    env = dict(os.environ, TORCH_CUDA_SANITIZER="1")
+    budget = str(budgets(storage)["stream_all"])
+    result = subprocess.run([sys.executable, str(script), str(model_dirs["llama"]), str(storage), budget],
+                            capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "CSAN" not in result.stderr and "data race" not in result.stderr.lower(), result.stderr[-4000:]
+    assert "sanitized run ok" in result.stdout
