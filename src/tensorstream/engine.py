@@ -159,7 +159,12 @@ class Engine:
         self.store = store
         self.plan = plan
         self.device = config.execution_device
-        self.backend: Backend = get_backend(config.backend, self.device, direct_io=config.direct_io)
+        direct_io = config.direct_io
+        if direct_io is None and config.backend in ("auto", "posix"):
+            from .backends.posix import choose_direct_io
+
+            direct_io = choose_direct_io(store.path, store.total_bytes)
+        self.backend: Backend = get_backend(config.backend, self.device, direct_io=direct_io)
         self.verify_checksum = config.verify == "checksum"
         self.stats = StreamStats(
             resident_blocks=len(plan.resident),
@@ -409,7 +414,9 @@ class Engine:
 
 
 def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any], slots: Any) -> None:
-    executor.shutdown(wait=True, cancel_futures=True)
+    # The engine may be collected on one of its own reader threads, which cannot join itself.
+    on_reader = threading.current_thread().name.startswith("tensorstream-io")
+    executor.shutdown(wait=not on_reader, cancel_futures=True)
     slots.close()
     for handle in handles:
         backend.close(handle)

@@ -57,6 +57,18 @@ class PosixBackend:
         os.close(handle)
 
 
+def choose_direct_io(folder: str | os.PathLike[str], total_bytes: int) -> bool:
+    """``direct_io=None``: O_DIRECT when the store is larger than the RAM available, buffered otherwise.
+
+    A store that fits in RAM stays in the page cache after the first pass, and buffered reads then run at memory
+    speed. A larger one is evicted before it is read again: every pass is a cold read, and O_DIRECT then avoids a
+    copy through the page cache and keeps the scan from evicting everything else.
+    """
+    from ..plan import _meminfo_available
+
+    return total_bytes > _meminfo_available() and direct_io_supported(folder)
+
+
 def direct_io_supported(folder: str | os.PathLike[str]) -> bool:
     """Whether files in ``folder`` can be opened with ``O_DIRECT``."""
     if not hasattr(os, "O_DIRECT"):

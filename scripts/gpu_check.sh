@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run (a few minutes), as ../shared/gpu/README.md describes:
+#   1. the tests marked cuda/kvikio, with TENSORSTREAM_REQUIRE_GPU=1 so a skip is a failure (this includes a run
+#      under TORCH_CUDA_SANITIZER=1 and bit-exact logits/generations for the POSIX and KvikIO backends);
+#   2. benchmarks/gpu_bench.py: raw O_DIRECT read GB/s of the .ts files, streaming GB/s and tokens/s for both
+#      backends, accelerate's disk offload at the same budget, the fraction of time the forward waited for I/O.
+# Writes $OUT/gpu_check.log and $OUT/gpu_bench.json (OUT defaults to ./gpu-check-out).
+#
+# Prepare once on a machine with network access to PyPI (the GPU machine has none):
+#   scripts/gpu_check.sh --prepare      # copies the kvikio wheels and downloads pytest's wheels into .gpu-wheels/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p .gpu-wheels
+  cp ../shared/gpu/wheels-cuda13/*.whl .gpu-wheels/ 2>/dev/null || echo "no kvikio wheels in ../shared/gpu/wheels-cuda13"
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .gpu-wheels \
+    pytest pluggy iniconfig packaging
+  grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo '/.gpu-wheels/' >> .git/info/exclude
+  ls .gpu-wheels
+  exit 0
+fi
+
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+status=0
+
+echo "== machine"
+nvidia-smi || status=1
+nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current \
+  --format=csv || true
+
+echo "== installing the carried wheels"
+if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-wheels/*.whl || status=1
+  export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests:${PYTHONPATH:-}
+else
+  echo "no .gpu-wheels/: run scripts/gpu_check.sh --prepare first"
+  export PYTHONPATH=$PWD/src:$PWD/tests:${PYTHONPATH:-}
+fi
+python3 - <<'PY' || true
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())
+try:
+    import kvikio, kvikio.cufile_driver
+    print("kvikio", kvikio.__version__, "GDS available:", kvikio.cufile_driver.get("is_gds_available"))
+except Exception as err:
+    print("kvikio unavailable:", err)
+PY
+
+echo "== tests marked cuda or kvikio (skips are failures)"
+TENSORSTREAM_REQUIRE_GPU=1 timeout 300 python3 -m pytest -q -p no:cacheprovider -m "cuda or kvikio" tests/ \
+  -o addopts="--strict-markers -ra" || status=1
+
+echo "== benchmark"
+timeout 420 python3 benchmarks/gpu_bench.py --out "$OUT" || status=1
+
+echo "== done (status $status)"
+exit $status

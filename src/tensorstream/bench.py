@@ -1,0 +1,495 @@
+"""``tensorstream bench``: how close streaming gets to the hardware, as ratios measured in one run.
+
+Everything is measured in the same process, one condition after the other, so a noisy machine cannot flatter
+the result:
+
+1. **the disk**: raw reads of the model's ``.ts`` files, cold (page cache dropped with
+   ``posix_fadvise(DONTNEED)`` before each pass, or bypassed with ``O_DIRECT``), 1 to N threads, 16 MiB requests;
+   the best is "the disk";
+2. **tensorstream**: decode seconds per token (median over runs of the median step) at batch 1 and a larger
+   batch, with the given budget, cold (the page cache of every store file dropped before every decode step:
+   the "model larger than RAM" regime) and warm;
+3. **accelerate** (``--compare accelerate``): its disk offload (``device_map="auto"`` with ``max_memory`` equal
+   to the budget), same model, same cache conditions (its offload index points at the checkpoint files, whose
+   cache is dropped the same way);
+4. **resident**: the model fully in memory, when it fits.
+
+The lower bound for a decode step is ``max(t_compute, storage_bytes / disk_GBps)`` with ``t_compute`` the
+resident model's step time at the same batch; the ratios are streaming GB/s ÷ disk GB/s, s/token ÷ the lower
+bound, and tokens/s ÷ accelerate's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .errors import ConfigError
+
+__all__ = ["build_standard_model", "run_bench"]
+
+logger = logging.getLogger(__name__)
+REQUEST = 16 << 20
+STANDARD_MODEL = dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+    vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    initializer_range=0.2,
+)  # fmt: skip
+
+
+def build_standard_model(folder: Path, *, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> Path:
+    """The standard benchmark model: a random Llama of ~1.9 GB in bf16 with 16 blocks, built once into ``folder``."""
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    logger.info("tensorstream bench: building the standard benchmark model in %s (once)", folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**STANDARD_MODEL, **overrides})
+    with torch.device("cpu"):
+        model: Any = LlamaForCausalLM(config)
+        model = model.to(dtype)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.replace(folder)
+    return folder
+
+
+def drop_page_cache(paths: Sequence[Path]) -> None:
+    """Ask the kernel to drop its cached pages of ``paths`` (``posix_fadvise(DONTNEED)``)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read_gb_per_s(paths: Sequence[Path], *, direct: bool, threads: int) -> float:
+    """Cold read speed of ``paths`` in GB/s: every byte read once in 16 MiB requests by ``threads`` threads."""
+    from .format import aligned_empty
+
+    drop_page_cache(paths)
+    jobs: list[tuple[Path, int, int]] = []
+    for path in paths:
+        size = path.stat().st_size
+        jobs += [(path, offset, min(REQUEST, size - offset)) for offset in range(0, size, REQUEST)]
+    lock = threading.Lock()
+    total = [0]
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        buffer = aligned_empty(REQUEST)
+        view = buffer.numpy().data.cast("B")
+        fds: dict[Path, int] = {}
+        try:
+            while True:
+                with lock:
+                    if not jobs:
+                        return
+                    path, offset, length = jobs.pop()
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                want = -(-length // 4096) * 4096 if direct else length
+                n = os.preadv(fds[path], [view[:want]], offset)
+                with lock:
+                    total[0] += min(n, length)
+        except BaseException as err:  # reported below
+            errors.append(err)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    jobs.reverse()
+    start = time.perf_counter()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return total[0] / (time.perf_counter() - start) / 1e9
+
+
+class _StepTimer:
+    """A ``generate`` streamer that timestamps every token; decode step times are the gaps after the first."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_steps(self) -> list[float]:
+        # times[0]: the prompt (before prefill), times[1]: first token (after prefill), then one per decode step
+        return [b - a for a, b in zip(self.times[1:], self.times[2:], strict=False)]
+
+
+@contextmanager
+def _cold_steps(model: Any, files: Sequence[Path]) -> Iterator[None]:
+    """Drop the page cache of ``files`` before every forward of ``model`` (one decode step each)."""
+    handle = model.register_forward_pre_hook(lambda *_: drop_page_cache(files))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class _Measure:
+    s_per_token: float
+    runs: list[float]
+
+
+def _decode(
+    model: Any, batch: int, tokens: int, runs: int, cold_files: Sequence[Path] | None, device: torch.device
+) -> _Measure:
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, max(vocab - 1, 4), (batch, 16), generator=generator).to(device)
+    args = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
+    medians = []
+    with torch.inference_mode():
+        if cold_files is None:  # warm: one untimed pass fills the page cache
+            model.generate(ids, **{**args, "max_new_tokens": 2, "min_new_tokens": 2})
+        for _ in range(runs):
+            timer = _StepTimer()
+            if cold_files is not None:
+                drop_page_cache(cold_files)
+                with _cold_steps(model, cold_files):
+                    model.generate(ids, streamer=timer, **args)
+            else:
+                model.generate(ids, streamer=timer, **args)
+            medians.append(statistics.median(timer.decode_steps()))
+    return _Measure(statistics.median(medians), medians)
+
+
+def _rss() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process in bytes (Linux)."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, amount, _ = line.split()
+                values[key] = int(amount) * 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_bench(
+    source: str | os.PathLike[str] | None = None,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    budget_fraction: float = 0.25,
+    budget_gb: float | None = None,
+    device: str | None = None,
+    batches: Sequence[int] = (1, 4),
+    tokens: int = 8,
+    runs: int = 3,
+    caches: Sequence[str] = ("cold", "warm"),
+    compare: Sequence[str] = (),
+    resident: bool = True,
+    max_threads: int = 4,
+    config: Config | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure the disk, tensorstream, and optionally accelerate and the resident model; return every figure.
+
+    Args:
+        source: a model folder or Hub id; ``None`` builds the standard benchmark model (a ~1.9 GB bf16 Llama with
+            16 blocks) in ``workdir``.
+        workdir: where the standard model, the stores and accelerate's offload folder live
+            (default: ``<storage_path>/bench``).
+        budget_fraction, budget_gb: the weights budget, as a fraction of the model or in GB (``budget_gb`` wins).
+        device: the execution device (default: `Config`'s default).
+        batches: decode batch sizes.
+        tokens: new tokens per generation (decode steps measured: ``tokens - 1``).
+        runs: generations per condition; the figure is the median of the runs' median step times.
+        caches: ``"cold"`` (page cache dropped before every step) and/or ``"warm"``.
+        compare: ``("accelerate",)`` to measure accelerate's disk offload at the same budget.
+        resident: also measure the fully resident model (when it fits in 80% of free memory).
+        max_threads: the raw read test tries 1, 2, ... up to this many threads.
+        config: base `Config` (its ``storage_path``, ``backend``, ``direct_io``, ``prefetch``... are used).
+        progress: called with a line of text as each measurement starts.
+
+    Returns:
+        A JSON-serialisable dict: ``machine``, ``model``, ``budget``, ``disk``, ``results`` (one row per system,
+        cache condition and batch), ``ratios`` and ``targets``.
+
+    Example:
+        ```python
+        >>> result = run_bench(compare=["accelerate"])
+        >>> print(format_table(result))
+        ```
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import stats as ts_stats
+    from .plan import auto_budget_bytes
+    from .reshard import reshard
+    from .store import Store
+
+    say = progress or (lambda line: logger.info("tensorstream bench: %s", line))
+    model: Any
+    engine: Any
+    base = config or Config.from_env()
+    if device is not None:
+        base = base.replace(device=device)
+    run_device = base.execution_device
+    work = Path(workdir) if workdir else base.store_root / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        say("standard model (random Llama, ~1.9 GB bf16, 16 blocks)")
+        source = build_standard_model(work / "standard-llama-2gb")
+    for cache in caches:
+        if cache not in ("cold", "warm"):
+            raise ConfigError(f"caches={list(caches)}: each must be 'cold' or 'warm'.")
+    storage = base.store_root if config is not None else work / "stores"
+    store = Store.open(reshard(source, storage, progress=False))
+    files = [store.file(entry) for entry in store.entries()]
+    model_bytes = store.total_bytes
+    budget = round(budget_gb * 1e9) if budget_gb is not None else round(budget_fraction * model_bytes)
+    config_run = base.replace(storage_path=storage, budget_gb=budget / 1e9)
+
+    say("raw cold reads of the store files")
+    disk_runs = []
+    direct_ok = hasattr(os, "O_DIRECT")
+    for direct in (False, True) if direct_ok else (False,):
+        threads = 1
+        while threads <= max_threads:
+            try:
+                speed = raw_read_gb_per_s(files, direct=direct, threads=threads)
+            except OSError as err:  # O_DIRECT refused by the filesystem
+                logger.info("tensorstream bench: %s reads failed (%s)", "O_DIRECT" if direct else "buffered", err)
+                break
+            disk_runs.append({"mode": "O_DIRECT" if direct else "buffered", "threads": threads, "gb_per_s": speed})
+            threads *= 2
+    disk = max(disk_runs, key=lambda run: run["gb_per_s"])
+
+    results: list[dict[str, Any]] = []
+    plan_info: dict[str, Any] = {}
+    for cache in caches:
+        say(f"tensorstream, {cache} cache")
+        gc.collect()
+        _reset_peak()
+        baseline, _ = _rss()
+        config_cache = config_run
+        if cache == "cold" and config_run.direct_io is None and direct_ok and base.backend in ("auto", "posix"):
+            # what direct_io=None picks for a store larger than RAM, the regime the cold condition stands for
+            config_cache = config_run.replace(direct_io=any(r["mode"] == "O_DIRECT" for r in disk_runs))
+        model = AutoModelForCausalLM.from_pretrained(
+            source, device_map="tensorstream", tensorstream_config=config_cache
+        )
+        engine = model._tensorstream_engine
+        plan = engine.plan
+        plan_info = {
+            "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed), "slots": plan.num_slots,
+            "storage_bytes_per_step": plan.storage_bytes, "backend": engine.backend.name, "describe": plan.describe(),
+        }  # fmt: skip
+        for batch in batches:
+            stats = ts_stats(model)
+            stats.reset()
+            started = time.perf_counter()
+            measure = _decode(model, batch, tokens, runs, files if cache == "cold" else None, run_device)
+            elapsed = time.perf_counter() - started
+            _, peak = _rss()
+            results.append({
+                "system": "tensorstream", "cache": cache, "batch": batch, "s_per_token": measure.s_per_token,
+                "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs,
+                "gb_per_s": plan.storage_bytes / measure.s_per_token / 1e9,
+                "wait_fraction": stats.wait_seconds / elapsed if elapsed else 0.0,
+                "read_gb_per_s": stats.read_gb_per_s, "sync_loads": stats.sync_loads,
+                "peak_rss_above_baseline": peak - baseline,
+            })  # fmt: skip
+        del model, engine
+        gc.collect()
+
+    if "accelerate" in compare:
+        checkpoint_files = sorted(Path(store.manifest.get("folder", source)).glob("*.safetensors"))
+        for cache in caches:
+            say(f"accelerate disk offload, {cache} cache")
+            with tempfile.TemporaryDirectory(dir=work) as offload:
+                max_memory: dict[Any, Any] = {"cpu": budget}
+                if run_device.type == "cuda":
+                    max_memory = {run_device.index or 0: budget, "cpu": 0}
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, device_map="auto", max_memory=max_memory, offload_folder=offload
+                )
+                cold = [*checkpoint_files, *Path(offload).glob("*")] if cache == "cold" else None
+                for batch in batches:
+                    measure = _decode(model, batch, tokens, runs, cold, run_device)
+                    results.append({
+                        "system": "accelerate", "cache": cache, "batch": batch, "s_per_token": measure.s_per_token,
+                        "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs,
+                    })  # fmt: skip
+                del model
+                gc.collect()
+
+    fits = model_bytes <= 0.8 * auto_budget_bytes(run_device)
+    if resident and fits:
+        say("fully resident model")
+        model = AutoModelForCausalLM.from_pretrained(source)
+        model = model.to(run_device)
+        for batch in batches:
+            measure = _decode(model, batch, tokens, runs, None, run_device)
+            results.append({
+                "system": "resident", "cache": "warm", "batch": batch, "s_per_token": measure.s_per_token,
+                "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs,
+            })  # fmt: skip
+        del model
+        gc.collect()
+
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "device": str(run_device),
+            "gpu": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else None,
+        },
+        "model": {"source": str(source), "store": str(store.path), "bytes": model_bytes, "blocks": len(store.blocks)},
+        "budget": {"bytes": budget, "fraction": budget / model_bytes, **plan_info},
+        "disk": {"best_gb_per_s": disk["gb_per_s"], "best": disk, "runs": disk_runs},
+        "settings": {"batches": list(batches), "tokens": tokens, "runs": runs, "caches": list(caches)},
+        "results": results,
+    }  # fmt: skip
+    result["ratios"], result["targets"] = _ratios(result)
+    return result
+
+
+def _row(result: dict[str, Any], system: str, cache: str, batch: int) -> dict[str, Any] | None:
+    for row in result["results"]:
+        if (row["system"], row["cache"], row["batch"]) == (system, cache, batch):
+            return row
+    return None
+
+
+def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    disk = result["disk"]["best_gb_per_s"]
+    storage = result["budget"].get("storage_bytes_per_step", 0)
+    ratios = []
+    for row in result["results"]:
+        if row["system"] != "tensorstream":
+            continue
+        entry: dict[str, Any] = {"cache": row["cache"], "batch": row["batch"]}
+        resident = _row(result, "resident", "warm", row["batch"])
+        compute = resident["s_per_token"] if resident else 0.0
+        if row["cache"] == "cold":
+            bound = max(compute, storage / (disk * 1e9))
+            entry["lower_bound_s_per_token"] = bound
+            entry["s_per_token_over_bound"] = row["s_per_token"] / bound if bound else None
+            entry["gb_per_s_over_disk"] = row["gb_per_s"] / disk
+        if resident:
+            entry["tokens_per_s_over_resident"] = row["tokens_per_s"] / resident["tokens_per_s"]
+        accelerate = _row(result, "accelerate", row["cache"], row["batch"])
+        if accelerate:
+            entry["tokens_per_s_over_accelerate"] = row["tokens_per_s"] / accelerate["tokens_per_s"]
+        ratios.append(entry)
+    targets: dict[str, Any] = {}
+    for entry in ratios:
+        if entry["batch"] != 1:
+            continue
+        if entry["cache"] == "cold":
+            if entry.get("s_per_token_over_bound") is not None:
+                targets["cold_s_per_token_within_1.15x_bound"] = entry["s_per_token_over_bound"] <= 1.15
+            if "tokens_per_s_over_accelerate" in entry:
+                targets["cold_1.8x_accelerate"] = entry["tokens_per_s_over_accelerate"] >= 1.8
+        else:
+            if "tokens_per_s_over_resident" in entry:
+                targets["warm_0.8x_resident"] = entry["tokens_per_s_over_resident"] >= 0.8
+            if "tokens_per_s_over_accelerate" in entry:
+                targets["warm_2.5x_accelerate"] = entry["tokens_per_s_over_accelerate"] >= 2.5
+    rss = [r["peak_rss_above_baseline"] for r in result["results"] if "peak_rss_above_baseline" in r]
+    if rss:
+        targets["peak_rss_above_baseline_bytes"] = max(rss)
+        targets["peak_rss_within_budget_plus_64MB"] = max(rss) <= result["budget"]["bytes"] + 64e6
+    return ratios, targets
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a plain-text table with the ratios."""
+    lines = [
+        f"model {result['model']['bytes'] / 1e9:.2f} GB, {result['model']['blocks']} blocks; budget "
+        f"{result['budget']['bytes'] / 1e9:.2f} GB ({result['budget']['fraction']:.0%}); "
+        f"device {result['machine']['device']}",
+        f"plan: {result['budget'].get('describe', '')}",
+        f"disk (best raw cold read): {result['disk']['best_gb_per_s']:.2f} GB/s "
+        f"({result['disk']['best']['mode']}, {result['disk']['best']['threads']} threads)",
+        "",
+        f"{'system':<13}{'cache':<6}{'batch':>6}{'s/token':>10}{'tokens/s':>10}{'GB/s':>8}{'waited':>8}",
+    ]
+    for row in result["results"]:
+        gbps = f"{row['gb_per_s']:.2f}" if "gb_per_s" in row else "-"
+        wait = f"{row['wait_fraction']:.0%}" if "wait_fraction" in row else "-"
+        lines.append(
+            f"{row['system']:<13}{row['cache']:<6}{row['batch']:>6}{row['s_per_token']:>10.3f}"
+            f"{row['tokens_per_s']:>10.2f}{gbps:>8}{wait:>8}"
+        )
+    lines += ["", "ratios (tensorstream):"]
+    for entry in result["ratios"]:
+        parts = [f"{entry['cache']}, batch {entry['batch']}:"]
+        for key, label in (
+            ("gb_per_s_over_disk", "GB/s / disk"),
+            ("s_per_token_over_bound", "s/token / lower bound"),
+            ("tokens_per_s_over_resident", "tokens/s / resident"),
+            ("tokens_per_s_over_accelerate", "tokens/s / accelerate"),
+        ):
+            if entry.get(key) is not None:
+                parts.append(f"{label} {entry[key]:.2f}")
+        lines.append("  " + ", ".join(parts))
+    if result["targets"]:
+        lines += ["", "targets: " + ", ".join(f"{k}={v}" for k, v in result["targets"].items())]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Bar chart of tokens/s per system and cache condition (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'tensorstream[bench]'.") from None
+    rows = result["results"]
+    labels = [f"{r['system']}\n{r['cache']}, b={r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.1), 4))
+    colors = {"tensorstream": "#2a9d8f", "accelerate": "#e76f51", "resident": "#264653"}
+    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color=[colors[r["system"]] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(
+        f"{result['model']['bytes'] / 1e9:.2f} GB model, budget {result['budget']['fraction']:.0%}, "
+        f"disk {result['disk']['best_gb_per_s']:.2f} GB/s"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(json.dumps(result, indent=1))

@@ -1,0 +1,53 @@
+"""`tensorstream bench` runs end to end on a tiny model and reports every field (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tensorstream.bench import drop_page_cache, format_table, raw_read_gb_per_s, run_bench, write_json
+
+
+def test_raw_read_reads_every_byte(tmp_path: Path) -> None:
+    files = []
+    for i in range(3):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(bytes(range(256)) * (4096 + i))
+        files.append(path)
+    drop_page_cache(files)
+    assert raw_read_gb_per_s(files, direct=False, threads=2) > 0
+
+
+@pytest.fixture(scope="module")
+def result(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("bench")
+    return run_bench(
+        model_dirs["llama"], workdir=work, budget_fraction=0.7, device="cpu", batches=(1, 2), tokens=3, runs=1,
+        compare=("accelerate",), max_threads=2,
+    )  # fmt: skip
+
+
+def test_bench_reports_every_field(result: dict, tmp_path: Path) -> None:
+    assert set(result) == {"machine", "model", "budget", "disk", "settings", "results", "ratios", "targets"}
+    assert result["disk"]["best_gb_per_s"] > 0 and result["disk"]["runs"]
+    assert result["budget"]["streamed_blocks"] > 0
+    systems = {(r["system"], r["cache"], r["batch"]) for r in result["results"]}
+    for system in ("tensorstream", "accelerate"):
+        for cache in ("cold", "warm"):
+            for batch in (1, 2):
+                assert (system, cache, batch) in systems
+    assert ("resident", "warm", 1) in systems
+    for row in result["results"]:
+        assert row["s_per_token"] > 0 and row["tokens_per_s"] > 0 and row["runs"]
+        if row["system"] == "tensorstream":
+            assert {"gb_per_s", "wait_fraction", "read_gb_per_s", "sync_loads", "peak_rss_above_baseline"} <= set(row)
+    cold = next(r for r in result["ratios"] if r["cache"] == "cold" and r["batch"] == 1)
+    assert {"lower_bound_s_per_token", "s_per_token_over_bound", "gb_per_s_over_disk"} <= set(cold)
+    assert {"tokens_per_s_over_resident", "tokens_per_s_over_accelerate"} <= set(cold)
+    assert "warm_0.8x_resident" in result["targets"] and "cold_1.8x_accelerate" in result["targets"]
+    table = format_table(result)
+    assert "accelerate" in table and "disk (best raw cold read)" in table
+    write_json(result, tmp_path / "bench.json")
+    assert json.loads((tmp_path / "bench.json").read_text())["model"]["blocks"] == 6
