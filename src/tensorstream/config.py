@@ -241,8 +241,12 @@ def _read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
         raise ConfigError(f"TENSORSTREAM_CONFIG_FILE={path} cannot be read ({err.strerror}).") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as err:
+    except (ValueError, RecursionError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"TENSORSTREAM_CONFIG_FILE={path} is not valid {path.suffix or 'TOML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"TENSORSTREAM_CONFIG_FILE={path} holds a JSON {type(data).__name__}; it must be an object of settings."
+        )
     if isinstance(data.get("tensorstream"), dict):  # allow a [tensorstream] table
         data = data["tensorstream"]
     unknown = sorted(set(data) - fields)

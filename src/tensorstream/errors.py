@@ -8,6 +8,7 @@ already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` 
      ├── FormatError(ValueError)               a file is not a valid .ts file or manifest
      │    └── CorruptFileError                 a .ts file or store is damaged (truncated, bad checksum)
      ├── StaleStoreError(FileNotFoundError)    the store is missing a file or no longer matches its source
+     ├── StorageFullError(OSError)             the disk (or quota) filled up while a store was written
      ├── BudgetError(MemoryError)              the memory budget cannot hold the minimum working set
      ├── BackendUnavailableError(ImportError)  an I/O backend cannot run here (missing package, no driver)
      ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
@@ -20,6 +21,8 @@ Every message names the file or argument concerned and what to do about it.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "BackendUnavailableError",
     "BudgetError",
@@ -29,6 +32,7 @@ __all__ = [
     "LockTimeoutError",
     "NotStreamingError",
     "StaleStoreError",
+    "StorageFullError",
     "StreamingError",
     "TensorStreamError",
     "UnsupportedModelError",
@@ -53,6 +57,22 @@ class CorruptFileError(FormatError):
 
 class StaleStoreError(TensorStreamError, FileNotFoundError):
     """A store is missing files or was written from a different source than the one asked for."""
+
+
+class StorageFullError(TensorStreamError, OSError):
+    """The disk or quota filled up while a store was written; the partial store was removed.
+
+    ``errno`` is ``ENOSPC`` or ``EDQUOT`` as the operating system reported it; ``str(error)`` is the message alone.
+    """
+
+    def __init__(self, message: str, code: int = errno.ENOSPC, filename: str | None = None) -> None:
+        if filename is None:
+            super().__init__(code, message)
+        else:
+            super().__init__(code, message, filename)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class BudgetError(TensorStreamError, MemoryError):

@@ -297,11 +297,13 @@ def parse_ts_header(raw: bytes, *, path: Path, file_size: int, require_ts: bool 
     """Validate a raw JSON header (``raw`` is the N bytes after the length prefix). See `read_ts_header`."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
         raise FormatError(f"{path}: header is not valid UTF-8 JSON ({err}); {_REPAIR}") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is a JSON {type(header).__name__}, not an object; {_REPAIR}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null: safetensors allows both
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -327,7 +329,7 @@ def parse_ts_header(raw: bytes, *, path: Path, file_size: int, require_ts: bool 
         if metadata.get("format") != FORMAT_NAME:
             raise FormatError(f"{path}: not a tensorstream .ts file (no format={FORMAT_NAME!r} in __metadata__).")
         version = metadata.get("format_version", "")
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit()) or int(version) < 1:  # "²".isdigit() is True
             raise FormatError(f"{path}: format_version {version!r} is not a positive integer; {_REPAIR}")
         if int(version) > FORMAT_VERSION:
             raise FormatError(

@@ -13,26 +13,36 @@ Layout of ``<storage_path>/<fingerprint>/``::
 Store files are ``.ts`` files named ``*.ts.safetensors``, so that transformers' loader (which decides by the
 file name) reads them as the safetensors files they are. The manifest is written last and the folder is
 renamed into place when complete, so a store whose manifest
-exists is complete. `Store.open` validates the manifest (paths stay inside the store) and, with
-``verify="header"``, every ``.ts`` header against it.
+exists is complete. `Store.open` validates the manifest and the index (paths stay inside the store), refuses
+symbolic links that lead out of it and weight files the manifest does not list, and, with ``verify="header"``,
+checks every ``.ts`` header against the manifest and the index. A store may come from someone else (a Hub
+preshard repo): nothing in it is trusted before it is checked.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import FormatError, StaleStoreError
-from .format import FORMAT_VERSION, TsHeader, read_ts_header
+from .format import FORMAT_VERSION, TsHeader, aligned_empty, read_data, read_ts_header, verify_buffer
 
-__all__ = ["MANIFEST_NAME", "BlockEntry", "Store"]
+__all__ = ["INDEX_NAME", "MANIFEST_NAME", "BlockEntry", "Store"]
 
 MANIFEST_NAME = "tensorstream.json"
+INDEX_NAME = "model.safetensors.index.json"
 STORE_FORMAT = "tensorstream-store"
 MAX_MANIFEST_BYTES = 64 << 20
+#: A store folder written by `tensorstream.reshard` is named after its fingerprint: 16 hex digits.
+FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{16}")
+#: Names a model loader could pick up as weights; a store holds no such file that its manifest does not list.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
+_FIX = "rerun `tensorstream reshard --force` on the source model."
 
 
 @dataclass(frozen=True)
@@ -62,35 +72,62 @@ class Store:
         self.manifest = manifest
         self.non_block = _entry(manifest["non_block"], "non_block", path)
         self.blocks = [_entry(block, f"blocks[{i}]", path) for i, block in enumerate(manifest["blocks"])]
+        #: file -> tensor names, from the store's index (``None`` when the store has no index).
+        self.index_names: dict[str, set[str]] | None = None
         self._headers: dict[str, TsHeader] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: str = "header") -> Store:
         """Open the store at ``path``; with ``verify="header"`` or ``"checksum"`` also check every header.
 
+        Nothing in the folder is trusted before it is checked: the manifest and the index must name files inside
+        the store, no symbolic link may lead out of it (in a Hub cache snapshot: out of the repo's cache folder),
+        no weight file may sit there unlisted, and a folder named like a fingerprint must hold that fingerprint.
+
         Raises:
-            `StaleStoreError`: the folder or a file is missing. `FormatError`: the manifest is invalid, from a newer
-            format version, or names a path outside the store. `CorruptFileError`: a file is truncated.
+            `StaleStoreError`: the folder or a file is missing, or the folder's name is not its manifest's
+            fingerprint. `FormatError`: the manifest or index is invalid, from a newer format version, or names a
+            path outside the store; a link leads out of the store. `CorruptFileError`: a file is truncated.
         """
         path = Path(path).resolve()
         manifest_path = path / MANIFEST_NAME
-        if not manifest_path.is_file():
+        if not path.is_dir() or not manifest_path.is_file():
             raise StaleStoreError(
                 f"{path} is not a complete tensorstream store (no {MANIFEST_NAME}); run `tensorstream reshard` "
                 "on the source model to build it."
             )
-        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise FormatError(f"{manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a manifest.")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise FormatError(f"{manifest_path} is not valid JSON ({err}); rerun `tensorstream reshard`.") from None
+        check_links(path)
+        manifest = read_json(manifest_path)
         validate_manifest(manifest, manifest_path)
+        if FINGERPRINT_PATTERN.fullmatch(path.name) and manifest["fingerprint"] != path.name:
+            raise StaleStoreError(
+                f"{manifest_path} says the store holds fingerprint {manifest['fingerprint']!r}, but its folder is "
+                f"named {path.name!r}: the folder was renamed or its manifest replaced, so it may not match the "
+                "source. Delete the folder and rerun `tensorstream reshard` on the source model."
+            )
         store = cls(path, manifest)
+        store._check_files()
         if verify != "off":
             for entry in store.entries():
                 store.header(entry)
         return store
+
+    def _check_files(self) -> None:
+        """Validate the index against the manifest and refuse weight files the manifest does not list."""
+        listed = {entry.file for entry in self.entries()}
+        index_path = self.path / INDEX_NAME
+        if index_path.is_file():
+            self.index_names = validate_index(read_json(index_path), index_path, listed)
+        elif os.path.lexists(index_path):
+            raise FormatError(f"{index_path} is not a regular file; {_FIX}")
+        for folder, _, files in os.walk(self.path):
+            for name in files:
+                rel = (Path(folder) / name).relative_to(self.path).as_posix()
+                if name.endswith(WEIGHT_SUFFIXES) and rel not in listed:
+                    raise FormatError(
+                        f"{self.path / rel} is a weight file that {MANIFEST_NAME} does not list; a model loader could "
+                        f"read it instead of the store's checked files. Remove it, or {_FIX}"
+                    )
 
     def entries(self) -> list[BlockEntry]:
         """The non-block entry, then every block in execution order."""
@@ -110,13 +147,35 @@ class Store:
                 f"{file} is missing from the store {self.path}; rerun `tensorstream reshard --force` on the source."
             )
         header = read_ts_header(file)
-        if header.data_size != entry.data_size or header.checksum != entry.checksum or header.block != entry.name:
+        dtypes = tuple(sorted({info.dtype for info in header.tensors.values()}))
+        names = None if self.index_names is None else self.index_names.get(entry.file, set())
+        checks = {
+            "data size": header.data_size == entry.data_size,
+            "checksum": header.checksum == entry.checksum,
+            "block name": header.block == entry.name,
+            "dtypes": not entry.dtypes or dtypes == entry.dtypes,
+            "tensor names": names is None or names == set(header.tensors),
+        }
+        differ = [what for what, same in checks.items() if not same]
+        if differ:
             raise StaleStoreError(
-                f"{file} does not match {self.path / MANIFEST_NAME} (size, checksum or block name differ): the store "
+                f"{file} does not match the store's {MANIFEST_NAME} and index ({', '.join(differ)} differ): the store "
                 "was modified after resharding; rerun `tensorstream reshard --force` on the source."
             )
         self._headers[entry.name] = header
         return header
+
+    def verify_checksums(self, entries: Iterable[BlockEntry]) -> None:
+        """Read the files of ``entries`` and check their data against their checksums, one file at a time.
+
+        Raises:
+            `CorruptFileError`: a file's data does not match its checksum (the message names the file and the fix).
+        """
+        for entry in entries:
+            header = self.header(entry)
+            buffer = aligned_empty(header.data_size)
+            read_data(header.path, header, buffer)
+            verify_buffer(header, buffer)
 
     @property
     def fingerprint(self) -> str:
@@ -131,14 +190,23 @@ class Store:
         return sum(entry.data_size for entry in self.entries())
 
 
+def read_json(path: Path) -> Any:
+    """Parse the JSON file ``path`` of a store (at most 64 MB), or raise `FormatError` naming it."""
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a tensorstream file. {_FIX}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+        raise FormatError(f"{path} is not valid UTF-8 JSON ({err}); {_FIX}") from None
+
+
 def validate_manifest(manifest: Any, where: Path) -> None:
     """Raise `FormatError` unless ``manifest`` is a well-formed manifest whose paths stay inside the store."""
-    fix = "rerun `tensorstream reshard --force` on the source model."
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
-        raise FormatError(f"{where} is not a tensorstream manifest (format != {STORE_FORMAT!r}); {fix}")
+        raise FormatError(f"{where} is not a tensorstream manifest (format != {STORE_FORMAT!r}); {_FIX}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise FormatError(f"{where}: format_version {version!r} is not a positive integer; {fix}")
+        raise FormatError(f"{where}: format_version {version!r} is not a positive integer; {_FIX}")
     if version > FORMAT_VERSION:
         raise FormatError(
             f"{where}: written by a newer tensorstream (store format {version}, this one reads up to "
@@ -146,41 +214,105 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         )
     for key in ("fingerprint", "model_class"):
         if not isinstance(manifest.get(key), str) or not manifest[key]:
-            raise FormatError(f"{where}: {key!r} must be a non-empty string; {fix}")
+            raise FormatError(f"{where}: {key!r} must be a non-empty string; {_FIX}")
     blocks = manifest.get("blocks")
     if not isinstance(blocks, list) or not blocks:
-        raise FormatError(f"{where}: 'blocks' must be a non-empty list; {fix}")
+        raise FormatError(f"{where}: 'blocks' must be a non-empty list; {_FIX}")
     seen_files: set[str] = set()
+    seen_names: set[str] = set()
+    total = 0
     for i, entry in enumerate([manifest.get("non_block"), *blocks]):
         label = "non_block" if i == 0 else f"blocks[{i - 1}]"
-        _entry(entry, label, where)
-        if entry["file"] in seen_files:
-            raise FormatError(f"{where}: {label} reuses the file {entry['file']!r}; {fix}")
-        seen_files.add(entry["file"])
+        parsed = _entry(entry, label, where)
+        if parsed.file in seen_files:
+            raise FormatError(f"{where}: {label} reuses the file {parsed.file!r}; {_FIX}")
+        if (i == 0) != (parsed.name == "") or parsed.name in seen_names:
+            what = "must be ''" if i == 0 else "must be a module path named once"
+            raise FormatError(f"{where}: {label} has the name {parsed.name!r}, which {what}; {_FIX}")
+        seen_files.add(parsed.file)
+        seen_names.add(parsed.name)
+        total += parsed.data_size
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise FormatError(f"{where}: 'tied' must map tensor names to tensor names; {_FIX}")
+    if "total_bytes" in manifest and manifest["total_bytes"] != total:
+        raise FormatError(
+            f"{where}: total_bytes is {manifest['total_bytes']!r} but its files hold {total} bytes; {_FIX}"
+        )
+
+
+def validate_index(index: Any, where: Path, files: set[str]) -> dict[str, set[str]]:
+    """Check the store's safetensors index: every tensor maps to a file the manifest lists. Returns file -> names.
+
+    The index is what transformers' loader follows, so a name that leads anywhere else is refused.
+    """
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{where} has no 'weight_map' object; {_FIX}")
+    names: dict[str, set[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or file not in files:
+            check_relative_path(file, where, f"weight_map[{name!r}]")
+            raise FormatError(
+                f"{where}: weight_map[{name!r}] names {file!r}, which the manifest does not list; {_FIX}"
+            )
+        names.setdefault(file, set()).add(name)
+    return names
 
 
 def _entry(entry: Any, label: str, where: Path) -> BlockEntry:
-    fix = "rerun `tensorstream reshard --force` on the source model."
     if not isinstance(entry, dict):
-        raise FormatError(f"{where}: {label} must be an object; {fix}")
+        raise FormatError(f"{where}: {label} must be an object; {_FIX}")
     name, file, size, checksum = entry.get("name"), entry.get("file"), entry.get("data_size"), entry.get("checksum")
     dtypes = entry.get("dtypes", [])
     if not isinstance(name, str) or not isinstance(checksum, str):
-        raise FormatError(f"{where}: {label} needs string 'name' and 'checksum'; {fix}")
+        raise FormatError(f"{where}: {label} needs string 'name' and 'checksum'; {_FIX}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise FormatError(f"{where}: {label} has invalid data_size {size!r}; {fix}")
+        raise FormatError(f"{where}: {label} has invalid data_size {size!r}; {_FIX}")
     if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
-        raise FormatError(f"{where}: {label} has invalid dtypes {dtypes!r}; {fix}")
+        raise FormatError(f"{where}: {label} has invalid dtypes {dtypes!r}; {_FIX}")
     check_relative_path(file, where, label)
     return BlockEntry(name=name, file=str(file), data_size=size, checksum=checksum, dtypes=tuple(dtypes))
 
 
 def check_relative_path(file: Any, where: Path, label: str) -> None:
-    """Reject anything but a plain relative path that stays inside the store (no ``..``, no absolute path)."""
+    """Reject anything but a plain, normalised relative path inside the store (no ``..``, ``.``, ``//``, ``/x``)."""
     if not isinstance(file, str) or not file or "\\" in file or "\x00" in file:
-        raise FormatError(f"{where}: {label} has an invalid file name {file!r}.")
+        raise FormatError(f"{where}: {label} has an invalid file name {file!r}; refusing to read it.")
     pure = PurePosixPath(file)
-    if pure.is_absolute() or any(part in ("..", "") for part in pure.parts) or not file.endswith(".safetensors"):
+    if pure.is_absolute() or ".." in pure.parts or str(pure) != file or not file.endswith(".safetensors"):
         raise FormatError(
             f"{where}: {label} names {file!r}, which is not a .safetensors file inside the store; refusing to read it."
         )
+
+
+def check_links(root: Path) -> None:
+    """Refuse a store (``root``, resolved) holding a symbolic link that resolves outside it.
+
+    In a Hub cache snapshot (``models--org--name/snapshots/<commit>/``), files are links into the repo's
+    ``blobs/`` folder: links that stay inside ``models--org--name`` are allowed there.
+
+    Raises:
+        `FormatError`: a link leads out; the message names it and its target.
+    """
+    allowed = _link_root(root)
+    for folder, dirs, files in os.walk(root):  # does not descend into linked folders; they are checked here
+        for name in [*dirs, *files]:
+            link = Path(folder) / name
+            if not link.is_symlink():
+                continue
+            target = Path(os.path.realpath(link))
+            if not target.is_relative_to(allowed):
+                raise FormatError(
+                    f"{link} is a symbolic link to {target}, outside {allowed}; a store may only link inside itself. "
+                    "Refusing to open it: if you trust this store, replace the link with the file it points to."
+                )
+
+
+def _link_root(root: Path) -> Path:
+    """``root``, or the ``models--org--name`` folder of the Hub cache when ``root`` sits in one of its snapshots."""
+    parts = root.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            return Path(*parts[: i + 1])
+    return root
