@@ -1,8 +1,10 @@
 """Which modules are blocks, and what stays resident under the budget.
 
 Blocks are found from the model's structure, not from names: the outermost ``torch.nn.ModuleList`` containers
-whose children are all of one class and hold parameters, preferring classes listed in transformers'
-``_no_split_modules``. Execution order is registration order (encoder blocks before decoder blocks).
+whose children all hold parameters and are all of one class, preferring those whose classes are all listed in
+transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of attention and Mamba layers).
+The structural order is registration order (encoder blocks before decoder blocks); the engine then learns the
+order blocks actually run in (see `tensorstream.engine`).
 
 The planner splits the budget (resident weights plus streaming slots) as follows:
 
@@ -58,12 +60,14 @@ def find_blocks(model: nn.Module) -> list[str]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         children = list(module)
-        kind = type(children[0])
-        if not all(type(child) is kind for child in children):
+        classes = {type(child).__name__ for child in children}
+        # all children of one class, or all of _no_split_modules classes (a hybrid stack: Jamba's attention and
+        # Mamba decoder layers alternate in one list)
+        preferred = classes <= no_split
+        if len(classes) > 1 and not preferred:
             continue
-        if next(children[0].parameters(), None) is None:
+        if any(next(child.parameters(), None) is None for child in children):
             continue
-        preferred = kind.__name__ in no_split
         if preferred or len(children) >= 2:
             candidates.append((name, module, preferred))
     if any(preferred for _, _, preferred in candidates):
@@ -76,8 +80,8 @@ def find_blocks(model: nn.Module) -> list[str]:
     if not chosen:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no repeated blocks to stream: tensorstream looks for a torch.nn.ModuleList "
-            f"of modules of one class that hold parameters (preferring _no_split_modules={sorted(no_split)}). "
-            "Load this model without device_map='tensorstream'."
+            "of modules that all hold parameters and are of one class (or all of _no_split_modules="
+            f"{sorted(no_split)}, which are preferred). Load this model without device_map='tensorstream'."
         )
     lists = dict(model.named_modules())
     return [f"{prefix}.{i}" if prefix else str(i) for prefix in chosen for i in range(len(lists[prefix]))]
