@@ -6,9 +6,10 @@ of the one computing, wrapping around to the first streamed block for the next s
 calls `Engine.acquire` before the block runs (wait for its read, bind its parameters as views of the slot) and
 `Engine.release` after (rebind to meta, free the slot, start the next read).
 
-The schedule follows execution, not names: it starts from the structural order and learns, for every block,
-which block actually ran next (its successor), so an encoder-decoder model whose decode steps skip the encoder
-prefetches the decoder's first block after the decoder's last one once it has seen it happen. A block that is
+The schedule follows execution, not names: it starts from the structural order and counts, for every block,
+which blocks actually ran next; the most frequent one is its predicted successor. An encoder-decoder model whose
+decode steps skip the encoder therefore prefetches the decoder's first block after the decoder's last one (many
+times per ``generate``), not the encoder's first (once per call, at its start: one miss per call). A block that is
 not in the prefetch pipeline when it is needed (a miss) is read synchronously and the schedule restarts after
 it: slower, counted in `StreamStats.sync_loads`, never wrong. A failed read reaches the forward call as
 `StreamingError` (or the typed error that caused it); the engine stays usable for the next call.
@@ -38,7 +39,7 @@ from torch import nn
 from .backends import Backend, get_backend
 from .config import Config
 from .errors import CorruptFileError, StaleStoreError, StreamingError
-from .format import TsHeader, aligned_empty, data_checksum, read_data
+from .format import TsHeader, aligned_empty, data_checksum, read_data, verify_buffer
 from .plan import Plan
 from .slots import make_slots
 from .store import BlockEntry, Store
@@ -197,6 +198,8 @@ class Engine:
         count = len(self.blocks)
         #: successor[b]: the block expected to run after b; starts structural, then learned from execution.
         self.successor = [(b + 1) % count for b in range(count)] if count else []
+        #: transitions[b][c]: how often c ran right after b.
+        self.transitions: list[dict[int, int]] = [{} for _ in range(count)]
         self.last_run: int | None = None
         self.next = 0
         self.read_ahead = plan.prefetch > 0
@@ -213,6 +216,8 @@ class Engine:
             block = self.blocks[self.index[name]]
             buffer = aligned_empty(block.header.data_size, pin_memory=self.device.type == "cuda")
             read_data(self.store.file(block.entry), block.header, buffer)
+            if self.verify_checksum:
+                verify_buffer(block.header, buffer)
             block.cached = buffer
 
     # -- the schedule (model thread only) ------------------------------------------------------------------------
@@ -222,8 +227,11 @@ class Engine:
         b = self.index[name]
         if self.bound is not None:  # the previous block raised before its release ran
             self._unbind()
-        if self.last_run is not None:
-            self.successor[self.last_run] = b  # learn the order blocks actually run in
+        if self.last_run is not None:  # learn the order blocks actually run in
+            seen = self.transitions[self.last_run]
+            seen[b] = seen.get(b, 0) + 1
+            if seen[b] >= seen.get(self.successor[self.last_run], 0):
+                self.successor[self.last_run] = b
         load = self.pipeline.get(b)
         if load is None:
             with self.stats._lock:
@@ -306,8 +314,9 @@ class Engine:
 
     def _drop(self, b: int) -> None:
         """Forget the read of ``b`` (waiting for it to finish first: a running read cannot be cancelled)."""
-        load = self.pipeline.pop(b)
-        load.done.wait()
+        load = self.pipeline[b]
+        load.done.wait()  # before forgetting it: a Ctrl-C here must not lose the slot
+        del self.pipeline[b]
         self.free.append(load.slot)
 
     def _issue(self, b: int) -> _Load:
@@ -316,17 +325,37 @@ class Engine:
         if block.cached is not None:
             load = _Load(b, slot, 1)
             self.pipeline[b] = load
-            self.executor.submit(self._copy_cached, load, block)
+            self._submit(load, [(self._copy_cached, load, block)])
             return load
         align = self.backend.alignment
         size = -(-block.header.data_size // align) * align
         starts = list(range(0, size, self.request)) or [0]
         load = _Load(b, slot, len(starts))
         self.pipeline[b] = load
-        for start in starts:
-            end = min(start + self.request, size)
-            self.executor.submit(self._read, load, block, start, end)
+        self._submit(load, [(self._read, load, block, start, min(start + self.request, size)) for start in starts])
         return load
+
+    def _submit(self, load: _Load, tasks: list[tuple[Any, ...]]) -> None:
+        """Queue the reader tasks of ``load``.
+
+        Interrupted half way (Ctrl-C), the load is failed and forgotten instead of being left waiting forever for
+        tasks that were never queued; the block is read again when it is next needed.
+        """
+        queued = 0
+        try:
+            for fn, *args in tasks:
+                self.executor.submit(fn, *args)
+                queued += 1
+        except BaseException:
+            with load.lock:
+                load.pending -= len(tasks) - queued
+                if load.error is None:
+                    load.error = StreamingError(f"the read of block {self.blocks[load.block].name} was interrupted")
+                finished = load.pending == 0
+            if finished:
+                load.done.set()
+            self._drop(load.block)
+            raise
 
     # -- reader threads ----------------------------------------------------------------------------------------
 
