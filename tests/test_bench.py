@@ -51,3 +51,20 @@ def test_bench_reports_every_field(result: dict, tmp_path: Path) -> None:
     assert "accelerate" in table and "disk (best raw cold read)" in table
     write_json(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["model"]["blocks"] == 6
+
+
+def test_cli_bench_writes_json(
+    model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensorstream.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", str(model_dirs["gpt2"]), "--device", "cpu", "--budget-fraction", "0.8", "--batch", "1",
+        "--tokens", "3", "--runs", "1", "--cache", "warm", "--no-resident", "--workdir", str(tmp_path),
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "tensorstream" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [r["system"] for r in result["results"]] == ["tensorstream"]

@@ -13,11 +13,11 @@ from tensorstream.cli import main
 def test_help_lists_the_commands() -> None:
     result = subprocess.run([sys.executable, "-m", "tensorstream.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("reshard", "inspect", "verify"):
+    for command in ("reshard", "inspect", "verify", "push", "pull"):
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["reshard", "inspect", "verify"])
+@pytest.mark.parametrize("command", ["reshard", "inspect", "verify", "push", "pull"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -55,6 +55,12 @@ def test_reshard_inspect_verify(
     assert not report["ok"] and [f["file"] for f in report["files"] if not f["ok"]] == [
         "blocks/model.layers.1.ts.safetensors"
     ]
+
+    assert main(["inspect", store]) == 0  # headers only: the damage is in the data
+    assert "DAMAGED" not in capsys.readouterr().out
+    assert main(["inspect", store, "--checksum", "--json"]) == 1
+    statuses = {f["block"]: f["checksum_status"] for f in json.loads(capsys.readouterr().out)["files"]}
+    assert statuses["model.layers.1"] == "DAMAGED" and statuses["model.layers.0"] == "ok"
 
 
 def test_errors_exit_1_with_the_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

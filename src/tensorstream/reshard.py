@@ -10,8 +10,10 @@ Two entry points share one writer:
 
 Either way the store is written into ``<storage_path>/.<fingerprint>.partial/`` and renamed to
 ``<storage_path>/<fingerprint>/`` when complete (the manifest is written last). A killed reshard resumes from
-the block files already written; concurrent processes serialise on ``.<fingerprint>.lock`` and all reuse the
-store the first one wrote. The source checkpoint is only ever read.
+the block files already written (each was renamed into place whole; the temporary files a kill leaves behind are
+removed first); concurrent processes serialise on ``.<fingerprint>.lock`` and all reuse the store the first one
+wrote. A full disk raises `StorageFullError` and removes the partial store. The source checkpoint is only ever
+read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import time
 import zlib
@@ -36,12 +40,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import default_storage_path, parse_dtype
-from .errors import FormatError, LockTimeoutError, StaleStoreError, TensorStreamError
+from .errors import FormatError, LockTimeoutError, StaleStoreError, StorageFullError, TensorStreamError
 from .format import FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
 from .plan import find_blocks
 from .store import MANIFEST_NAME, STORE_FORMAT, Store
 
-__all__ = ["reshard", "reshard_module", "resolve_source"]
+__all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SOURCE_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 _CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"}
+#: A Hub cache blob is named by its content hash: a sha256 (LFS files) or a git blob sha1.
+_HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def resolve_source(
@@ -65,6 +72,8 @@ def resolve_source(
 ) -> Path:
     """The local folder holding ``source``: the folder itself, or the Hub snapshot (downloaded if needed).
 
+    For a preshard repo (one with ``tensorstream.json`` at its root) only the files streaming needs are downloaded.
+
     Raises:
         `FileNotFoundError`: ``source`` is neither a folder nor a repo available from the Hub or its cache.
     """
@@ -77,6 +86,18 @@ def resolve_source(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    from .integrations.hub import download_preshard
+
+    preshard = download_preshard(  # a preshard repo: only the manifest, the .ts files and the configs
+        str(source),
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        subfolder=subfolder,
+    )
+    if preshard is not None:
+        return preshard
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in _HUB_PATTERNS]
     try:
         folder = Path(
@@ -131,7 +152,8 @@ def source_fingerprint(folder: Path, cls: type, dtype: torch.dtype | None, confi
     """A short hash of what decides the store's content: the weight files, the config, the class and dtype.
 
     Files are identified by name, size and, for Hub cache snapshots, their blob name (a content hash), else
-    their modification time: a large checkpoint is never read to fingerprint it.
+    their modification time (a link's target's): a large checkpoint is never read to fingerprint it. A source
+    changed since resharding therefore gets a new store; the old one is never used for it.
     """
     config_dict = {k: v for k, v in config.to_diff_dict().items() if k not in _CONFIG_KEYS_IGNORED}
     digest = hashlib.sha256()
@@ -140,10 +162,22 @@ def source_fingerprint(folder: Path, cls: type, dtype: torch.dtype | None, confi
     for file in sorted(folder.iterdir()):
         if not (file.suffix in _WEIGHT_SUFFIXES or file.name in _SOURCE_FILES) or not file.is_file():
             continue
-        stat = file.stat()
-        identity = Path(os.readlink(file)).name if file.is_symlink() else str(stat.st_mtime_ns)
+        stat = file.stat()  # follows links: the target's size and modification time
+        identity = _hub_blob(file) or str(stat.st_mtime_ns)
         digest.update(f"{file.name}\0{stat.st_size}\0{identity}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _hub_blob(file: Path) -> str | None:
+    """The blob name (a content hash) when ``file`` links into a Hub cache ``blobs/`` folder, else ``None``.
+
+    Any other link (a local folder whose weights link elsewhere) is identified by its target's modification time,
+    so rewriting the target changes the fingerprint.
+    """
+    if not file.is_symlink():
+        return None
+    target = Path(os.readlink(file))
+    return target.name if target.parent.name == "blobs" and _HUB_BLOB.fullmatch(target.name) else None
 
 
 @contextlib.contextmanager
@@ -198,6 +232,49 @@ def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> It
         os.close(fd)  # closing the descriptor releases the lock
 
 
+@contextlib.contextmanager
+def staging_folder(root: Path, fingerprint: str, what: str, needed_bytes: int | None) -> Iterator[Path]:
+    """``<root>/.<fingerprint>.partial``, ready to (re)write a store into; enter it holding the store lock.
+
+    What an interrupted run left is cleaned first: its temporary files (complete block files stay, to be reused)
+    and the previous store moved aside by an interrupted ``--force``. A full disk (``ENOSPC``, ``EDQUOT``) removes
+    the whole partial store, to give the space back, and raises `StorageFullError`. The scratch offload folder
+    is always removed, and the staging folder too while it is still empty.
+    """
+    for trash in root.glob(f".{fingerprint}.old-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    staging = root / f".{fingerprint}.partial"
+    try:
+        staging.mkdir(exist_ok=True)
+        for tmp in staging.rglob(".*.tmp-*"):  # temporary files of save_to_ts and _write_json that a kill left
+            tmp.unlink(missing_ok=True)
+        yield staging
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _storage_full(root, what, err, needed_bytes) from err
+    finally:
+        shutil.rmtree(staging / "_offload", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.rmdir()  # only succeeds while nothing was written
+
+
+def _storage_full(root: Path, what: str, err: OSError, needed_bytes: int | None) -> StorageFullError:
+    try:
+        free = f"{shutil.disk_usage(root).free / 1e9:.3g} GB free"
+    except OSError:
+        free = "free space unknown"
+    needs = f", about {needed_bytes / 1e9:.3g} GB needed" if needed_bytes else ""
+    return StorageFullError(
+        f"{root}: {os.strerror(err.errno or errno.ENOSPC)} while writing the store of {what} ({free}{needs}); the "
+        "partial store was removed. Free some space or choose another storage_path (Config(storage_path=...) or "
+        "TENSORSTREAM_STORAGE_PATH), then retry.",
+        err.errno or errno.ENOSPC,
+        str(err.filename) if err.filename else None,
+    )
+
+
 def reshard(
     source: str | os.PathLike[str],
     storage_path: str | os.PathLike[str] | None = None,
@@ -229,7 +306,11 @@ def reshard(
         config (`PretrainedConfig`, *optional*): a config to build the model with instead of the folder's.
         force (`bool`, defaults to `False`): rebuild even if an up-to-date store exists.
         progress (`bool`, defaults to `True`): show a progress bar (blocks and GB/s).
-        cache_dir, revision, local_files_only, token, subfolder: as in ``from_pretrained``, for Hub ids.
+        cache_dir (`str` or `os.PathLike`, *optional*): the Hugging Face cache folder, as in ``from_pretrained``.
+        revision (`str`, *optional*): the Hub revision (branch, tag or commit), as in ``from_pretrained``.
+        local_files_only (`bool`, defaults to `False`): never reach the Hub, as in ``from_pretrained``.
+        token (`str` or `bool`, *optional*): the Hub token, as in ``from_pretrained``.
+        subfolder (`str`, defaults to ``""``): the model's folder inside the repo, as in ``from_pretrained``.
 
     Returns:
         `Path`: the store folder, ``<storage_path>/<fingerprint>``.
@@ -270,30 +351,39 @@ def reshard(
         if not force and _is_complete(final):
             logger.info("tensorstream: store %s was written by another process; reusing it", final)
             return final
-        staging = root / f".{fingerprint}.partial"
-        staging.mkdir(exist_ok=True)
-        offload = staging / "_offload"
-        with quiet_transformers():
-            model = cls.from_pretrained(
-                str(folder),
-                config=config,
-                device_map={"": "disk"},
-                offload_folder=str(offload),
-                dtype=dtype or "auto",
-                **dict(model_kwargs or {}),
-            )
-        loader = _offload_loader(model, folder)
+        with staging_folder(root, fingerprint, str(source), _checkpoint_bytes(folder)) as staging:
+            try:
+                with quiet_transformers():
+                    model = cls.from_pretrained(
+                        str(folder),
+                        config=config,
+                        device_map={"": "disk"},
+                        offload_folder=str(staging / "_offload"),
+                        dtype=dtype or "auto",
+                        **dict(model_kwargs or {}),
+                    )
+            except pickle.UnpicklingError as err:  # raised by torch.load(weights_only=True): nothing was run
+                raise FormatError(
+                    f"{folder}: a PyTorch weight file holds pickled objects other than tensors. tensorstream "
+                    "unpickles only with torch.load(weights_only=True), which refused it (a checkpoint like this can "
+                    "run code when loaded). Convert it to safetensors where you trust it, and reshard that."
+                ) from err
+            loader = _offload_loader(model, folder)
 
-        def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.detach() if tensor.device.type != "meta" else loader[name]
+            def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+                return tensor.detach() if tensor.device.type != "meta" else loader[name]
 
-        source_info = {"source": str(source), "folder": str(folder)}
-        _write_store(staging, model, get_tensor, fingerprint, cls.__name__, dtype, source_info, progress)
-        for name in ("generation_config.json",):
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, staging / name)
-        shutil.rmtree(offload, ignore_errors=True)
-        _publish(staging, final)
+            source_info = {
+                "source": str(source),
+                "folder": str(folder),
+                "weight_conversions": weight_conversions(model),
+            }
+            _write_store(staging, model, get_tensor, fingerprint, cls.__name__, dtype, source_info, progress)
+            for name in ("generation_config.json",):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, staging / name)
+            shutil.rmtree(staging / "_offload", ignore_errors=True)
+            _publish(staging, final)
     return final
 
 
@@ -311,6 +401,7 @@ def reshard_module(
     """
     dtype = parse_dtype(dtype)
     digest = hashlib.sha256(f"{FORMAT_VERSION}\0{type(model).__name__}\0{dtype}\n".encode())
+    needed_bytes = 0
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.device.type == "meta":
             raise TensorStreamError(
@@ -320,6 +411,7 @@ def reshard_module(
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy())) if data.numel() else 0
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{crc}\n".encode())
+        needed_bytes += _nbytes(data)
     fingerprint = digest.hexdigest()[:16]
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     root.mkdir(parents=True, exist_ok=True)
@@ -330,21 +422,25 @@ def reshard_module(
     with store_lock(root, fingerprint):
         if _is_complete(final):
             return final
-        staging = root / f".{fingerprint}.partial"
-        staging.mkdir(exist_ok=True)
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.detach()
             return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
         source_info = {"source": f"in-memory {type(model).__name__}"}
-        _write_store(staging, model, get_tensor, fingerprint, type(model).__name__, dtype, source_info, progress)
-        _publish(staging, final)
+        with staging_folder(root, fingerprint, source_info["source"], needed_bytes) as staging:
+            _write_store(staging, model, get_tensor, fingerprint, type(model).__name__, dtype, source_info, progress)
+            _publish(staging, final)
     return final
 
 
 def _is_complete(store: Path) -> bool:
-    if not (store / MANIFEST_NAME).is_file():
+    """Whether ``store`` holds a complete, valid store; `StaleStoreError` when it exists but is damaged.
+
+    A published store always has its manifest (the folder is renamed into place whole), so a store folder without
+    one was damaged after the fact: it is reported, never silently rebuilt.
+    """
+    if not os.path.lexists(store):
         return False
     try:
         Store.open(store, verify="header")
@@ -353,6 +449,27 @@ def _is_complete(store: Path) -> bool:
             f"{store} exists but is damaged ({err}). Delete it or rerun `tensorstream reshard --force`."
         ) from err
     return True
+
+
+def weight_conversions(model: nn.Module) -> list[list[Any]]:
+    """The load-time conversions transformers applied to the checkpoint (renamed or fused tensors), as JSON.
+
+    A model built later from the store loads runtime names, so transformers records no conversion and its
+    ``save_pretrained`` would write the runtime layout. The manifest keeps this description so that the
+    streamed model can be given back the same conversions and save the checkpoint's own layout
+    (`tensorstream.integrations.transformers`).
+    """
+    return [describe_conversion(c) for c in getattr(model, "_weight_conversions", None) or []]
+
+
+def describe_conversion(conversion: Any) -> list[Any]:
+    """A transformers ``WeightTransform`` as ``[class name, source patterns, target patterns, scope prefix]``."""
+    return [
+        type(conversion).__name__,
+        list(conversion.source_patterns),
+        list(conversion.target_patterns),
+        getattr(conversion, "scope_prefix", None),
+    ]
 
 
 def _offload_loader(model: nn.Module, folder: Path) -> Mapping[str, torch.Tensor]:
@@ -382,7 +499,7 @@ def _write_store(
     fingerprint: str,
     class_name: str,
     dtype: torch.dtype | None,
-    source_info: dict[str, str],
+    source_info: dict[str, Any],
     progress: bool,
 ) -> None:
     blocks = find_blocks(model)
@@ -459,6 +576,13 @@ def _write_store(
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    """Bytes of the weight files in ``folder`` (safetensors when it has any): about what its store needs."""
+    files = [f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()]
+    safetensors = [f for f in files if f.suffix == ".safetensors"]
+    return sum(f.stat().st_size for f in safetensors or files)
 
 
 def _reusable(path: Path, block: str) -> TsHeader | None:

@@ -4,7 +4,8 @@
 ``pipeline()`` ends there. With any other ``device_map`` the wrapper calls the original untouched. With
 ``"tensorstream"`` it:
 
-1. reshards the checkpoint into the store (once; later calls reuse it),
+1. reshards the checkpoint into the store (once; later calls reuse it); a preshard repo or a store folder (one
+   with ``tensorstream.json`` at its root) is used as the store as it is,
 2. plans the budget from the store's sizes,
 3. builds the model with transformers from the *store* (an ordinary dict device map: streamed blocks on
    ``"disk"``, so nothing of them is read, everything else on the execution device),
@@ -17,15 +18,17 @@ import functools
 import logging
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
 
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
-from ..reshard import quiet_transformers, reshard, resolve_source
+from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import Store
 from ..stream import plan_for, start_streaming
+from .hub import check_preshard, is_preshard
 
 __all__ = ["DEVICE_MAP", "install"]
 
@@ -91,12 +94,25 @@ def load_streaming(
     )
     if hf_config is None or isinstance(hf_config, str | os.PathLike):
         hf_config, kwargs = cls.config_class.from_pretrained(hf_config or folder, return_unused_kwargs=True, **kwargs)
-    store_path = reshard(folder, config.store_root, dtype=dtype, model_class=cls, config=hf_config)
-    store = Store.open(store_path, verify=config.verify)
+    if is_preshard(folder):  # a preshard repo or a store folder: stream from it in place
+        store = check_preshard(folder, cls, hf_config, dtype, config.verify)
+        store_path = store.path
+    else:
+        store_path = reshard(folder, config.store_root, dtype=dtype, model_class=cls, config=hf_config)
+        store = Store.open(store_path, verify=config.verify)
     plan = plan_for(store, config)
+    if config.verify == "checksum":  # resident weights are read once, by transformers' loader: check them first
+        store.verify_checksums(e for e in store.entries() if e.name not in plan.streamed)
     device = config.execution_device
     device_map = _device_map(cls, hf_config, set(plan.streamed), _device_map_value(device))
-    with quiet_transformers(), tempfile.TemporaryDirectory(prefix="tensorstream-") as scratch:
+    with (
+        quiet_transformers(),
+        tempfile.TemporaryDirectory(prefix="tensorstream-") as scratch,
+        warnings.catch_warnings(),
+    ):
+        # A tensor held directly by a module that also holds streamed blocks (BART's final_logits_bias) is a device
+        # map key of its own: accelerate places it right but warns that the key is not a submodule.
+        warnings.filterwarnings("ignore", message="The following device_map keys do not match", category=UserWarning)
         model = _original(
             cls,
             str(store_path),
@@ -110,6 +126,7 @@ def load_streaming(
         )
     _remove_accelerate_hooks(model)
     _check_loaded(model, plan.streamed, store)
+    _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
     return model
@@ -168,6 +185,26 @@ def _remove_accelerate_hooks(model: Any) -> None:
     from accelerate.hooks import remove_hook_from_submodules
 
     remove_hook_from_submodules(model)
+
+
+def _restore_weight_conversions(model: Any, store: Store) -> None:
+    """Give the model the load-time conversions of its source checkpoint, so ``save_pretrained`` writes its layout.
+
+    Built from the store (runtime names), the model had none applied: transformers would save the runtime layout
+    (Mixtral's fused ``experts.gate_up_proj`` instead of per-expert ``w1``/``w3``). The manifest names the
+    conversions transformers applied when the store was resharded; they are picked from transformers' own mapping
+    for this model, never built from the manifest. A store without that record gets transformers' default mapping,
+    as a model built from its config would.
+    """
+    recorded = store.manifest.get("weight_conversions")
+    if not isinstance(recorded, list):
+        if "_weight_conversions" in vars(model):
+            del model._weight_conversions
+        return
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    candidates = get_model_conversion_mapping(model)
+    model._weight_conversions = [c for c in candidates if describe_conversion(c) in recorded]
 
 
 def _check_loaded(model: Any, streamed: tuple[str, ...], store: Store) -> None:
