@@ -107,3 +107,18 @@ def test_stale_store_is_detected(setup, monkeypatch: pytest.MonkeyPatch) -> None
     reshard_module = importlib.import_module("tensorstream.reshard")
     with pytest.raises(tensorstream.StaleStoreError, match=r"model\.layers\.2"):
         reshard_module.reshard(source, storage, progress=False)
+
+
+def test_a_freed_slot_receives_the_next_block_not_yet_read(setup) -> None:  # type: ignore[no-untyped-def]
+    """With two slots, releasing block k must start block k+2 at once (k+1 is already being read)."""
+    source, storage, _ = setup
+    model = streaming(source, storage, budget_gb=budgets(storage, 1)["stream_all"], prefetch=1)
+    engine = model._tensorstream_engine
+    assert engine.plan.num_slots == 2 and list(engine.pipeline) == [0, 1]
+    names = engine.plan.streamed
+    for k in range(len(names)):
+        engine.acquire(names[k])
+        engine.release(names[k])
+        expected = [(k + 1) % len(names), (k + 2) % len(names)]
+        assert list(engine.pipeline) == expected, (k, list(engine.pipeline))
+    assert tensorstream.stats(model).sync_loads == 0

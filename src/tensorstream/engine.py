@@ -295,13 +295,18 @@ class Engine:
         self.free.append(slot)
 
     def _fill(self) -> None:
-        """Start reads for the blocks predicted to run next while slots are free."""
+        """Start reads for the blocks predicted to run next while slots are free.
+
+        The prediction continues from the last block already in the pipeline (``self.next`` only when the pipeline
+        is empty), so a freed slot always receives the next block not yet being read.
+        """
         if not self.read_ahead:
             return
-        while self.free and self.next not in self.pipeline:
-            issued = self.next
-            self._issue(issued)
-            self.next = self.successor[issued]
+        while self.free:
+            candidate = self.successor[next(reversed(self.pipeline))] if self.pipeline else self.next
+            if candidate in self.pipeline:  # every predicted block up to a full cycle is already on its way
+                break
+            self._issue(candidate)
 
     def _restart_at(self, b: int) -> _Load:
         """A miss: drain the pipeline, read ``b`` now, and continue the schedule after it."""
