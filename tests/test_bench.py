@@ -68,3 +68,20 @@ def test_cli_bench_writes_json(
     assert "tensorstream" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert [r["system"] for r in result["results"]] == ["tensorstream"]
+
+
+def test_direct_io_self_test_only_for_stores_larger_than_ram(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from tensorstream.backends.posix import choose_direct_io, direct_io_supported
+
+    (tmp_path / "blocks").mkdir()
+    for i in range(2):
+        (tmp_path / "blocks" / f"b{i}.ts.safetensors").write_bytes(bytes(1 << 20))
+    assert choose_direct_io(tmp_path, 2 << 20) is False  # fits in RAM: buffered, no test run
+    with caplog.at_level(logging.INFO, logger="tensorstream"):
+        choice = choose_direct_io(tmp_path, 2 << 20, larger_than_ram=True)
+    if direct_io_supported(tmp_path):
+        assert "cold read self-test" in caplog.text and isinstance(choice, bool)
+    else:
+        assert choice is False

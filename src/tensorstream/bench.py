@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,13 +37,13 @@ from typing import Any
 
 import torch
 
+from .backends.posix import choose_direct_io, drop_page_cache, raw_read_gb_per_s
 from .config import Config
 from .errors import ConfigError
 
-__all__ = ["build_standard_model", "run_bench"]
+__all__ = ["build_standard_model", "drop_page_cache", "raw_read_gb_per_s", "run_bench"]
 
 logger = logging.getLogger(__name__)
-REQUEST = 16 << 20
 STANDARD_MODEL = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
     vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
@@ -70,63 +69,6 @@ def build_standard_model(folder: Path, *, dtype: torch.dtype = torch.bfloat16, *
     return folder
 
 
-def drop_page_cache(paths: Sequence[Path]) -> None:
-    """Ask the kernel to drop its cached pages of ``paths`` (``posix_fadvise(DONTNEED)``)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def raw_read_gb_per_s(paths: Sequence[Path], *, direct: bool, threads: int) -> float:
-    """Cold read speed of ``paths`` in GB/s: every byte read once in 16 MiB requests by ``threads`` threads."""
-    from .format import aligned_empty
-
-    drop_page_cache(paths)
-    jobs: list[tuple[Path, int, int]] = []
-    for path in paths:
-        size = path.stat().st_size
-        jobs += [(path, offset, min(REQUEST, size - offset)) for offset in range(0, size, REQUEST)]
-    lock = threading.Lock()
-    total = [0]
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        buffer = aligned_empty(REQUEST)
-        view = buffer.numpy().data.cast("B")
-        fds: dict[Path, int] = {}
-        try:
-            while True:
-                with lock:
-                    if not jobs:
-                        return
-                    path, offset, length = jobs.pop()
-                if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-                want = -(-length // 4096) * 4096 if direct else length
-                n = os.preadv(fds[path], [view[:want]], offset)
-                with lock:
-                    total[0] += min(n, length)
-        except BaseException as err:  # reported below
-            errors.append(err)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    jobs.reverse()
-    start = time.perf_counter()
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return total[0] / (time.perf_counter() - start) / 1e9
-
-
 class _StepTimer:
     """A ``generate`` streamer that timestamps every token; decode step times are the gaps after the first."""
 
@@ -146,8 +88,22 @@ class _StepTimer:
 
 @contextmanager
 def _cold_steps(model: Any, files: Sequence[Path]) -> Iterator[None]:
-    """Drop the page cache of ``files`` before every forward of ``model`` (one decode step each)."""
-    handle = model.register_forward_pre_hook(lambda *_: drop_page_cache(files))
+    """Drop the page cache of ``files`` before every forward of ``model`` (one decode step each).
+
+    Files that a streaming engine is reading at that moment are left alone: dropping pages its readahead brought
+    in but the read has not copied yet would make the same bytes come from the disk twice, which no real
+    larger-than-RAM run does. They are dropped at the next step, after their read.
+    """
+    engine = getattr(model, "_tensorstream_engine", None)
+
+    def drop(*_: Any) -> None:
+        busy = set()
+        if engine is not None:
+            busy = {engine.store.file(engine.blocks[b].entry) for b, load in engine.pipeline.items()
+                    if not load.done.is_set()}  # fmt: skip
+        drop_page_cache([path for path in files if path not in busy])
+
+    handle = model.register_forward_pre_hook(drop)
     try:
         yield
     finally:
@@ -300,9 +256,11 @@ def run_bench(
         _reset_peak()
         baseline, _ = _rss()
         config_cache = config_run
-        if cache == "cold" and config_run.direct_io is None and direct_ok and base.backend in ("auto", "posix"):
+        if cache == "cold" and config_run.direct_io is None and base.backend in ("auto", "posix"):
             # what direct_io=None picks for a store larger than RAM, the regime the cold condition stands for
-            config_cache = config_run.replace(direct_io=any(r["mode"] == "O_DIRECT" for r in disk_runs))
+            config_cache = config_run.replace(
+                direct_io=choose_direct_io(store.path, model_bytes, larger_than_ram=True)
+            )
         model = AutoModelForCausalLM.from_pretrained(
             source, device_map="tensorstream", tensorstream_config=config_cache
         )

@@ -101,7 +101,9 @@ class Config:
         backend (`str`, defaults to ``"auto"``):
             ``"auto"``, ``"posix"`` (``os.preadv`` into the slot), ``"mmap"`` or ``"kvikio"`` (GPUDirect Storage).
         direct_io (`bool`, *optional*):
-            Read with ``O_DIRECT`` (bypassing the page cache). ``None`` chooses automatically.
+            Read with ``O_DIRECT`` (bypassing the page cache). ``None``: buffered when the store fits in the RAM
+            available (the page cache then serves every pass after the first); otherwise a quick cold self-test picks
+            the faster of buffered and ``O_DIRECT`` reads on this machine.
         host_cache_gb (`float`, defaults to 0):
             Pinned host RAM kept between disk and GPU for a fixed set of blocks (CUDA only).
         dtype (`str` or `torch.dtype`, *optional*):
@@ -109,8 +111,9 @@ class Config:
         verify (`str`, defaults to ``"header"``):
             ``"off"``, ``"header"`` (headers, sizes and offsets checked against the manifest when the model
             is loaded) or ``"checksum"`` (also every block's checksum each time it is read).
-        io_threads (`int`, defaults to 4):
-            Reader threads; one block is split into requests that these threads serve in parallel.
+        io_threads (`int`, defaults to the number of CPU cores, at most 4):
+            Reader threads; one block is split into requests that these threads serve in parallel. More readers
+            than cores only take CPU time from the compute (measured on 2 cores: 2 readers beat 4 cold and warm).
 
     Example:
         ```python
@@ -131,7 +134,7 @@ class Config:
     host_cache_gb: float = 0.0
     dtype: str | torch.dtype | None = None
     verify: Verify = "header"
-    io_threads: int = 4
+    io_threads: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
