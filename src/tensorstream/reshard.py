@@ -98,36 +98,27 @@ def resolve_source(
     )
     if preshard is not None:
         return preshard
-    patterns = [f"{subfolder}/{p}" if subfolder else p for p in _HUB_PATTERNS]
-    try:
-        folder = Path(
-            snapshot_download(
+
+    def download(patterns: list[str]) -> Path:
+        try:
+            snapshot = snapshot_download(
                 str(source),
                 revision=revision,
                 cache_dir=None if cache_dir is None else str(cache_dir),
                 local_files_only=local_files_only,
                 token=token,
-                allow_patterns=patterns,
+                allow_patterns=[f"{subfolder}/{p}" if subfolder else p for p in patterns],
             )
-        )
-    except (HFValidationError, LocalEntryNotFoundError) as err:
-        raise FileNotFoundError(
-            f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
-        ) from None
-    folder = folder / subfolder if subfolder else folder
+        except (HFValidationError, LocalEntryNotFoundError) as err:
+            raise FileNotFoundError(
+                f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
+            ) from None
+        return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+    folder = download(_HUB_PATTERNS)
     if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
         # A repo with only PyTorch .bin weights: fetch those too (loaded later with weights_only=True).
-        folder = Path(
-            snapshot_download(
-                str(source),
-                revision=revision,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-                local_files_only=local_files_only,
-                token=token,
-                allow_patterns=[*patterns, "*.bin"],
-            )
-        )
-        folder = folder / subfolder if subfolder else folder
+        folder = download([*_HUB_PATTERNS, "*.bin"])
     return folder
 
 
