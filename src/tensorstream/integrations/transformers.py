@@ -27,7 +27,7 @@ from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import Store
-from ..stream import plan_for, start_streaming
+from ..stream import check_device, plan_for, start_streaming
 from .hub import check_preshard, is_preshard
 
 __all__ = ["DEVICE_MAP", "install"]
@@ -80,6 +80,8 @@ def load_streaming(
         config = Config.from_env()
     if not isinstance(config, Config):
         raise ConfigError(f"tensorstream_config must be a tensorstream.Config, not {type(config).__name__}.")
+    config = config.with_env()  # the fields given win; TENSORSTREAM_* variables fill the rest
+    check_device(config.execution_device)  # before anything is downloaded or resharded
     kwargs.pop("device_map")
     for name, fix in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) not in (None, False):
