@@ -251,15 +251,16 @@ class Config:
         config_file: str | os.PathLike[str] | None
         if isinstance(environ, str | os.PathLike):
             env: Mapping[str, str] = os.environ
-            config_file = environ
+            config_file, from_variable = environ, False
         else:
             env = os.environ if environ is None else environ
-            config_file = env.get("TENSORSTREAM_CONFIG_FILE")
+            config_file, from_variable = env.get("TENSORSTREAM_CONFIG_FILE"), True
         fields = {f.name for f in dataclasses.fields(cls)}
         _check_names(overrides, "Config.from_env")
         values: dict[str, Any] = {}
         if config_file:
-            values.update(_read_config_file(Path(config_file), fields))
+            label = f"TENSORSTREAM_CONFIG_FILE={config_file}" if from_variable else f"config file {config_file}"
+            values.update(_read_config_file(Path(config_file), fields, label))
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX) or key in _OTHER_KNOWN_ENV:
                 continue
@@ -280,29 +281,32 @@ class Config:
 _CONFIG_SUFFIXES = (".toml", ".json")
 
 
-def _read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
-    """The settings in a TOML or JSON file: top-level keys, or a ``[tensorstream]`` table (not both)."""
+def _read_config_file(path: Path, fields: set[str], label: str) -> dict[str, Any]:
+    """The settings in a TOML or JSON file: top-level keys, or a ``[tensorstream]`` table (not both).
+
+    ``label`` names the file in messages (``TENSORSTREAM_CONFIG_FILE=...`` when it came from that variable).
+    """
     if path.suffix.lower() not in _CONFIG_SUFFIXES:
         raise ConfigError(
-            f"config file {path}: tensorstream reads TOML (.toml) or JSON (.json) files, not "
+            f"{label}: tensorstream reads TOML (.toml) or JSON (.json) files, not "
             f"{path.suffix or 'files without a suffix'}; write the same field names in a .toml file."
         )
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"config file {path} cannot be read ({err.strerror}).") from None
+        raise ConfigError(f"{label} cannot be read ({err.strerror}).") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, RecursionError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+        raise ConfigError(f"{label} is not valid {path.suffix[1:].upper()}: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}; it must be an object of settings.")
+        raise ConfigError(f"{label} holds a JSON {type(data).__name__}; it must be an object of settings.")
     table = data.get("tensorstream")
     if isinstance(table, dict):  # a [tensorstream] table: the settings; other tables belong to other tools
         stray = sorted(set(data) & fields)
         if stray:
             raise ConfigError(
-                f"config file {path} has a [tensorstream] table and settings outside it ({', '.join(stray)}); "
+                f"{label} has a [tensorstream] table and settings outside it ({', '.join(stray)}); "
                 "move them into the [tensorstream] table."
             )
         data = table
@@ -311,7 +315,7 @@ def _read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
         hints = [
             f"{name} (did you mean {_suggest(name, fields)}?)" if _suggest(name, fields) else name for name in unknown
         ]
-        raise ConfigError(f"config file {path}: unknown settings {', '.join(hints)}; known ones are {sorted(fields)}.")
+        raise ConfigError(f"{label}: unknown settings {', '.join(hints)}; known ones are {sorted(fields)}.")
     return dict(data)
 
 
