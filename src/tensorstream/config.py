@@ -19,12 +19,12 @@ import json
 import math
 import os
 import re
+import tomllib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 import torch
 
 from .errors import ConfigError

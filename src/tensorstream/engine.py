@@ -413,7 +413,8 @@ class Engine:
                     if actual != block.entry.checksum:
                         raise CorruptFileError(
                             f"{self.store.file(block.entry)}: data checksum {actual} does not match "
-                            f"{block.entry.checksum}; the file is damaged. {repair_hint(self.store.path, sentence=True)}"
+                            f"{block.entry.checksum}; the file is damaged. "
+                            f"{repair_hint(self.store.path, sentence=True)}"
                         )
                 self.slots.finish_read(load.slot, size)
                 with self.stats._lock:
