@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = [run_demo(args.workdir, args.tokens) for _ in range(args.runs)]
     summary = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1min": os.getloadavg()[0]},
         "tokens": args.tokens,
         "runs": runs,
         "store_gb": runs[0]["store_gb"],
@@ -75,7 +75,8 @@ def main() -> None:
         f"{args.runs} runs): {summary['median_streamed_tokens_per_s']:.1f} tokens/s streamed vs "
         f"{summary['median_resident_tokens_per_s']:.1f} resident (medians); peak RSS above the interpreter while "
         f"streaming up to {summary['max_peak_rss_above_interpreter_gb']:.3f} GB; identical output: "
-        f"{summary['all_identical']}\nwrote {args.out}"
+        f"{summary['all_identical']}; 1-minute load average at the end {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs\nwrote {args.out}"
     )
 
 

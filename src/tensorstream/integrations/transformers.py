@@ -142,9 +142,9 @@ def check_budget_before_reshard(
     """`BudgetError` before any reshard when ``config``'s budget is below what the model needs at the least.
 
     The sizes come from an empty skeleton of the model (parameter counts per block) and the element sizes in the
-    checkpoint's safetensors headers (or ``dtype``). The check uses the smallest element size, so it never refuses
-    a budget the store would accept; the minimum it names assumes the largest, plus alignment, so it works as
-    given. A checkpoint without safetensors files is not checked here (the plan checks the store).
+    checkpoint's safetensors headers (or ``dtype``). The check counts the blocks only, at the smallest element
+    size, so it never refuses a budget the store would accept; the minimum it names counts everything at the
+    largest element size, plus alignment, so it works as given. A checkpoint without safetensors files is not checked here (the plan checks the store).
     """
     from accelerate import init_empty_weights
 
@@ -167,18 +167,21 @@ def check_budget_before_reshard(
         counts[owner][0] += param.numel()
         counts[owner][1] += 1
 
-    def plan(itemsize: int, padding: bool) -> None:
+    def plan(itemsize: int, upper: bool) -> None:
         def nbytes(name: str) -> int:
             elements, tensors = counts[name]
-            return elements * itemsize + ((tensors * 64 + 4096) if padding else 0)
+            return elements * itemsize + ((tensors * 64 + 4096) if upper else 0)
 
-        make_plan(nbytes(""), [(b, nbytes(b)) for b in blocks], config.budget_bytes or 0, config.prefetch)
+        # The lower bound leaves the non-block weights out: tied weights (an LM head sharing the embeddings) may
+        # not be tied in an empty skeleton, and counting them twice could refuse a budget the store accepts.
+        non_block = nbytes("") if upper else 0
+        make_plan(non_block, [(b, nbytes(b)) for b in blocks], config.budget_bytes or 0, config.prefetch)
 
     try:
-        plan(min(sizes), padding=False)
+        plan(min(sizes), upper=False)
     except BudgetError:
         try:
-            plan(max(sizes), padding=True)
+            plan(max(sizes), upper=True)
         except BudgetError as err:
             raise BudgetError(str(err), err.minimum_bytes) from None
         raise
