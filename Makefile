@@ -8,12 +8,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 BENCH_STAMP := $(VENV)/.bench-installed
+# `make mindeps`: the declared minimum versions (pyproject.toml's ">=" floors, pinned) in a second venv.
+MIN_VENV ?= .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+SMOKE ?= tests/test_streaming.py::test_logits_and_generation_bit_identical \
+	tests/test_reshard.py::test_round_trip_every_tensor_equal tests/test_cli.py::test_reshard_inspect_verify \
+	tests/test_package.py tests/test_first_minutes.py::test_pull_offline_is_exit_3_with_the_right_diagnosis \
+	-k "not (qwen2 or gpt2)"
 
-.PHONY: install test demo bench quality style docs clean help
+.PHONY: install test mindeps demo bench quality style docs clean help
 
 help:
 	@echo "make demo     build a ~480 MB random Llama and stream it with a quarter of its size as budget"
 	@echo "make test     run the test suite (CPU)"
+	@echo "make mindeps  install the declared minimum versions in $(MIN_VENV) and run a smoke subset"
 	@echo "make bench    tensorstream bench --compare accelerate on the standard ~1.9 GB model (minutes)"
 	@echo "make quality  ruff check, ruff format --check, mypy"
 	@echo "make style    ruff format and autofix"
@@ -30,6 +38,18 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# torch's floor is not installable offline here; the CPU wheel of TORCH_SPEC stands in (see docs/quickstart.md).
+mindeps:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install --quiet --upgrade pip
+	$(MIN_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(MIN_PY) -m pip install --quiet $$($(PYTHON) scripts/min_requirements.py --skip torch) \
+		"pytest>=8" "hypothesis>=6.100" "psutil>=5.9"
+	$(MIN_PY) -m pip install --quiet --no-deps -e .
+	$(MIN_PY) -m pip check
+	$(MIN_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|safetensors|huggingface.hub|tqdm) "
+	$(MIN_PY) -m pytest -q -p no:cacheprovider $(SMOKE)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -59,4 +79,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) $(MIN_VENV) .demo .pytest_cache .mypy_cache .ruff_cache site

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,51 @@ def test_direct_io_self_test_only_for_stores_larger_than_ram(tmp_path: Path, cap
         assert "cold read self-test" in caplog.text and isinstance(choice, bool)
     else:
         assert choice is False
+
+
+def test_bench_a_store_whose_source_is_gone_benchmarks_that_store(
+    model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench STORE`` streams the store given (no reshard from its recorded source); warm only: no disk test."""
+    import shutil
+    import subprocess
+    import sys
+
+    import tensorstream
+
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["gpt2"], source)
+    store = tensorstream.reshard(source, tmp_path / "stores", progress=False)
+    shutil.rmtree(source)
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", str(store), "--device", "cpu", "--budget-fraction", "0.8", "--batch", "1", "--tokens", "2",
+        "--runs", "1", "--cache", "warm", "--no-resident", "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "tensorstream.cli", *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "raw cold reads" not in result.stderr and "disk: not measured" in result.stdout
+    assert ":," not in result.stdout
+    data = json.loads(out.read_text())
+    assert data["model"]["store"] == str(store) and data["disk"] is None
+    assert not (tmp_path / "work" / "stores").exists()  # nothing was resharded
+    for row in data["results"]:  # floats rounded: no measurement-noise digits
+        assert all(len(repr(v)) <= 12 for v in row.values() if isinstance(v, float))
+
+
+def test_bench_budget_too_small_fails_before_measuring(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [
+        "bench", str(model_dirs["llama"]), "--device", "cpu", "--budget-fraction", "0.01", "--workdir",
+        str(tmp_path), "--out", str(tmp_path / "bench.json"),
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "tensorstream.cli", *argv], capture_output=True, text=True)
+    assert result.returncode == 1 and "raw cold reads" not in result.stderr and "Traceback" not in result.stderr
+    advice = re.search(r"rerun with --budget-gb ([0-9.]+)", result.stderr)
+    assert advice is not None and "TENSORSTREAM_BUDGET_GB" not in result.stderr
+    argv[argv.index("--budget-fraction") : argv.index("--budget-fraction") + 2] = ["--budget-gb", advice.group(1)]
+    argv += ["--batch", "1", "--tokens", "2", "--runs", "1", "--cache", "warm", "--no-resident"]
+    followed = subprocess.run([sys.executable, "-m", "tensorstream.cli", *argv], capture_output=True, text=True)
+    assert followed.returncode == 0, followed.stderr

@@ -123,3 +123,65 @@ def test_from_env_warns_about_unknown_variables() -> None:
 def test_local_rank_picks_the_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert Config(device="cuda").device == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, False, "nan"])
+def test_budget_must_be_a_finite_number(value: object) -> None:
+    with pytest.raises(ConfigError, match="budget_gb"):
+        Config(budget_gb=value)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="host_cache_gb"):
+        Config(host_cache_gb=value)  # type: ignore[arg-type]
+
+
+def test_budget_text_with_a_unit() -> None:
+    assert Config(budget_gb="5GB").budget_gb == 5.0  # type: ignore[arg-type]
+    assert Config(budget_gb="500 MB").budget_gb == 0.5  # type: ignore[arg-type]
+    assert Config.from_env({"TENSORSTREAM_BUDGET_GB": "2gb"}).budget_gb == 2.0
+    with pytest.raises(ConfigError, match="GiB are not accepted"):
+        Config(budget_gb="5GiB")  # type: ignore[arg-type]
+
+
+def test_misspelt_field_names_the_right_one() -> None:
+    with pytest.raises(ConfigError, match="did you mean budget_gb=") as info:
+        Config(budget_g=5)  # type: ignore[call-arg]
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError, match="did you mean prefetch="):
+        Config.from_env({}, prefech=3)
+
+
+def test_from_env_takes_a_file_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "ts.toml"
+    file.write_text("prefetch = 3\nbudget_gb = 2\n")
+    monkeypatch.setenv("TENSORSTREAM_BUDGET_GB", "4")
+    cfg = Config.from_env(file)
+    assert cfg.prefetch == 3 and cfg.budget_gb == 4.0  # the environment wins over the file
+    assert Config.from_env(str(file), prefetch=1).prefetch == 1
+
+
+def test_config_file_table_and_top_level_keys_conflict(tmp_path: Path) -> None:
+    file = tmp_path / "ts.toml"
+    file.write_text("prefetch = 3\n[tensorstream]\nbudget_gb = 2\n")
+    with pytest.raises(ConfigError, match="move them into the \\[tensorstream\\] table"):
+        Config.from_env(file)
+    file.write_text("[tool]\nx = 1\n[tensorstream]\nbudget_gb = 2\n")  # other tools' tables are left alone
+    assert Config.from_env(file).budget_gb == 2.0
+    file.write_text("[tensorstream]\nbudget_g = 2\n")
+    with pytest.raises(ConfigError, match="did you mean budget_gb"):
+        Config.from_env(file)
+
+
+@pytest.mark.parametrize("name", ["ts.yaml", "ts.yml", "ts.ini", "ts"])
+def test_config_file_of_another_format_is_refused(tmp_path: Path, name: str) -> None:
+    file = tmp_path / name
+    file.write_text("budget_gb: 2\n")
+    with pytest.raises(ConfigError, match=r"TOML \(\.toml\) or JSON"):
+        Config.from_env({"TENSORSTREAM_CONFIG_FILE": str(file)})
+
+
+def test_given_fields_win_and_the_environment_fills_the_rest() -> None:
+    env = {"TENSORSTREAM_PREFETCH": "1", "TENSORSTREAM_BUDGET_GB": "5"}
+    cfg = Config(prefetch=4, device="cpu").with_env(env)
+    assert cfg.prefetch == 4 and cfg.budget_gb == 5.0
+    assert Config(vram_budget_gb=3).with_env(env).budget_gb == 3.0
+    assert Config(prefetch=4).replace(io_threads=1).with_env(env).budget_gb == 5.0
+    assert Config(prefetch=4).explicit_fields == {"prefetch"}

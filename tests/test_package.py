@@ -41,3 +41,44 @@ def test_kvikio_backend_errors_are_clear() -> None:
         get_backend("mmap", torch.device("cpu"), direct_io=True)
     assert get_backend("auto", torch.device("cpu")).name == "posix"
     assert get_backend("posix", torch.device("cpu"), direct_io=True).name == "posix+O_DIRECT"
+
+
+def _modules_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)), file=sys.stderr)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(result.stderr.split())
+
+
+def test_import_tensorstream_imports_neither_torch_nor_transformers() -> None:
+    loaded = _modules_after("import tensorstream")
+    assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_cli_help_and_version_do_not_import_torch() -> None:
+    for flag in ("--help", "--version"):
+        code = (
+            "import runpy, sys\n"
+            f"sys.argv = ['tensorstream', {flag!r}]\n"
+            "try:\n    runpy.run_module('tensorstream.cli', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code"
+        )
+        loaded = _modules_after(code)
+        assert "tensorstream.errors" in loaded and "torch" not in loaded, flag
+    version = subprocess.run([sys.executable, "-m", "tensorstream.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"tensorstream {tensorstream.__version__}"
+
+
+def test_device_map_is_registered_whichever_is_imported_first() -> None:
+    check = (
+        "from transformers import PreTrainedModel; assert PreTrainedModel.from_pretrained.__func__.__tensorstream__"
+    )
+    for code in (f"import tensorstream\n{check}", f"import transformers.modeling_utils\nimport tensorstream\n{check}"):
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reshard_stays_the_function_after_its_module_is_imported() -> None:
+    import importlib
+
+    module = importlib.import_module("tensorstream.reshard")
+    assert callable(tensorstream.reshard) and tensorstream.reshard is module.reshard
+    assert sorted(set(dir(tensorstream)) & set(tensorstream.__all__)) == tensorstream.__all__

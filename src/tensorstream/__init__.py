@@ -9,18 +9,26 @@ model = AutoModelForCausalLM.from_pretrained(
 )
 print(tensorstream.stats(model))
 ```
+
+``import tensorstream`` is cheap: it imports neither torch nor transformers. Each public name is imported when it
+is first used, and ``device_map="tensorstream"`` is registered the moment transformers' ``modeling_utils`` is
+imported (at once if it already is). ``tensorstream --help`` and ``--version`` never import torch.
 """
 
 from __future__ import annotations
 
-from .config import Config
-from .engine import StreamStats
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BackendUnavailableError,
     BudgetError,
     ConfigError,
     CorruptFileError,
     FormatError,
+    HubUnavailableError,
     LockTimeoutError,
     NotStreamingError,
     StaleStoreError,
@@ -29,10 +37,13 @@ from .errors import (
     TensorStreamError,
     UnsupportedModelError,
 )
-from .format import load_ts, read_ts_header, save_to_ts
-from .integrations.transformers import install as _install_transformers
-from .reshard import reshard
-from .stream import detach, offload, stats
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .engine import StreamStats
+    from .format import load_ts, read_ts_header, save_to_ts
+    from .reshard import reshard
+    from .stream import detach, offload, stats
 
 __version__ = "0.1.0"
 
@@ -43,6 +54,7 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "FormatError",
+    "HubUnavailableError",
     "LockTimeoutError",
     "NotStreamingError",
     "StaleStoreError",
@@ -61,4 +73,91 @@ __all__ = [
     "stats",
 ]
 
-_install_transformers()
+#: Public name -> the submodule that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "Config": "config",
+    "StreamStats": "engine",
+    "load_ts": "format",
+    "read_ts_header": "format",
+    "save_to_ts": "format",
+    "reshard": "reshard",
+    "detach": "stream",
+    "offload": "stream",
+    "stats": "stream",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tensorstream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``tensorstream.reshard`` the function once the submodule ``tensorstream.reshard`` is imported.
+
+    Importing a submodule sets it as an attribute of its package; the function of the same name must win, as it
+    did when this file imported it eagerly (the module stays reachable as ``sys.modules["tensorstream.reshard"]``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            self.__dict__.pop(name, None)  # resolved again, as the function, by __getattr__
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+_TRANSFORMERS_MODELING = "transformers.modeling_utils"
+
+
+class _InstallWhenImported:
+    """A ``sys.meta_path`` finder that wraps ``from_pretrained`` right after transformers' modeling_utils runs."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _TRANSFORMERS_MODELING:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_install(module: types.ModuleType) -> None:
+            exec_module(module)
+            _remove_finder()
+            _install_transformers()
+
+        loader.exec_module = exec_then_install  # type: ignore[method-assign]  # this loader serves this module only
+        return spec
+
+
+def _remove_finder() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _InstallWhenImported)]
+
+
+def _install_transformers() -> None:
+    from .integrations.transformers import install
+
+    install()
+
+
+if _TRANSFORMERS_MODELING in sys.modules:
+    _install_transformers()
+elif not any(isinstance(f, _InstallWhenImported) for f in sys.meta_path):
+    sys.meta_path.insert(0, _InstallWhenImported())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -209,7 +210,7 @@ def run_bench(
     from . import stats as ts_stats
     from .plan import auto_budget_bytes
     from .reshard import reshard
-    from .store import Store
+    from .store import MANIFEST_NAME, Store
 
     say = progress or (lambda line: logger.info("tensorstream bench: %s", line))
     model: Any
@@ -227,16 +228,22 @@ def run_bench(
         if cache not in ("cold", "warm"):
             raise ConfigError(f"caches={list(caches)}: each must be 'cold' or 'warm'.")
     storage = base.store_root if config is not None else work / "stores"
-    store = Store.open(reshard(source, storage, progress=False))
+    given_store = (Path(source) / MANIFEST_NAME).is_file()
+    if given_store:  # a store (or preshard snapshot): benchmark it as it is, not the source it was built from
+        store = Store.open(source, verify="header")
+    else:
+        store = Store.open(reshard(source, storage, progress=False))
     files = [store.file(entry) for entry in store.entries()]
     model_bytes = store.total_bytes
     budget = round(budget_gb * 1e9) if budget_gb is not None else round(budget_fraction * model_bytes)
+    _check_budget(store, budget, base.prefetch)  # before any measurement
     config_run = base.replace(storage_path=storage, budget_gb=budget / 1e9)
 
-    say("raw cold reads of the store files")
-    disk_runs = []
+    disk_runs: list[dict[str, Any]] = []
     direct_ok = hasattr(os, "O_DIRECT")
-    for direct in (False, True) if direct_ok else (False,):
+    if "cold" in caches:  # the disk figure is what cold runs are compared with; warm runs need none
+        say("raw cold reads of the store files")
+    for direct in ((False, True) if direct_ok else (False,)) if "cold" in caches else ():
         threads = 1
         while threads <= max_threads:
             try:
@@ -246,7 +253,7 @@ def run_bench(
                 break
             disk_runs.append({"mode": "O_DIRECT" if direct else "buffered", "threads": threads, "gb_per_s": speed})
             threads *= 2
-    disk = max(disk_runs, key=lambda run: run["gb_per_s"])
+    disk = max(disk_runs, key=lambda run: run["gb_per_s"]) if disk_runs else None
 
     results: list[dict[str, Any]] = []
     plan_info: dict[str, Any] = {}
@@ -289,7 +296,10 @@ def run_bench(
         gc.collect()
 
     if "accelerate" in compare:
-        checkpoint_files = sorted(Path(store.manifest.get("folder", source)).glob("*.safetensors"))
+        # accelerate loads a store as an ordinary checkpoint (its index names the .ts files)
+        checkpoint_files = (
+            files if given_store else sorted(Path(store.manifest.get("folder", source)).glob("*.safetensors"))
+        )
         for cache in caches:
             say(f"accelerate disk offload, {cache} cache")
             with tempfile.TemporaryDirectory(dir=work) as offload:
@@ -331,7 +341,7 @@ def run_bench(
         },
         "model": {"source": str(source), "store": str(store.path), "bytes": model_bytes, "blocks": len(store.blocks)},
         "budget": {"bytes": budget, "fraction": budget / model_bytes, **plan_info},
-        "disk": {"best_gb_per_s": disk["gb_per_s"], "best": disk, "runs": disk_runs},
+        "disk": None if disk is None else {"best_gb_per_s": disk["gb_per_s"], "best": disk, "runs": disk_runs},
         "settings": {"batches": list(batches), "tokens": tokens, "runs": runs, "caches": list(caches)},
         "results": results,
     }  # fmt: skip
@@ -346,8 +356,27 @@ def _row(result: dict[str, Any], system: str, cache: str, batch: int) -> dict[st
     return None
 
 
+def _check_budget(store: Any, budget: int, prefetch: int) -> None:
+    """`BudgetError` with the CLI flag to use when ``budget`` cannot stream ``store`` (checked before measuring)."""
+    from .errors import BudgetError
+    from .plan import make_plan
+
+    try:
+        make_plan(store.non_block.data_size, [(e.name, e.data_size) for e in store.blocks], budget, prefetch)
+    except BudgetError as err:
+        minimum = err.minimum_bytes or budget
+        gb = math.ceil(minimum / 1e7) / 100  # rounded up: the suggested value works
+        fraction = math.ceil(minimum / store.total_bytes * 100) / 100
+        raise BudgetError(
+            f"tensorstream bench: a budget of {budget / 1e9:.3g} GB ({budget / store.total_bytes:.0%} of the "
+            f"{store.total_bytes / 1e9:.3g} GB model) is below the {gb:g} GB this model needs (non-block weights plus "
+            f"two streaming slots); rerun with --budget-gb {gb:g} or --budget-fraction {fraction:g}.",
+            minimum,
+        ) from None
+
+
 def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    disk = result["disk"]["best_gb_per_s"]
+    disk = result["disk"]["best_gb_per_s"] if result["disk"] else None
     storage = result["budget"].get("storage_bytes_per_step", 0)
     ratios = []
     for row in result["results"]:
@@ -356,7 +385,7 @@ def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
         entry: dict[str, Any] = {"cache": row["cache"], "batch": row["batch"]}
         resident = _row(result, "resident", "warm", row["batch"])
         compute = resident["s_per_token"] if resident else 0.0
-        if row["cache"] == "cold":
+        if row["cache"] == "cold" and disk:
             bound = max(compute, storage / (disk * 1e9))
             entry["lower_bound_s_per_token"] = bound
             entry["s_per_token_over_bound"] = row["s_per_token"] / bound if bound else None
@@ -395,8 +424,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['budget']['bytes'] / 1e9:.2f} GB ({result['budget']['fraction']:.0%}); "
         f"device {result['machine']['device']}",
         f"plan: {result['budget'].get('describe', '')}",
-        f"disk (best raw cold read): {result['disk']['best_gb_per_s']:.2f} GB/s "
-        f"({result['disk']['best']['mode']}, {result['disk']['best']['threads']} threads)",
+        (
+            f"disk (best raw cold read): {result['disk']['best_gb_per_s']:.2f} GB/s "
+            f"({result['disk']['best']['mode']}, {result['disk']['best']['threads']} threads)"
+            if result["disk"]
+            else "disk: not measured (no cold runs)"
+        ),
         "",
         f"{'system':<13}{'cache':<6}{'batch':>6}{'s/token':>10}{'tokens/s':>10}{'GB/s':>8}{'waited':>8}",
     ]
@@ -409,7 +442,7 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += ["", "ratios (tensorstream):"]
     for entry in result["ratios"]:
-        parts = [f"{entry['cache']}, batch {entry['batch']}:"]
+        parts = []
         for key, label in (
             ("gb_per_s_over_disk", "GB/s / disk"),
             ("s_per_token_over_bound", "s/token / lower bound"),
@@ -418,7 +451,7 @@ def format_table(result: dict[str, Any]) -> str:
         ):
             if entry.get(key) is not None:
                 parts.append(f"{label} {entry[key]:.2f}")
-        lines.append("  " + ", ".join(parts))
+        lines.append(f"  {entry['cache']}, batch {entry['batch']}: " + ("; ".join(parts) or "-"))
     if result["targets"]:
         lines += ["", "targets: " + ", ".join(f"{k}={v}" for k, v in result["targets"].items())]
     return "\n".join(lines)
@@ -440,14 +473,28 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color=[colors[r["system"]] for r in rows])
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(
-        f"{result['model']['bytes'] / 1e9:.2f} GB model, budget {result['budget']['fraction']:.0%}, "
-        f"disk {result['disk']['best_gb_per_s']:.2f} GB/s"
-    )
+    disk = f", disk {result['disk']['best_gb_per_s']:.2f} GB/s" if result["disk"] else ""
+    ax.set_title(f"{result['model']['bytes'] / 1e9:.2f} GB model, budget {result['budget']['fraction']:.0%}{disk}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (no ``0.30000000000000004`` in JSON)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+def to_json(result: dict[str, Any], indent: int | None = None) -> str:
+    """The result as JSON, floats rounded to 4 significant digits (measurement noise is larger)."""
+    return json.dumps(rounded(result), indent=indent)
+
+
 def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    Path(path).write_text(json.dumps(result, indent=1))
+    Path(path).write_text(to_json(result, indent=1))

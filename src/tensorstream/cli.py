@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import TensorStreamError
+from .errors import HubUnavailableError, TensorStreamError
 
 __all__ = ["EXIT_ERROR", "EXIT_HUB", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SUBCOMMANDS", "main"]
 
@@ -44,11 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return int(args.func(args))
+    except HubUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_HUB
     except (TensorStreamError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            "interrupted; nothing half-written is kept as a store: running the same command again resumes a "
+            "reshard from the blocks already written",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except Exception as err:
         if not _is_hub_error(err):
@@ -166,9 +173,8 @@ def _check_data(store: Any, entry: Any) -> str | None:
 
 def _rows(store_path: Path, checksum: bool) -> tuple[Any, list[dict[str, Any]]]:
     from .format import DATA_ALIGNMENT, TENSOR_ALIGNMENT
-    from .store import Store
 
-    store = Store.open(store_path, verify="header")
+    store = _open_store(store_path, "inspect", verify="header")
     rows = []
     for entry in store.entries():
         header = store.header(entry)
@@ -218,8 +224,41 @@ def _inspect(args: argparse.Namespace) -> int:
             f"{row['checksum_status']}"
         )
     if damaged:
-        print("damaged files: rerun `tensorstream reshard --force` on the source to rebuild the store")
+        print(f"damaged files: {_repair(store.path)}")
     return EXIT_ERROR if damaged else EXIT_OK
+
+
+def _open_store(path: str | Path, command: str, verify: str) -> Any:
+    """`Store.open`, after a clear error for a path that does not exist or is a storage root (not a store)."""
+    from .store import FINGERPRINT_PATTERN, MANIFEST_NAME, Store
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"{folder} does not exist; pass a store folder (`tensorstream cache ls` lists the stores)."
+        )
+    if folder.is_dir() and not (folder / MANIFEST_NAME).exists():
+        stores = sorted(
+            p.name for p in folder.iterdir() if FINGERPRINT_PATTERN.fullmatch(p.name) and (p / MANIFEST_NAME).is_file()
+        )
+        if stores:
+            raise FileNotFoundError(
+                f"{folder} is a storage root holding {len(stores)} store(s), not a store; pass one of them, e.g. "
+                f"`tensorstream {command} {folder / stores[0]}` (`tensorstream cache ls {folder}` lists them all)."
+            )
+    return Store.open(folder, verify=verify)
+
+
+def _repair_command(store_path: Path) -> str:
+    from .store import repair_command
+
+    return repair_command(store_path)
+
+
+def _repair(store_path: Path) -> str:
+    from .store import repair_hint
+
+    return repair_hint(store_path)
 
 
 # -- verify ------------------------------------------------------------------------------------------------------
@@ -238,22 +277,20 @@ def _add_verify(sub: Subparsers) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .store import Store
-
-    store = Store.open(Path(args.store), verify="off")
+    store = _open_store(args.store, "verify", verify="off")
     results = []
     for entry in store.entries():
         error = _check_data(store, entry)
         results.append({"file": entry.file, "ok": error is None, "error": error})
     damaged = [r for r in results if not r["ok"]]
     if args.json:
-        print(json.dumps({"store": str(store.path), "ok": not damaged, "files": results}))
+        repair = {"repair_command": _repair_command(store.path)} if damaged else {}
+        print(json.dumps({"store": str(store.path), "ok": not damaged, "files": results, **repair}))
     else:
         for r in damaged:
             print(f"DAMAGED {r['file']}: {r['error']}")
         print(
-            f"{len(results) - len(damaged)}/{len(results)} files ok"
-            + ("; rerun `tensorstream reshard --force` on the source to rebuild the store" if damaged else "")
+            f"{len(results) - len(damaged)}/{len(results)} files ok" + (f"; {_repair(store.path)}" if damaged else "")
         )
     return EXIT_ERROR if damaged else EXIT_OK
 
@@ -289,11 +326,9 @@ def _add_bench(sub: Subparsers) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, plot, run_bench, write_json
+    from .bench import format_table, plot, run_bench, to_json, write_json
 
-    model = args.model
-    if model and (Path(model) / "tensorstream.json").is_file():  # a store: bench the model it was built from
-        model = json.loads((Path(model) / "tensorstream.json").read_text()).get("folder", model)
+    model = args.model  # a model folder, Hub id, or a store (benchmarked as it is)
     result = run_bench(
         model,
         workdir=args.workdir,
@@ -311,7 +346,7 @@ def _bench(args: argparse.Namespace) -> int:
     write_json(result, args.out)
     if args.plot:
         plot(result, args.plot)
-    print(json.dumps(result) if args.json else f"{format_table(result)}\n\nwrote {args.out}")
+    print(to_json(result) if args.json else f"{format_table(result)}\n\nwrote {args.out}")
     return EXIT_OK
 
 
@@ -445,6 +480,99 @@ def _pull(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- cache -------------------------------------------------------------------------------------------------------
+
+
+def _add_cache(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="list or remove the stores under a storage root (like `hf cache`)",
+        description="List the stores under a storage root with their size, source and last use, and the leftovers "
+        "of reshards (lock files, interrupted .partial folders); remove stores or stale leftovers. Nothing outside "
+        "the storage root is touched, links are not followed, and entries in use by a running reshard are kept.",
+    )
+    actions = p.add_subparsers(title="actions", required=True, metavar="ACTION")
+    ls = actions.add_parser("ls", help="list stores and leftovers", description="List stores and leftovers.")
+    ls.add_argument(
+        "storage_path",
+        nargs="?",
+        help="the storage root (default: $TENSORSTREAM_STORAGE_PATH or <HF hub cache>/tensorstream)",
+    )
+    _json_flag(ls)
+    ls.set_defaults(func=_cache_ls)
+    rm = actions.add_parser(
+        "rm",
+        help="remove stores (by fingerprint) and/or stale leftovers",
+        description="Remove the stores named by FINGERPRINT (or its first 4+ characters, or its path), each with its "
+        "leftovers, and with --stale every lock file and interrupted reshard no process is using. --dry-run lists "
+        "what would go.",
+    )
+    rm.add_argument("targets", nargs="*", metavar="FINGERPRINT", help="stores to remove")
+    rm.add_argument("--storage-path", help="the storage root (default as for `cache ls`)")
+    rm.add_argument("--stale", action="store_true", help="also remove stale lock files and interrupted reshards")
+    rm.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    _json_flag(rm)
+    rm.set_defaults(func=_cache_rm)
+
+
+def _cache_root(value: str | None) -> Path:
+    from .cache import default_root
+
+    return Path(value).expanduser() if value else default_root()
+
+
+def _cache_ls(args: argparse.Namespace) -> int:
+    from .cache import age, scan
+
+    root = _cache_root(args.storage_path)
+    entries = scan(root) if root.exists() else []
+    if args.json:
+        print(json.dumps({"storage_path": str(root), "entries": [e.as_dict() for e in entries]}))
+        return EXIT_OK
+    if not entries:
+        print(f"no stores in {root}")
+        return EXIT_OK
+    print(f"{'fingerprint':<16}  {'kind':<7}  {'GB':>8}  {'last used':<14}  {'class':<22}  source")
+    for e in entries:
+        kind = e.kind + ("*" if e.in_use else "")
+        what = "DAMAGED (no readable manifest)" if e.damaged else e.source
+        print(
+            f"{e.fingerprint:<16}  {kind:<7}  {e.size_bytes / 1e9:>8.3f}  {age(e.last_used):<14}  "
+            f"{e.model_class or '-':<22}  {what}"
+        )
+    total = sum(e.size_bytes for e in entries)
+    stale = [e for e in entries if e.stale]
+    print(f"\n{len([e for e in entries if e.kind == 'store'])} store(s), {total / 1e9:.3f} GB in {root}")
+    if any(e.in_use for e in entries):
+        print("* in use: a reshard is running")
+    if stale:
+        print(f"{len(stale)} stale leftover(s): `tensorstream cache rm --stale --storage-path {root}` removes them")
+    return EXIT_OK
+
+
+def _cache_rm(args: argparse.Namespace) -> int:
+    from .cache import remove, scan, select
+
+    if not args.targets and not args.stale:
+        print(
+            "error: name the stores to remove (FINGERPRINT ...) or pass --stale; `tensorstream cache ls` lists them",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    root = _cache_root(args.storage_path)
+    chosen = select(scan(root), args.targets, stale=args.stale)
+    removed = remove(chosen, dry_run=args.dry_run)
+    freed = sum(e.size_bytes for e in removed)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "removed": [e.path for e in removed], "freed_bytes": freed}))
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for e in removed:
+        print(f"{verb} {e.path} ({e.kind}, {e.size_bytes / 1e9:.3f} GB)")
+    print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, {freed / 1e9:.3f} GB")
+    return EXIT_OK
+
+
 #: The subcommands, in the order ``--help`` lists them; each adds its parser (and its ``func``) to ``sub``.
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_reshard,
@@ -453,6 +581,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_bench,
     _add_push,
     _add_pull,
+    _add_cache,
 ]
 
 

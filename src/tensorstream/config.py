@@ -13,14 +13,18 @@ The environment is how settings reach every rank of an ``accelerate launch`` / `
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import math
 import os
+import re
+import tomllib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 import torch
 
 from .errors import ConfigError
@@ -139,7 +143,9 @@ class Config:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if self.vram_budget_gb is not None:
-            if self.budget_gb is not None and float(self.budget_gb) != float(self.vram_budget_gb):
+            if self.budget_gb is not None and _as_float(self.budget_gb, "budget_gb") != _as_float(
+                self.vram_budget_gb, "vram_budget_gb"
+            ):
                 raise ConfigError(
                     f"budget_gb={self.budget_gb} and vram_budget_gb={self.vram_budget_gb} disagree; "
                     "vram_budget_gb is the older spelling of budget_gb: give only one."
@@ -198,28 +204,63 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        copy = dataclasses.replace(self, **changes)
+        object.__setattr__(copy, "_explicit", self.explicit_fields | _given(changes))
+        return copy
+
+    @property
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields given as arguments (or read from the environment by `from_env`); the rest are defaults."""
+        return getattr(self, "_explicit", frozenset())
+
+    def with_env(self, environ: Mapping[str, str] | None = None) -> Config:
+        """This config with every field it was not given filled from ``TENSORSTREAM_*`` and the config file.
+
+        ``from_pretrained(..., tensorstream_config=cfg)`` and ``tensorstream.offload(model, cfg)`` use this: the
+        fields given to ``Config(...)`` win, the environment fills the rest, as `from_env` does.
+
+        Example:
+            ```python
+            >>> Config(prefetch=4).with_env({"TENSORSTREAM_PREFETCH": "1", "TENSORSTREAM_BUDGET_GB": "5"})
+            ...  # prefetch=4 (given), budget_gb=5.0 (from the environment)
+            ```
+        """
+        return Config.from_env(environ, **{name: getattr(self, name) for name in self.explicit_fields})
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
         """Build a Config from ``TENSORSTREAM_*`` variables, an optional file, and explicit overrides.
 
         ``TENSORSTREAM_CONFIG_FILE`` names a TOML or JSON file whose keys are field names. Each field ``x`` is
         also read from ``TENSORSTREAM_X`` (``TENSORSTREAM_BUDGET_GB=5``). Explicit keyword arguments win over
         the environment, which wins over the file. Unknown ``TENSORSTREAM_*`` variables are warned about.
 
+        Args:
+            environ: the variables to read (default ``os.environ``), or the path of a config file to read instead
+                of ``TENSORSTREAM_CONFIG_FILE`` (the variables of ``os.environ`` still win over it).
+            overrides: fields given explicitly; they win over both.
+
         Example:
             ```python
             >>> Config.from_env({"TENSORSTREAM_BUDGET_GB": "5"}, device="cpu").budget_gb
             5.0
+            >>> Config.from_env("ts.toml").prefetch  # ts.toml holds `prefetch = 3`
+            3
             ```
         """
-        env = os.environ if environ is None else environ
+        config_file: str | os.PathLike[str] | None
+        if isinstance(environ, str | os.PathLike):
+            env: Mapping[str, str] = os.environ
+            config_file, from_variable = environ, False
+        else:
+            env = os.environ if environ is None else environ
+            config_file, from_variable = env.get("TENSORSTREAM_CONFIG_FILE"), True
         fields = {f.name for f in dataclasses.fields(cls)}
+        _check_names(overrides, "Config.from_env")
         values: dict[str, Any] = {}
-        config_file = env.get("TENSORSTREAM_CONFIG_FILE")
         if config_file:
-            values.update(_read_config_file(Path(config_file), fields))
+            label = f"TENSORSTREAM_CONFIG_FILE={config_file}" if from_variable else f"config file {config_file}"
+            values.update(_read_config_file(Path(config_file), fields, label))
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX) or key in _OTHER_KNOWN_ENV:
                 continue
@@ -237,25 +278,82 @@ class Config:
         return cls(**values)
 
 
-def _read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
+_CONFIG_SUFFIXES = (".toml", ".json")
+
+
+def _read_config_file(path: Path, fields: set[str], label: str) -> dict[str, Any]:
+    """The settings in a TOML or JSON file: top-level keys, or a ``[tensorstream]`` table (not both).
+
+    ``label`` names the file in messages (``TENSORSTREAM_CONFIG_FILE=...`` when it came from that variable).
+    """
+    if path.suffix.lower() not in _CONFIG_SUFFIXES:
+        raise ConfigError(
+            f"{label}: tensorstream reads TOML (.toml) or JSON (.json) files, not "
+            f"{path.suffix or 'files without a suffix'}; write the same field names in a .toml file."
+        )
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"TENSORSTREAM_CONFIG_FILE={path} cannot be read ({err.strerror}).") from None
+        raise ConfigError(f"{label} cannot be read ({err.strerror}).") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, RecursionError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"TENSORSTREAM_CONFIG_FILE={path} is not valid {path.suffix or 'TOML'}: {err}") from None
+        raise ConfigError(f"{label} is not valid {path.suffix[1:].upper()}: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"TENSORSTREAM_CONFIG_FILE={path} holds a JSON {type(data).__name__}; it must be an object of settings."
-        )
-    if isinstance(data.get("tensorstream"), dict):  # allow a [tensorstream] table
-        data = data["tensorstream"]
+        raise ConfigError(f"{label} holds a JSON {type(data).__name__}; it must be an object of settings.")
+    table = data.get("tensorstream")
+    if isinstance(table, dict):  # a [tensorstream] table: the settings; other tables belong to other tools
+        stray = sorted(set(data) & fields)
+        if stray:
+            raise ConfigError(
+                f"{label} has a [tensorstream] table and settings outside it ({', '.join(stray)}); "
+                "move them into the [tensorstream] table."
+            )
+        data = table
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {unknown}; known ones are {sorted(fields)}.")
+        hints = [
+            f"{name} (did you mean {_suggest(name, fields)}?)" if _suggest(name, fields) else name for name in unknown
+        ]
+        raise ConfigError(f"{label}: unknown settings {', '.join(hints)}; known ones are {sorted(fields)}.")
     return dict(data)
+
+
+def _suggest(name: str, fields: set[str] | list[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _check_names(given: Mapping[str, Any], where: str) -> None:
+    """`ConfigError` for a keyword that is not a Config field, naming the closest field."""
+    fields = [f.name for f in dataclasses.fields(Config)]
+    for name in given:
+        if name not in fields:
+            close = _suggest(name, fields)
+            hint = f"did you mean {close}=? " if close else ""
+            raise ConfigError(
+                f"{where}({name}=...): {name!r} is not a Config field; {hint}The fields are {', '.join(fields)}."
+            )
+
+
+def _given(kwargs: Mapping[str, Any]) -> frozenset[str]:
+    names = set(kwargs)
+    if "vram_budget_gb" in names:
+        names = (names - {"vram_budget_gb"}) | {"budget_gb"}
+    return frozenset(names)
+
+
+def _wrap_init(generated: Any) -> Any:
+    @functools.wraps(generated)
+    def __init__(self: Config, *args: Any, **kwargs: Any) -> None:
+        _check_names(kwargs, "Config")
+        generated(self, *args, **kwargs)
+        object.__setattr__(self, "_explicit", _given(kwargs))
+
+    return __init__
+
+
+Config.__init__ = _wrap_init(Config.__init__)  # type: ignore[method-assign]
 
 
 def _parse_env_value(name: str, raw: str, key: str) -> Any:
@@ -269,11 +367,28 @@ def _parse_env_value(name: str, raw: str, key: str) -> Any:
     return raw or None
 
 
+_GB_TEXT = re.compile(r"\s*([0-9.eE+-]+)\s*(gb|mb)?\s*", re.IGNORECASE)
+
+
 def _as_float(value: Any, name: str) -> float:
+    """A finite number from a number or text: ``5``, ``"5"``, ``"5GB"`` and ``"500MB"`` (GB of 10^9 bytes)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a number of GB; give one, e.g. {name}=5.")
+    scale = 1.0
+    if isinstance(value, str):
+        match = _GB_TEXT.fullmatch(value)
+        if match is None:
+            hint = " (GiB are not accepted: give GB of 10^9 bytes)" if "gib" in value.lower() else ""
+            raise ConfigError(f"{name}={value!r} is not a number of GB{hint}; give one, e.g. {name}=5.")
+        value, unit = match.group(1), (match.group(2) or "gb").lower()
+        scale = 1e-3 if unit == "mb" else 1.0
     try:
-        return float(value)
+        number = float(value) * scale
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} is not a number.") from None
+        raise ConfigError(f"{name}={value!r} is not a number; give one, e.g. {name}=5.") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}={value!r} is not a finite number; give one, e.g. {name}=5.")
+    return number
 
 
 def _as_int(value: Any, name: str) -> int:

@@ -42,7 +42,7 @@ from .errors import CorruptFileError, StaleStoreError, StreamingError
 from .format import TsHeader, aligned_empty, data_checksum, read_data, verify_buffer
 from .plan import Plan
 from .slots import make_slots
-from .store import BlockEntry, Store
+from .store import BlockEntry, Store, repair_hint
 
 __all__ = ["Engine", "StreamStats"]
 
@@ -387,7 +387,7 @@ class Engine:
             if n < expected:
                 raise CorruptFileError(
                     f"{self.store.file(block.entry)}: file ended {expected - n} bytes early at data offset "
-                    f"{start + n}; rerun `tensorstream reshard --force` on the source."
+                    f"{start + n}; {repair_hint(self.store.path)}"
                 )
             with self.stats._lock:
                 self.stats.bytes_read += expected
@@ -414,8 +414,7 @@ class Engine:
                         raise CorruptFileError(
                             f"{self.store.file(block.entry)}: data checksum {actual} does not match "
                             f"{block.entry.checksum}; the file is damaged. "
-                            f"Run `tensorstream verify {self.store.path}` "
-                            "and rerun `tensorstream reshard --force` on the source."
+                            f"{repair_hint(self.store.path, sentence=True)}"
                         )
                 self.slots.finish_read(load.slot, size)
                 with self.stats._lock:

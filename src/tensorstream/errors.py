@@ -13,6 +13,7 @@ already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` 
      ├── BackendUnavailableError(ImportError)  an I/O backend cannot run here (missing package, no driver)
      ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
      ├── StreamingError(RuntimeError)          a background read failed while the model was running
+     ├── HubUnavailableError(ConnectionError)  the Hugging Face Hub cannot be reached and the cache lacks the repo
      ├── NotStreamingError(ValueError)         the model passed in is not streaming
      └── LockTimeoutError(TimeoutError)        another process held the reshard lock for too long
 
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "FormatError",
+    "HubUnavailableError",
     "LockTimeoutError",
     "NotStreamingError",
     "StaleStoreError",
@@ -97,6 +99,10 @@ class UnsupportedModelError(TensorStreamError, ValueError):
 
 class StreamingError(TensorStreamError, RuntimeError):
     """A background read failed; raised from the forward call that needed the block."""
+
+
+class HubUnavailableError(TensorStreamError, ConnectionError):
+    """The Hugging Face Hub cannot be reached (offline mode, no network) and the local cache lacks what is needed."""
 
 
 class LockTimeoutError(TensorStreamError, TimeoutError):

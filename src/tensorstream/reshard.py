@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -40,10 +41,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import default_storage_path, parse_dtype
-from .errors import FormatError, LockTimeoutError, StaleStoreError, StorageFullError, TensorStreamError
+from .errors import (
+    ConfigError,
+    FormatError,
+    HubUnavailableError,
+    LockTimeoutError,
+    StaleStoreError,
+    StorageFullError,
+    TensorStreamError,
+)
 from .format import FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
 from .plan import find_blocks
-from .store import MANIFEST_NAME, STORE_FORMAT, Store
+from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
 
@@ -86,8 +95,17 @@ def resolve_source(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    from .integrations.hub import download_preshard
+    from .integrations.hub import check_repo_id, download_preshard, hub_error_cause, hub_unreachable
 
+    try:
+        check_repo_id(str(source))
+    except ConfigError:
+        raise FileNotFoundError(
+            f"{source!r} is neither a local folder nor a valid Hub repo id (namespace/name); check the path."
+        ) from None
+    offline = None if local_files_only else hub_unreachable()  # offline: the cache at once, no retries
+    online = not local_files_only
+    local_files_only = local_files_only or offline is not None
     preshard = download_preshard(  # a preshard repo: only the manifest, the .ts files and the configs
         str(source),
         revision=revision,
@@ -109,7 +127,17 @@ def resolve_source(
                 token=token,
                 allow_patterns=[f"{subfolder}/{p}" if subfolder else p for p in patterns],
             )
-        except (HFValidationError, LocalEntryNotFoundError) as err:
+        except LocalEntryNotFoundError as err:
+            if online:  # offline mode, or a network error that huggingface_hub turned into this one
+                raise HubUnavailableError(
+                    f"{source!r} is not a local folder, the Hugging Face Hub cannot be reached "
+                    f"({offline or hub_error_cause(err)}) and the "
+                    "local Hub cache does not hold it. Connect to the network and retry, or pass a local folder."
+                ) from None
+            raise FileNotFoundError(
+                f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
+            ) from None
+        except HFValidationError as err:
             raise FileNotFoundError(
                 f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
             ) from None
@@ -208,7 +236,12 @@ def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> It
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
             if not announced:
-                logger.info("tensorstream: another process is resharding into %s; waiting for it", root / fingerprint)
+                # a warning, so it shows without logging set up: a silent wait looks like a hang
+                logger.warning(
+                    "tensorstream: another process%s is resharding into %s; waiting for it to finish",
+                    _holder(fd),
+                    root / fingerprint,
+                )
                 announced = True
             if timeout is not None and time.monotonic() - start > timeout:
                 raise LockTimeoutError(
@@ -221,6 +254,15 @@ def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> It
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _holder(fd: int) -> str:
+    """`` (pid N)`` from the lock file the holder wrote its pid into, or ``""``."""
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
 
 
 @contextlib.contextmanager
@@ -328,6 +370,7 @@ def reshard(
         subfolder=subfolder,
     )
     if config is None:
+        check_model_folder(folder, source)
         config = AutoConfig.from_pretrained(folder)
     cls = resolve_model_class(config, model_class)
     dtype = parse_dtype(dtype)
@@ -343,6 +386,8 @@ def reshard(
             logger.info("tensorstream: store %s was written by another process; reusing it", final)
             return final
         with staging_folder(root, fingerprint, str(source), _checkpoint_bytes(folder)) as staging:
+            if progress and not are_progress_bars_disabled():  # building the model takes a while before the bar
+                print(f"tensorstream: resharding {source} into {final} (building the model first)", file=sys.stderr)
             try:
                 with quiet_transformers():
                     model = cls.from_pretrained(
@@ -436,9 +481,8 @@ def _is_complete(store: Path) -> bool:
     try:
         Store.open(store, verify="header")
     except (TensorStreamError, OSError) as err:
-        raise StaleStoreError(
-            f"{store} exists but is damaged ({err}). Delete it or rerun `tensorstream reshard --force`."
-        ) from err
+        hint = "" if "`tensorstream " in str(err) else f" {repair_hint(store, sentence=True)}"
+        raise StaleStoreError(f"{store} exists but is damaged: {err}{hint}") from err
     return True
 
 
@@ -519,17 +563,23 @@ def _write_store(
     )
     entries: list[dict[str, Any]] = []
     weight_map: dict[str, str] = {}
+    reused = 0
     with bar:
         for done, block in enumerate(["", *blocks]):
             rel = f"blocks/{block}{TS_SUFFIX}" if block else NON_BLOCK_FILE
             path = staging / rel
             header = _reusable(path, block)
+            nbytes = sum(_nbytes(t) for t in owned[block].values())
             if header is None:
                 tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
                 header = save_to_ts(tensors, path, block=block)
                 del tensors
-            bar.update(sum(_nbytes(t) for t in owned[block].values()))
-            bar.set_postfix_str(f"block {done}/{len(blocks)}", refresh=False)
+                bar.update(nbytes)
+            else:  # written by an interrupted run: not part of this run's throughput
+                reused += 1
+                bar.total -= nbytes
+            done_text = f"block {done}/{len(blocks)}" if block else "non-block weights"
+            bar.set_postfix_str(done_text + (f", {reused} reused" if reused else ""), refresh=True)
             entries.append(
                 {
                     "name": block,
@@ -567,6 +617,21 @@ def _write_store(
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def check_model_folder(folder: Path, source: str | os.PathLike[str]) -> None:
+    """`FormatError` naming what is missing when ``folder`` has no ``config.json`` or no weight files."""
+    where = f"{folder}" if str(source) == str(folder) else f"{folder} (the files of {source!r})"
+    if not (folder / "config.json").is_file():
+        raise FormatError(
+            f"{where} has no config.json: it is not a model folder. Pass the folder that holds config.json and the "
+            "weights (what save_pretrained writes), or a Hub repo id."
+        )
+    if not any(f.suffix in _WEIGHT_SUFFIXES for f in folder.iterdir()):
+        raise FormatError(
+            f"{where} has a config.json but no weight files (*.safetensors or *.bin): pass the folder that holds "
+            "the weights too (what save_pretrained writes)."
+        )
 
 
 def _checkpoint_bytes(folder: Path) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -42,7 +43,50 @@ MAX_MANIFEST_BYTES = 64 << 20
 FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{16}")
 #: Names a model loader could pick up as weights; a store holds no such file that its manifest does not list.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
-_FIX = "rerun `tensorstream reshard --force` on the source model."
+_FIX = "the store was damaged or changed after it was written."
+
+
+def repair_command(store: str | os.PathLike[str]) -> str:
+    """The command that rebuilds the store folder ``store`` from its recorded source, as a user would type it.
+
+    Read from the manifest without trusting it further than its ``source``, ``dtype`` and ``model_class``
+    strings. A store with no readable source (damaged manifest, or built by `tensorstream.offload` from a model in
+    memory) can only be removed; the next load rebuilds it.
+
+    Example:
+        ```python
+        >>> repair_command("/nvme/tensorstream/0123456789abcdef")
+        'tensorstream reshard --force ./my-llama /nvme/tensorstream --model-class LlamaForCausalLM'
+        ```
+    """
+    path = Path(store)
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_bytes()[:MAX_MANIFEST_BYTES].decode("utf-8"))
+        source, cls, dtype = (manifest.get(k) for k in ("source", "model_class", "dtype"))
+    except (OSError, ValueError, AttributeError):
+        source = cls = dtype = None
+    if not isinstance(source, str) or not source or source.startswith("in-memory "):
+        root = path.parent
+        return f"tensorstream cache rm {path.name} --storage-path {shlex.quote(str(root))}"
+    parts = ["tensorstream", "reshard", "--force", source, str(path.parent)]
+    if isinstance(dtype, str) and dtype:
+        parts += ["--dtype", dtype]
+    if isinstance(cls, str) and cls:
+        parts += ["--model-class", cls]
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def repair_hint(store: str | os.PathLike[str], *, sentence: bool = False) -> str:
+    """How to rebuild ``store``, with the one command of `repair_command`; ``sentence`` capitalises it."""
+    command = repair_command(store)
+    if command.startswith("tensorstream cache rm"):
+        hint = (
+            f"remove the store with `{command}`, then load the model again (or run tensorstream reshard on its "
+            "source) to rebuild it."
+        )
+    else:
+        hint = f"rebuild the store with `{command}`."
+    return hint[0].upper() + hint[1:] if sentence else hint
 
 
 @dataclass(frozen=True)
@@ -93,9 +137,18 @@ class Store:
         manifest_path = path / MANIFEST_NAME
         if not path.is_dir() or not manifest_path.is_file():
             raise StaleStoreError(
-                f"{path} is not a complete tensorstream store (no {MANIFEST_NAME}); run `tensorstream reshard` "
-                "on the source model to build it."
+                f"{path} is not a complete tensorstream store (no {MANIFEST_NAME}); `tensorstream cache ls` lists "
+                "the stores, `tensorstream reshard MODEL` builds one."
             )
+        try:
+            return cls._open(path, manifest_path, verify)
+        except (FormatError, StaleStoreError) as err:
+            if "`tensorstream " in str(err):  # already says which command repairs it
+                raise
+            raise type(err)(f"{err} {repair_hint(path, sentence=True)}") from None
+
+    @classmethod
+    def _open(cls, path: Path, manifest_path: Path, verify: str) -> Store:
         check_links(path)
         manifest = read_json(manifest_path)
         validate_manifest(manifest, manifest_path)
@@ -103,7 +156,8 @@ class Store:
             raise StaleStoreError(
                 f"{manifest_path} says the store holds fingerprint {manifest['fingerprint']!r}, but its folder is "
                 f"named {path.name!r}: the folder was renamed or its manifest replaced, so it may not match the "
-                "source. Delete the folder and rerun `tensorstream reshard` on the source model."
+                f"source. Remove it with `tensorstream cache rm {path.name} --storage-path "
+                f"{shlex.quote(str(path.parent))}` and load or reshard the model again."
             )
         store = cls(path, manifest)
         store._check_files()
@@ -119,14 +173,14 @@ class Store:
         if index_path.is_file():
             self.index_names = validate_index(read_json(index_path), index_path, listed)
         elif os.path.lexists(index_path):
-            raise FormatError(f"{index_path} is not a regular file; {_FIX}")
+            raise FormatError(f"{index_path} is not a regular file; {repair_hint(self.path)}")
         for folder, _, files in os.walk(self.path):
             for name in files:
                 rel = (Path(folder) / name).relative_to(self.path).as_posix()
                 if name.endswith(WEIGHT_SUFFIXES) and rel not in listed:
                     raise FormatError(
                         f"{self.path / rel} is a weight file that {MANIFEST_NAME} does not list; a model loader could "
-                        f"read it instead of the store's checked files. Remove it, or {_FIX}"
+                        f"read it instead of the store's checked files. Remove it, or {repair_hint(self.path)}"
                     )
 
     def entries(self) -> list[BlockEntry]:
@@ -143,9 +197,7 @@ class Store:
             return cached
         file = self.file(entry)
         if not file.is_file():
-            raise StaleStoreError(
-                f"{file} is missing from the store {self.path}; rerun `tensorstream reshard --force` on the source."
-            )
+            raise StaleStoreError(f"{file} is missing from the store {self.path}; {repair_hint(self.path)}")
         header = read_ts_header(file)
         dtypes = tuple(sorted({info.dtype for info in header.tensors.values()}))
         names = None if self.index_names is None else self.index_names.get(entry.file, set())
@@ -160,7 +212,7 @@ class Store:
         if differ:
             raise StaleStoreError(
                 f"{file} does not match the store's {MANIFEST_NAME} and index ({', '.join(differ)} differ): the store "
-                "was modified after resharding; rerun `tensorstream reshard --force` on the source."
+                f"was modified after resharding; {repair_hint(self.path)}"
             )
         self._headers[entry.name] = header
         return header
@@ -174,8 +226,11 @@ class Store:
         for entry in entries:
             header = self.header(entry)
             buffer = aligned_empty(header.data_size)
-            read_data(header.path, header, buffer)
-            verify_buffer(header, buffer)
+            try:
+                read_data(header.path, header, buffer)
+                verify_buffer(header, buffer)
+            except FormatError as err:
+                raise type(err)(f"{err} {repair_hint(self.path, sentence=True)}") from None
 
     @property
     def fingerprint(self) -> str:

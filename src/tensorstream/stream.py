@@ -134,7 +134,8 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
 
     Args:
         model (`torch.nn.Module`): a transformers model (or any model with a stack of repeated blocks).
-        config (`Config`, *optional*): defaults to `Config.from_env()`.
+        config (`Config`, *optional*): defaults to `Config.from_env()`; fields it was not given come from the
+            ``TENSORSTREAM_*`` variables (`Config.with_env`).
 
     Returns:
         `torch.nn.Module`: the same model, streaming.
@@ -146,7 +147,8 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
         >>> model.generate(**inputs)
         ```
     """
-    config = config if config is not None else Config.from_env()
+    config = config.with_env() if config is not None else Config.from_env()  # given fields win, env fills the rest
+    check_device(config.execution_device)  # before any reshard
     if getattr(model, ENGINE_ATTR, None) is not None:
         raise ConfigError(f"this {type(model).__name__} is already streaming; call tensorstream.detach(model) first.")
     find_blocks(model)  # fail early, before writing anything, on a model without blocks

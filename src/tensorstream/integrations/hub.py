@@ -25,7 +25,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, FormatError, StaleStoreError
+from ..errors import ConfigError, FormatError, HubUnavailableError, StaleStoreError
 from ..format import DTYPES
 from ..reshard import reshard, resolve_model_class, resolve_source
 from ..store import MANIFEST_NAME, Store, read_json, validate_manifest
@@ -90,6 +92,75 @@ def store_files(store: Store) -> list[str]:
     files = [MANIFEST_NAME, *(entry.file for entry in store.entries())]
     files += [name for name in STORE_EXTRA_FILES if (store.path / name).is_file()]
     return files
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached now (offline mode, its host name does not resolve), or ``None``.
+
+    Used to go straight to the local cache instead of retrying for half a minute. Behind a proxy (``HTTPS_PROXY``,
+    ``ALL_PROXY``) the host name is not looked up here, and a lookup that takes longer than ``timeout`` seconds is
+    left to huggingface_hub to decide.
+
+    Example:
+        ```python
+        >>> hub_unreachable()  # with HF_HUB_OFFLINE=1
+        'HF_HUB_OFFLINE is set'
+        ```
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    is_offline = getattr(constants, "is_offline_mode", None)
+    if (is_offline() if callable(is_offline) else constants.HF_HUB_OFFLINE) or _env_true("HF_HUB_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    failure: list[str] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as err:
+            failure.append(f"{host} cannot be resolved: {err.strerror or err}")
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return failure[0] if failure else None
+
+
+def _reconnect(offline: str | None) -> str:
+    return (
+        "Unset HF_HUB_OFFLINE, connect to the network"
+        if offline and "HF_HUB_OFFLINE" in offline
+        else "Connect to the network"
+    )
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_error_cause(err: BaseException) -> str:
+    """The innermost cause of a huggingface_hub error, in one line."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def check_repo_id(repo_id: str) -> None:
+    """`ConfigError` unless ``repo_id`` is a valid Hub repo id (``name`` or ``namespace/name``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(f"{repo_id!r} is not a valid Hub repo id: {str(err).splitlines()[0]}") from None
 
 
 def download_preshard(
@@ -427,10 +498,28 @@ def pull(
         'LlamaForCausalLM'
         ```
     """
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
+    check_repo_id(repo_id)
+    offline = None if local_files_only else hub_unreachable()
     try:
-        manifest = _download_manifest(repo_id, revision, cache_dir, local_files_only, token, subfolder)
+        manifest = _download_manifest(
+            repo_id, revision, cache_dir, local_files_only or bool(offline), token, subfolder
+        )
+    except HFValidationError as err:
+        raise ConfigError(f"repo_id={repo_id!r} is not a valid Hub repo id ({err}).") from None
+    except LocalEntryNotFoundError as err:
+        where = f"{MANIFEST_NAME} of {repo_id!r}" + (f" (in {subfolder!r})" if subfolder else "")
+        if local_files_only:
+            raise StaleStoreError(
+                f"the local Hub cache has no {where}: the repo was never pulled here, or is not a tensorstream "
+                f"preshard repo. Run `tensorstream pull {repo_id}` with network access first."
+            ) from None
+        raise HubUnavailableError(
+            f"the Hugging Face Hub cannot be reached ({offline or hub_error_cause(err)}) and the local cache has no "
+            f"{where}. "
+            f"{_reconnect(offline)} and run `tensorstream pull {repo_id}` again."
+        ) from None
     except EntryNotFoundError:
         where = f"in {subfolder!r}" if subfolder else "at its root"
         raise StaleStoreError(

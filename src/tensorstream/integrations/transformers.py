@@ -26,8 +26,8 @@ import torch
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
-from ..store import Store
-from ..stream import plan_for, start_streaming
+from ..store import Store, repair_hint
+from ..stream import check_device, plan_for, start_streaming
 from .hub import check_preshard, is_preshard
 
 __all__ = ["DEVICE_MAP", "install"]
@@ -80,6 +80,8 @@ def load_streaming(
         config = Config.from_env()
     if not isinstance(config, Config):
         raise ConfigError(f"tensorstream_config must be a tensorstream.Config, not {type(config).__name__}.")
+    config = config.with_env()  # the fields given win; TENSORSTREAM_* variables fill the rest
+    check_device(config.execution_device)  # before anything is downloaded or resharded
     kwargs.pop("device_map")
     for name, fix in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) not in (None, False):
@@ -98,6 +100,8 @@ def load_streaming(
         store = check_preshard(folder, cls, hf_config, dtype, config.verify)
         store_path = store.path
     else:
+        if config.budget_bytes is not None:  # a budget below the minimum fails now, not after a whole reshard
+            check_budget_before_reshard(cls, hf_config, folder, dtype, config)
         store_path = reshard(folder, config.store_root, dtype=dtype, model_class=cls, config=hf_config)
         store = Store.open(store_path, verify=config.verify)
     plan = plan_for(store, config)
@@ -130,6 +134,76 @@ def load_streaming(
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
     return model
+
+
+def check_budget_before_reshard(
+    cls: Any, hf_config: Any, folder: Any, dtype: torch.dtype | None, config: Config
+) -> None:
+    """`BudgetError` before any reshard when ``config``'s budget is below what the model needs at the least.
+
+    The sizes come from an empty skeleton of the model (parameter counts per block) and the element sizes in the
+    checkpoint's safetensors headers (or ``dtype``). The check counts the blocks only, at the smallest element
+    size, so it never refuses a budget the store would accept; the minimum it names counts everything at the
+    largest element size, plus alignment, so it works as given. A checkpoint without safetensors files is not checked here (the plan checks the store).
+    """
+    from accelerate import init_empty_weights
+
+    from ..errors import BudgetError
+    from ..plan import find_blocks, make_plan
+
+    sizes = {dtype.itemsize} if dtype is not None else _checkpoint_itemsizes(folder)
+    if not sizes:
+        return
+    with init_empty_weights(include_buffers=False), quiet_transformers():
+        skeleton = cls._from_config(hf_config)
+    blocks = find_blocks(skeleton)
+    counts: dict[str, list[int]] = {name: [0, 0] for name in ["", *blocks]}  # name -> [elements, tensors]
+    seen: set[int] = set()
+    for name, param in skeleton.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        owner = next((b for b in blocks if name.startswith(f"{b}.")), "")
+        counts[owner][0] += param.numel()
+        counts[owner][1] += 1
+
+    def plan(itemsize: int, upper: bool) -> None:
+        def nbytes(name: str) -> int:
+            elements, tensors = counts[name]
+            return elements * itemsize + ((tensors * 64 + 4096) if upper else 0)
+
+        # The lower bound leaves the non-block weights out: tied weights (an LM head sharing the embeddings) may
+        # not be tied in an empty skeleton, and counting them twice could refuse a budget the store accepts.
+        non_block = nbytes("") if upper else 0
+        make_plan(non_block, [(b, nbytes(b)) for b in blocks], config.budget_bytes or 0, config.prefetch)
+
+    try:
+        plan(min(sizes), upper=False)
+    except BudgetError:
+        try:
+            plan(max(sizes), upper=True)
+        except BudgetError as err:
+            raise BudgetError(str(err), err.minimum_bytes) from None
+        raise
+
+
+def _checkpoint_itemsizes(folder: Any) -> set[int]:
+    """Element sizes (bytes) of the floating-point tensors in ``folder``'s safetensors files (headers only)."""
+    from pathlib import Path
+
+    from ..format import DTYPES, read_ts_header
+
+    sizes = set()
+    for file in Path(folder).glob("*.safetensors"):
+        try:
+            header = read_ts_header(file, require_ts=False)
+        except (OSError, ValueError):
+            return set()  # let the reshard report it
+        for info in header.tensors.values():
+            dtype = DTYPES.get(info.dtype)
+            if dtype is not None and dtype.is_floating_point:
+                sizes.add(dtype.itemsize)
+    return sizes
 
 
 def _requested_dtype(kwargs: dict[str, Any], config: Config) -> torch.dtype | None:
@@ -214,5 +288,5 @@ def _check_loaded(model: Any, streamed: tuple[str, ...], store: Store) -> None:
         if param.device.type == "meta" and not name.startswith(prefixes):
             raise StaleStoreError(
                 f"{name} was not found in the store {store.path}; it was built for a different model or "
-                "transformers version. Rerun `tensorstream reshard --force` on the source."
+                f"transformers version; {repair_hint(store.path)}"
             )

@@ -1,0 +1,37 @@
+"""Print the declared minimum of every dependency as an exact pin (``transformers>=5.13`` -> ``transformers==5.13``).
+
+Used by ``make mindeps`` (and so by CI) to install the floors that ``pyproject.toml`` declares and run a smoke
+subset against them, so the floors stay true. torch is left out (``--skip torch``): its floor cannot be installed
+cheaply offline, so CI uses the CPU wheel of ``TORCH_SPEC`` (see the Makefile).
+
+    python scripts/min_requirements.py --skip torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip", action="append", default=[], help="a dependency to leave out (repeatable)")
+    args = parser.parse_args()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = []
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9.]*)\s*", requirement)
+        if match is None:
+            raise SystemExit(f"pyproject.toml: {requirement!r} has no plain '>=' floor to pin")
+        name, floor = match.groups()
+        if name.lower() not in {s.lower() for s in args.skip}:
+            pins.append(f"{name}=={floor}")
+    print(" ".join(pins))
+
+
+if __name__ == "__main__":
+    main()
