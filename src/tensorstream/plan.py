@@ -10,12 +10,15 @@ The planner splits the budget (resident weights plus streaming slots) as follows
 
 1. all non-block weights are resident;
 2. if every block also fits, nothing streams;
-3. otherwise ``prefetch + 1`` slots (one computing, ``prefetch`` loading), each the size of the largest streamed
-   block, and as many of the first blocks in execution order as still fit stay resident;
-4. when even that does not fit, the planner lowers the depth, down to two slots (one when ``prefetch=0``),
-   keeping as many blocks resident as fit next to them.
+3. otherwise an arena for ``prefetch + 1`` blocks in flight (one computing, ``prefetch`` loading), as large as
+   the ``prefetch + 1`` largest *consecutive* streamed blocks (in execution order, wrapping around: each block
+   takes a region of its own size, see `tensorstream.slots`), and as many of the first blocks in execution order
+   as still fit stay resident;
+4. when even that does not fit, the planner lowers the depth, down to two blocks in flight (one when
+   ``prefetch=0``), keeping as many blocks resident as fit next to them.
 
-A budget below the non-block weights plus the minimum slots raises `BudgetError` naming the minimum.
+A budget below the non-block weights plus the two largest consecutive blocks raises `BudgetError` naming the
+minimum, rounded up so that the suggested ``budget_gb`` works as printed.
 
 With a host cache (``host_cache_gb``, CUDA only), a fixed set of streamed blocks, spread evenly over the
 execution order so that storage reads keep flowing between them, is kept in pinned RAM: chosen once, never
@@ -89,17 +92,19 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 @dataclass(frozen=True)
 class Plan:
-    """The split of the budget between resident weights and streaming slots.
+    """The split of the budget between resident weights and the streaming arena.
 
     Attributes:
         budget_bytes: the budget the plan was made for.
         non_block_bytes: weights outside the blocks (always resident).
         resident: blocks kept on the device, in execution order.
         streamed: blocks read from the store at every step, in execution order.
-        slot_bytes: size of one slot (the largest streamed block, rounded up to 4096).
-        num_slots: slots allocated; ``num_slots - 1`` blocks are read ahead of the computing one.
+        slot_bytes: the largest streamed block, rounded up to 4096 (the largest region of the arena).
+        num_slots: blocks in flight at most (one computing, ``num_slots - 1`` read ahead).
         block_bytes: every block's size.
         cached: streamed blocks served from the pinned host cache tier instead of storage.
+        arena_bytes: the streaming memory: enough for the ``num_slots`` largest consecutive streamed blocks (in
+            execution order, wrapping around), each in a region of its own size.
     """
 
     budget_bytes: int
@@ -110,10 +115,11 @@ class Plan:
     num_slots: int
     block_bytes: dict[str, int]
     cached: tuple[str, ...] = ()
+    arena_bytes: int = 0
 
     @property
     def prefetch(self) -> int:
-        """Blocks read ahead of the one computing."""
+        """Blocks read ahead of the one computing (at most: fewer while the arena has no room for the next)."""
         return max(self.num_slots - 1, 0)
 
     @property
@@ -122,8 +128,8 @@ class Plan:
 
     @property
     def device_bytes(self) -> int:
-        """Peak weight bytes on the device: resident weights plus slots (never above the budget)."""
-        return self.resident_bytes + self.num_slots * self.slot_bytes
+        """Peak weight bytes on the device: resident weights plus the arena (never above the budget)."""
+        return self.resident_bytes + self.arena_bytes
 
     @property
     def streamed_bytes(self) -> int:
@@ -165,8 +171,9 @@ class Plan:
         return (
             f"{head}, {len(self.resident)}/{total} blocks resident "
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
-            f"({format_gb(self.streamed_bytes)} per pass) through {self.num_slots} slots of "
-            f"{format_gb(self.slot_bytes)} (prefetch {self.prefetch}){cached}"
+            f"({format_gb(self.streamed_bytes)} per pass) through an arena of {format_gb(self.arena_bytes)} "
+            f"(up to {self.num_slots} blocks in flight, largest {format_gb(self.slot_bytes)}; "
+            f"prefetch {self.prefetch}){cached}"
         )
 
 
@@ -176,8 +183,45 @@ def format_gb(nbytes: float) -> str:
     return f"{gb:.2f} GB" if gb >= 10 else f"{gb:.3g} GB"
 
 
+def gb_rounded_up(nbytes: int) -> str:
+    """``nbytes`` in GB, rounded *up* to the kB: a ``budget_gb`` that holds ``nbytes`` when written as printed.
+
+    Example:
+        ```python
+        >>> gb_rounded_up(1_234_567_891)
+        '1.234568'
+        ```
+    """
+    kb = -(-nbytes // 1000)
+    text = f"{kb // 10**6}.{kb % 10**6:06d}".rstrip("0").rstrip(".")
+    return text
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+
+
+def arena_bytes(sizes: Sequence[int], in_flight: int) -> int:
+    """Bytes for ``in_flight`` consecutive blocks of ``sizes`` (execution order, wrapping around), each aligned.
+
+    Example:
+        ```python
+        >>> arena_bytes([4096, 8192, 4096, 12288], 2)   # the largest consecutive pair: 12288 + 4096 (wrap-around)
+        16384
+        ```
+    """
+    n = len(sizes)
+    k = min(in_flight, n)
+    if k == 0:
+        return 0
+    aligned = [_aligned(size) for size in sizes]
+    window = sum(aligned[:k])
+    best = window
+    if k < n:
+        for i in range(1, n):  # the window starting at block i (cyclic)
+            window += aligned[(i + k - 1) % n] - aligned[i - 1]
+            best = max(best, window)
+    return best
 
 
 def make_plan(
@@ -188,7 +232,7 @@ def make_plan(
     *,
     host_cache_bytes: int = 0,
 ) -> Plan:
-    """Split ``budget_bytes`` between resident weights and streaming slots (see the module docstring).
+    """Split ``budget_bytes`` between resident weights and the streaming arena (see the module docstring).
 
     Args:
         non_block_bytes: bytes of the weights outside the blocks.
@@ -198,13 +242,14 @@ def make_plan(
         host_cache_bytes: pinned host RAM for the cache tier (0: none).
 
     Raises:
-        `BudgetError`: the budget cannot hold the non-block weights plus the minimum number of slots.
+        `BudgetError`: the budget cannot hold the non-block weights plus the two largest consecutive blocks (one
+            block with ``prefetch=0``); the message names the minimum, rounded up.
 
     Example:
         ```python
         >>> p = make_plan(100, [("b0", 4096), ("b1", 4096), ("b2", 4096)], budget_bytes=100 + 3 * 4096, prefetch=2)
-        >>> p.resident, p.streamed, p.num_slots
-        ((), ('b0', 'b1', 'b2'), 3)
+        >>> p.resident, p.streamed, p.num_slots, p.arena_bytes
+        ((), ('b0', 'b1', 'b2'), 3, 12288)
         ```
     """
     sizes = dict(blocks)
@@ -212,24 +257,43 @@ def make_plan(
     if non_block_bytes + sum(sizes.values()) <= budget_bytes:
         return Plan(budget_bytes, non_block_bytes, tuple(names), (), 0, 0, sizes)
     min_slots = 1 if prefetch == 0 else 2
-    for wanted in range(prefetch + 1, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
+    # prefix sums of the resident candidates: the first ``keep`` blocks in execution order
+    resident_prefix = [non_block_bytes]
+    for name in names:
+        resident_prefix.append(resident_prefix[-1] + sizes[name])
+    ordered = [sizes[name] for name in names]
+    deepest = min(max(prefetch + 1, min_slots), len(names))  # more blocks in flight than blocks is meaningless
+    for wanted in range(deepest, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
         for keep in range(len(names) - 1, -1, -1):
+            if resident_prefix[keep] > budget_bytes:
+                continue
             streamed = names[keep:]
-            slot = _aligned(max(sizes[name] for name in streamed))
-            resident_bytes = non_block_bytes + sum(sizes[name] for name in names[:keep])
             num_slots = min(wanted, len(streamed))
-            if resident_bytes + num_slots * slot <= budget_bytes:
+            arena = arena_bytes(ordered[keep:], num_slots)
+            if resident_prefix[keep] + arena <= budget_bytes:
                 cached = _spread(streamed, sizes, host_cache_bytes)
+                slot = _aligned(max(ordered[keep:]))
                 return Plan(
-                    budget_bytes, non_block_bytes, tuple(names[:keep]), tuple(streamed), slot, num_slots, sizes, cached
+                    budget_bytes,
+                    non_block_bytes,
+                    tuple(names[:keep]),
+                    tuple(streamed),
+                    slot,
+                    num_slots,
+                    sizes,
+                    cached,
+                    arena,
                 )
-    slot = _aligned(max(sizes.values()))
-    minimum = non_block_bytes + min(min_slots, len(names)) * slot
     slots = min(min_slots, len(names))
+    minimum, keep = min((resident_prefix[k] + arena_bytes(ordered[k:], slots), -k) for k in range(len(names)))
+    arena = minimum - resident_prefix[-keep]
+    what = "largest block" if slots == 1 else "two largest consecutive blocks"
+    resident = f" and {-keep} resident block{'s' * (-keep > 1)}" if keep else ""
+    suggested = gb_rounded_up(minimum)
     raise BudgetError(
-        f"budget_gb={budget_bytes / 1e9:.6g} is too small for this model: it needs at least {format_gb(minimum)} "
-        f"(non-block weights {format_gb(non_block_bytes)} plus {slots} streaming slot{'s' * (slots > 1)} of "
-        f"{format_gb(slot)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {minimum / 1e9:.6g}.",
+        f"budget_gb={budget_bytes / 1e9:.6g} is too small for this model: it needs at least {suggested} GB "
+        f"(non-block weights {format_gb(non_block_bytes)}{resident} plus the {what} streaming through "
+        f"{format_gb(arena)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {suggested}.",
         minimum,
     )
 
