@@ -2,7 +2,10 @@
 
 Blocks are found from the model's structure, not from names: the outermost ``torch.nn.ModuleList`` containers
 whose children all hold parameters and are all of one class, preferring those whose classes are all listed in
-transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of attention and Mamba layers).
+transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of attention and Mamba layers). A list
+of lists (Funnel's ``encoder.blocks``) is never called itself: the lists inside it are the stacks. Large modules
+outside the stacks that run as a whole (an untied head, a vision tower, the stages of a model with no repeated
+stack) are units of their own (`find_units`).
 The structural order is registration order (encoder blocks before decoder blocks); the engine then learns the
 order blocks actually run in (see `tensorstream.engine`).
 
@@ -14,11 +17,13 @@ The planner splits the budget (resident weights plus streaming slots) as follows
    the ``prefetch + 1`` largest *consecutive* streamed blocks (in execution order, wrapping around: each block
    takes a region of its own size, see `tensorstream.slots`), and as many of the first blocks in execution order
    as still fit stay resident;
-4. when even that does not fit, the planner lowers the depth, down to two blocks in flight (one when
-   ``prefetch=0``), keeping as many blocks resident as fit next to them.
+4. when even that does not fit, the planner lowers the depth, down to two blocks in flight, keeping as many
+   blocks resident as fit next to them;
+5. below the non-block weights plus the two largest consecutive blocks, a last resort: one block in flight, read
+   when it is needed (no read-ahead; logged).
 
-A budget below the non-block weights plus the two largest consecutive blocks raises `BudgetError` naming the
-minimum, rounded up so that the suggested ``budget_gb`` works as printed.
+A budget below the non-block weights plus the largest block raises `BudgetError` naming the minimum, rounded up
+so that the suggested ``budget_gb`` works as printed.
 
 With a host cache (``host_cache_gb``, CUDA only), a fixed set of streamed blocks, spread evenly over the
 execution order so that storage reads keep flowing between them, is kept in pinned RAM: chosen once, never
@@ -29,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +52,10 @@ AUTO_BUDGET_FRACTION = 0.8
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Module paths of the repeated blocks of ``model``, in execution order.
+    """Module paths of the units ``model`` streams (see `find_units`), in structural order.
 
     Raises:
-        `UnsupportedModelError`: nothing that looks like a stack of repeated blocks was found.
+        `UnsupportedModelError`: the model has no module that can stream (no weights outside its first module).
 
     Example:
         ```python
@@ -57,12 +63,54 @@ def find_blocks(model: nn.Module) -> list[str]:
         ['model.layers.0', 'model.layers.1']
         ```
     """
+    return [name for name, _ in find_units(model)]
+
+
+def find_units(model: nn.Module) -> list[tuple[str, str]]:
+    """``(module path, kind)`` of every unit ``model`` can stream, in structural (registration) order.
+
+    ``kind`` is ``"block"`` for a block of a repeated stack (found as described in the module docstring) and
+    ``"module"`` for a large module outside the stacks that runs as a whole: an untied output head, a vision tower,
+    the parts of a model without a repeated stack (ALBERT's shared layer group, SwiftFormer's mixed stages). A
+    module unit is at least as large as the largest block (without blocks: between a sixteenth and a quarter of
+    the model, descending into larger modules),
+    is called as a module (not a ``ModuleList``/``ModuleDict`` container), shares no weight with a module outside
+    it (tied weights stay tied), and does not hold the model's first parameter (``model.device`` reads it). The
+    planner keeps module units resident before blocks, so they stream only when the budget needs it.
+
+    Raises:
+        `UnsupportedModelError`: nothing can stream.
+    """
+    blocks = _repeated_blocks(model)
+    sizes = _module_bytes(model)
+    total = sizes.get("", 0)
+    if blocks:  # beside a stack: large modules, whole (an untied head)
+        threshold, largest = max(sizes.get(name, 0) for name in blocks), total
+    else:  # no stack: modules between a sixteenth and a quarter of the model, so that several stream in turn
+        threshold, largest = max(total // 16, 1), max(total // 4, 1)
+    modules = set(_module_units(model, set(blocks), sizes, threshold, largest))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    units = sorted([*((b, "block") for b in blocks), *((m, "module") for m in modules)], key=lambda u: order[u[0]])
+    if not units:
+        no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no module to stream: tensorstream looks for a torch.nn.ModuleList of modules "
+            f"that all hold parameters and are of one class (or all of _no_split_modules={no_split}, which are "
+            "preferred), else for large modules that run as a whole and share no weights, apart from the one that "
+            "holds the first parameter. Load this model without device_map='tensorstream'."
+        )
+    return units
+
+
+def _repeated_blocks(model: nn.Module) -> list[str]:
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates: list[tuple[str, nn.ModuleList, bool]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         children = list(module)
+        if any(isinstance(child, nn.ModuleList | nn.ModuleDict) for child in children):
+            continue  # containers are never called, so a hook on them never fires: look at the lists inside
         classes = {type(child).__name__ for child in children}
         # all children of one class, or all of _no_split_modules classes (a hybrid stack: Jamba's attention and
         # Mamba decoder layers alternate in one list)
@@ -74,20 +122,72 @@ def find_blocks(model: nn.Module) -> list[str]:
         if preferred or len(children) >= 2:
             candidates.append((name, module, preferred))
     if any(preferred for _, _, preferred in candidates):
-        candidates = [c for c in candidates if c[2]]
+        # other stacks (a vision or audio tower's layers next to the decoder's) stay when their blocks are of the
+        # decoder blocks' order of size; small ones (a list of norms) do not
+        largest = max(_bytes(child) for _, module, preferred in candidates if preferred for child in module)
+        candidates = [c for c in candidates if c[2] or min(_bytes(child) for child in c[1]) * 4 >= largest]
     chosen: list[str] = []
     for name, _, _ in candidates:
         if any(name.startswith(outer + ".") for outer in chosen):
             continue  # nested inside a stack already chosen (e.g. experts inside a decoder layer)
         chosen.append(name)
-    if not chosen:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no repeated blocks to stream: tensorstream looks for a torch.nn.ModuleList "
-            "of modules that all hold parameters and are of one class (or all of _no_split_modules="
-            f"{sorted(no_split)}, which are preferred). Load this model without device_map='tensorstream'."
-        )
     lists = dict(model.named_modules())
     return [f"{prefix}.{i}" if prefix else str(i) for prefix in chosen for i in range(len(lists[prefix]))]
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum({id(p): p.numel() * p.element_size() for p in module.parameters()}.values())
+
+
+def _module_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the parameters under every module (each tensor counted once per module)."""
+    sizes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        seen = {id(p): p.numel() * p.element_size() for p in module.parameters()}
+        sizes[name] = sum(seen.values())
+    return sizes
+
+
+def _module_units(
+    model: nn.Module, blocks: set[str], sizes: dict[str, int], threshold: int, largest: int
+) -> list[str]:
+    """Large modules outside the blocks that can stream as units of their own (see `find_units`)."""
+    holders = {".".join(name.split(".")[:i]) for name in blocks for i in range(len(name.split(".")))}
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), set()).add(name)
+    first = next(model.parameters(), None)
+    # weights save_pretrained leaves out (Marian's sinusoidal positions, rebuilt at init) are never in a store
+    unsaved = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_save", None) or []]
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    units: list[str] = []
+
+    def eligible(name: str, module: nn.Module) -> bool:
+        if isinstance(module, nn.ModuleList | nn.ModuleDict) or sizes.get(name, 0) == 0:
+            return False
+        prefix = name + "."
+        for param in module.parameters():
+            if param is first or any(pattern.search(names[id(param)]) for pattern in unsaved):
+                return False
+            if any(owner != name and not owner.startswith(prefix) for owner in owners[id(param)]):
+                return False  # tied to a module outside
+        return True
+
+    def visit(name: str, module: nn.Module) -> None:
+        if name in blocks or sizes.get(name, 0) < threshold:
+            return
+        children = list(module.named_children())
+        whole = sizes.get(name, 0) <= largest or not children  # a single large leaf cannot be split further
+        if name and name not in holders and whole and eligible(name, module):
+            units.append(name)
+            return
+        for child_name, child in children:
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return units
 
 
 @dataclass(frozen=True)
@@ -172,7 +272,7 @@ class Plan:
             f"{head}, {len(self.resident)}/{total} blocks resident "
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
             f"({format_gb(self.streamed_bytes)} per pass) through an arena of {format_gb(self.arena_bytes)} "
-            f"(up to {self.num_slots} blocks in flight, largest {format_gb(self.slot_bytes)}; "
+            f"(up to {self.num_slots} block{'s' * (self.num_slots > 1)} in flight, largest {format_gb(self.slot_bytes)}; "
             f"prefetch {self.prefetch}){cached}"
         )
 
@@ -231,6 +331,7 @@ def make_plan(
     prefetch: int,
     *,
     host_cache_bytes: int = 0,
+    prefer_resident: Collection[str] = (),
 ) -> Plan:
     """Split ``budget_bytes`` between resident weights and the streaming arena (see the module docstring).
 
@@ -240,10 +341,12 @@ def make_plan(
         budget_bytes: the weights budget on the execution device.
         prefetch: upper bound on blocks read ahead.
         host_cache_bytes: pinned host RAM for the cache tier (0: none).
+        prefer_resident: blocks kept resident before the others (module units, see `find_units`: they stream
+            only when the budget needs it).
 
     Raises:
-        `BudgetError`: the budget cannot hold the non-block weights plus the two largest consecutive blocks (one
-            block with ``prefetch=0``); the message names the minimum, rounded up.
+        `BudgetError`: the budget cannot hold the non-block weights plus the largest block; the message names
+            the minimum, rounded up.
 
     Example:
         ```python
@@ -253,30 +356,37 @@ def make_plan(
         ```
     """
     sizes = dict(blocks)
-    names = [name for name, _ in blocks]
+    order = [name for name, _ in blocks]
     if non_block_bytes + sum(sizes.values()) <= budget_bytes:
-        return Plan(budget_bytes, non_block_bytes, tuple(names), (), 0, 0, sizes)
-    min_slots = 1 if prefetch == 0 else 2
-    # prefix sums of the resident candidates: the first ``keep`` blocks in execution order
+        return Plan(budget_bytes, non_block_bytes, tuple(order), (), 0, 0, sizes)
+    # one block in flight (no read-ahead) is the last resort below two consecutive blocks: slower, but it streams
+    min_slots = 1
+    # residency order: preferred units, then the blocks in execution order; the first ``keep`` stay resident
+    preferred = set(prefer_resident)
+    names = [name for name in order if name in preferred] + [name for name in order if name not in preferred]
     resident_prefix = [non_block_bytes]
     for name in names:
         resident_prefix.append(resident_prefix[-1] + sizes[name])
-    ordered = [sizes[name] for name in names]
-    deepest = min(max(prefetch + 1, min_slots), len(names))  # more blocks in flight than blocks is meaningless
+    position = {name: i for i, name in enumerate(order)}
+
+    def in_order(chosen: Sequence[str]) -> list[str]:
+        return sorted(chosen, key=position.__getitem__)
+
+    deepest = min(prefetch + 1, len(names))  # more blocks in flight than blocks is meaningless
     for wanted in range(deepest, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
         for keep in range(len(names) - 1, -1, -1):
             if resident_prefix[keep] > budget_bytes:
                 continue
-            streamed = names[keep:]
+            streamed = in_order(names[keep:])
             num_slots = min(wanted, len(streamed))
-            arena = arena_bytes(ordered[keep:], num_slots)
+            arena = arena_bytes([sizes[name] for name in streamed], num_slots)
             if resident_prefix[keep] + arena <= budget_bytes:
                 cached = _spread(streamed, sizes, host_cache_bytes)
-                slot = _aligned(max(ordered[keep:]))
+                slot = _aligned(max(sizes[name] for name in streamed))
                 return Plan(
                     budget_bytes,
                     non_block_bytes,
-                    tuple(names[:keep]),
+                    tuple(in_order(names[:keep])),
                     tuple(streamed),
                     slot,
                     num_slots,
@@ -285,9 +395,11 @@ def make_plan(
                     arena,
                 )
     slots = min(min_slots, len(names))
-    minimum, keep = min((resident_prefix[k] + arena_bytes(ordered[k:], slots), -k) for k in range(len(names)))
+    minimum, keep = min(
+        (resident_prefix[k] + arena_bytes([sizes[n] for n in in_order(names[k:])], slots), -k) for k in range(len(names))
+    )
     arena = minimum - resident_prefix[-keep]
-    what = "largest block" if slots == 1 else "two largest consecutive blocks"
+    what = "largest block"
     resident = f" and {-keep} resident block{'s' * (-keep > 1)}" if keep else ""
     suggested = gb_rounded_up(minimum)
     raise BudgetError(
