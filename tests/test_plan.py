@@ -48,11 +48,18 @@ def test_prefetch_zero_needs_one_slot() -> None:
 
 
 def test_budget_error_names_the_minimum() -> None:
-    with pytest.raises(BudgetError, match=r"at least 0\.018875 GB") as info:
-        make_plan(10 * MB, blocks(4), 10 * MB + 4 * MB, prefetch=2)
-    assert info.value.minimum_bytes == 10 * MB + 2 * 4 * MB
+    with pytest.raises(BudgetError, match=r"at least 0\.014681 GB") as info:
+        make_plan(10 * MB, blocks(4), 10 * MB + 4 * MB - 1, prefetch=2)
+    assert info.value.minimum_bytes == 10 * MB + 4 * MB
     assert isinstance(info.value, MemoryError)
-    make_plan(10 * MB, blocks(4), info.value.minimum_bytes, prefetch=2)  # the minimum works
+    plan = make_plan(10 * MB, blocks(4), info.value.minimum_bytes, prefetch=2)  # the minimum works
+    assert plan.num_slots == 1 and plan.prefetch == 0  # the last resort: no read-ahead
+
+
+def test_below_two_consecutive_blocks_streams_without_read_ahead(caplog: pytest.LogCaptureFixture) -> None:
+    plan = make_plan(10 * MB, blocks(4), 10 * MB + 2 * 4 * MB - 1, prefetch=2)
+    assert plan.num_slots == 1 and plan.arena_bytes == 4 * MB and plan.resident == ()
+    assert make_plan(10 * MB, blocks(4), 10 * MB + 2 * 4 * MB, prefetch=2).num_slots == 2
 
 
 def test_uneven_blocks_stream_through_an_arena_of_the_largest_consecutive_ones() -> None:
@@ -70,10 +77,11 @@ def test_a_hybrid_stack_streams_below_two_of_its_largest_blocks() -> None:
     sizes = [(f"layers.{i}", (9 if i % 2 else 1) * MB) for i in range(8)]
     plan = make_plan(MB, sizes, MB + 10 * MB, prefetch=4)
     assert plan.resident == () and plan.num_slots == 2 and plan.arena_bytes == 10 * MB
+    assert make_plan(MB, sizes, MB + 10 * MB - 1, prefetch=4).num_slots == 1  # below: one at a time
     with pytest.raises(BudgetError) as info:
-        make_plan(MB, sizes, MB + 10 * MB - 1, prefetch=4)
-    assert info.value.minimum_bytes == MB + 10 * MB
-    assert "two largest consecutive blocks" in str(info.value)
+        make_plan(MB, sizes, MB + 9 * MB - 1, prefetch=4)
+    assert info.value.minimum_bytes == MB + 9 * MB
+    assert "largest block" in str(info.value)
 
 
 def test_the_suggested_minimum_works_as_printed() -> None:

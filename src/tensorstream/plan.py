@@ -272,8 +272,8 @@ class Plan:
             f"{head}, {len(self.resident)}/{total} blocks resident "
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
             f"({format_gb(self.streamed_bytes)} per pass) through an arena of {format_gb(self.arena_bytes)} "
-            f"(up to {self.num_slots} block{'s' * (self.num_slots > 1)} in flight, largest {format_gb(self.slot_bytes)}; "
-            f"prefetch {self.prefetch}){cached}"
+            f"(up to {self.num_slots} block{'s' * (self.num_slots > 1)} in flight, "
+            f"largest {format_gb(self.slot_bytes)}; prefetch {self.prefetch}){cached}"
         )
 
 
@@ -396,7 +396,8 @@ def make_plan(
                 )
     slots = min(min_slots, len(names))
     minimum, keep = min(
-        (resident_prefix[k] + arena_bytes([sizes[n] for n in in_order(names[k:])], slots), -k) for k in range(len(names))
+        (resident_prefix[k] + arena_bytes([sizes[n] for n in in_order(names[k:])], slots), -k)
+        for k in range(len(names))
     )
     arena = minimum - resident_prefix[-keep]
     what = "largest block"

@@ -131,9 +131,16 @@ class Arena:
         """A region of ``nbytes`` (rounded up to 4096) that overlaps no region in flight, or None if none fits."""
         n = region_bytes(max(nbytes, 1))
         for start in self._candidates(n):
-            if 0 <= start and start + n <= self.size and not any(r.start < start + n and start < r.end for r in self.live):
+            if (
+                start >= 0
+                and start + n <= self.size
+                and not any(r.start < start + n and start < r.end for r in self.live)
+            ):
                 region = Region(
-                    start, start + n, self._device.overlapping(start, start + n), self._staging.overlapping(start, start + n)
+                    start,
+                    start + n,
+                    self._device.overlapping(start, start + n),
+                    self._staging.overlapping(start, start + n),
                 )
                 self.live.append(region)
                 return region
