@@ -575,7 +575,9 @@ REGISTRY_SUBSET = {
     "xlnet": ("causal-lm", "bare parameters held directly by blocks (q/k/v/o): blocks/blocks/ path"),
     "mobilenet_v2": ("image-classification", "BatchNorm running statistics in blocks (randomised by the sweep)"),
     "resnet": ("image-classification", "CNN stages of different sizes: below two of the largest block"),
-    "led": ("seq2seq-lm", "parameters bound with requires_grad=False took other kernels"),
+    # reported off by ~2e-7 with requires_grad=False bindings; exact here either way, so the binding itself is
+    # checked by test_streamed_parameters_are_bound_as_the_resident_model_holds_them
+    "led": ("seq2seq-lm", "encoder-decoder with global attention (class 3 as reported)"),
     "funnel": ("masked-lm", "blocks inside a list of lists (containers are never called)"),
     "albert": ("masked-lm", "no repeated stack: large modules stream as units"),
     "rembert": ("masked-lm", "an untied output head larger than the blocks streams as a unit"),
