@@ -203,7 +203,8 @@ def streamed(
     cfg = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=budget, prefetch=prefetch, **config)
     model = auto.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg, **kwargs)
     plan = model._tensorstream_engine.plan
-    assert plan.resident == () and len(plan.streamed) >= 3, plan.describe()
+    units = set(model._tensorstream_engine.store.manifest.get("units", []))  # large modules, kept resident first
+    assert set(plan.resident) <= units and len(set(plan.streamed) - units) >= 3, plan.describe()
     return model
 
 
