@@ -94,10 +94,11 @@ def find_units(model: nn.Module) -> list[tuple[str, str]]:
     if not units:
         no_split = sorted(getattr(model, "_no_split_modules", None) or [])
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no module to stream: tensorstream looks for a torch.nn.ModuleList of modules "
-            f"that all hold parameters and are of one class (or all of _no_split_modules={no_split}, which are "
-            "preferred), else for large modules that run as a whole and share no weights, apart from the one that "
-            "holds the first parameter. Load this model without device_map='tensorstream'."
+            f"{type(model).__name__} has no repeated blocks to stream and no other module that can stream on its own: "
+            "tensorstream looks for a torch.nn.ModuleList of modules that all hold parameters and are of one class "
+            f"(or all of _no_split_modules={no_split}, which are preferred), else for large modules that run as a "
+            "whole and share no weights, apart from the one that holds the first parameter. Load this model without "
+            "device_map='tensorstream'."
         )
     return units
 
