@@ -203,7 +203,8 @@ def streamed(
     cfg = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=budget, prefetch=prefetch, **config)
     model = auto.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg, **kwargs)
     plan = model._tensorstream_engine.plan
-    assert plan.resident == () and len(plan.streamed) >= 3, plan.describe()
+    units = set(model._tensorstream_engine.store.manifest.get("units", []))  # large modules, kept resident first
+    assert set(plan.resident) <= units and len(set(plan.streamed) - units) >= 3, plan.describe()
     return model
 
 
@@ -564,3 +565,175 @@ def test_streaming_peak_rss_within_budget_plus_overhead(tmp_path: Path, family: 
     assert figures["model_bytes"] >= 300e6, figures
     assert figures["streamed_blocks"] == figures["blocks"], figures
     assert figures["peak_rss"] - figures["baseline_rss"] <= figures["budget_bytes"] + 64e6, figures
+
+
+# -- the registry sweep's failure classes (scripts/registry_sweep.py, docs/models.md) ---------------------------
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+#: one model type per failure class the registry sweep found, built by the sweep's generic tiny-config rule and
+#: streamed with a budget of 85 % of its weights (below two of its largest blocks for some)
+REGISTRY_SUBSET = {
+    "xlnet": ("causal-lm", "bare parameters held directly by blocks (q/k/v/o): blocks/blocks/ path"),
+    "mobilenet_v2": ("image-classification", "BatchNorm running statistics in blocks (randomised by the sweep)"),
+    "resnet": ("image-classification", "CNN stages of different sizes: below two of the largest block"),
+    # reported off by ~2e-7 with requires_grad=False bindings; exact here either way, so the binding itself is
+    # checked by test_streamed_parameters_are_bound_as_the_resident_model_holds_them
+    "led": ("seq2seq-lm", "encoder-decoder with global attention (class 3 as reported)"),
+    "funnel": ("masked-lm", "blocks inside a list of lists (containers are never called)"),
+    "albert": ("masked-lm", "no repeated stack: large modules stream as units"),
+    "rembert": ("masked-lm", "an untied output head larger than the blocks streams as a unit"),
+}
+
+
+def registry_sweep() -> Any:
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import registry_sweep as module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+@pytest.mark.parametrize("model_type", list(REGISTRY_SUBSET))
+def test_registry_failure_classes_stream_bit_exactly(tmp_path: Path, model_type: str) -> None:
+    task, why = REGISTRY_SUBSET[model_type]
+    result = registry_sweep().run_one(task, model_type, ("tensorstream",), tmp_path)
+    assert result["build"] == "ok", result
+    assert result.get("tensorstream") == "ok", (why, result.get("tensorstream_trace"))
+    assert result["streamed"] > 0 and result["budget_bytes"] < result["bytes"], result["plan"]
+
+
+def test_streamed_parameters_are_bound_as_the_resident_model_holds_them(
+    checkpoints: Checkpoints, storage: Path
+) -> None:
+    """Same requires_grad, dtype, shape and strides as the resident parameters, inside the forward."""
+    reference = checkpoints.reference("llama")
+    model = streamed("llama", checkpoints("llama"), storage)
+    seen: dict[str, tuple[Any, ...]] = {}
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        for name, p in module.named_parameters():
+            seen[name] = (p.requires_grad, p.dtype, tuple(p.shape), p.stride(), p.device.type)
+
+    model.model.layers[1].mlp.register_forward_hook(record)
+    model(**inputs("llama"))
+    expected = {
+        name: (p.requires_grad, p.dtype, tuple(p.shape), p.stride(), p.device.type)
+        for name, p in reference.model.layers[1].mlp.named_parameters()
+    }
+    assert seen == expected
+
+
+def test_a_model_whose_largest_part_is_outside_the_blocks_streams_it_as_a_unit(tmp_path: Path) -> None:
+    """An untied output head larger than every block is its own unit, kept resident first, streamed when needed."""
+    from tensorstream.plan import find_units
+
+    config = transformers.AutoConfig.for_model(
+        "llama", **{**DECODER, "vocab_size": 4096, "tie_word_embeddings": False}
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    units = find_units(model)
+    assert ("lm_head", "module") in units and ("model.embed_tokens", "module") not in units  # model.device
+    model.save_pretrained(tmp_path / "src")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    storage = tmp_path / "store"
+    tensorstream.reshard(tmp_path / "src", storage, progress=False)
+    (store,) = [p for p in storage.iterdir() if not p.name.startswith(".")]
+    assert json.loads((store / "tensorstream.json").read_text())["units"] == ["lm_head"]
+    head = 4096 * 32 * 4
+    non_block = head + 32 * 4  # embeddings and final norm
+    cfg = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=(non_block + head + 2 * 4096) / 1e9)
+    streamed_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "src", device_map="tensorstream", tensorstream_config=cfg
+    )
+    plan = streamed_model._tensorstream_engine.plan
+    assert "lm_head" in plan.streamed and plan.resident == ()
+    ids = inputs("llama")
+    with torch.inference_mode():
+        assert torch.equal(streamed_model(**ids).logits, reference(**ids).logits)
+        args = generate_kwargs("llama")
+        assert torch.equal(streamed_model.generate(**args), reference.generate(**args))
+
+
+@pytest.mark.slow
+def test_registry_sweep_script_on_a_subset(tmp_path: Path) -> None:
+    """The sweep script end to end (both columns, the generated table) on the failure-class subset."""
+    out, docs = tmp_path / "sweep.jsonl", tmp_path / "models.md"
+    command = [sys.executable, str(SCRIPTS / "registry_sweep.py"), "--out", str(out), "--docs", str(docs)]
+    subprocess.run([*command, "--only", *REGISTRY_SUBSET, "llama"], check=True, capture_output=True, timeout=1800)
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["model_type"] for r in results} >= set(REGISTRY_SUBSET)
+    for r in results:
+        if r["build"] == "ok" and r.get("accelerate") == "ok":
+            assert r.get("tensorstream") == "ok", r
+    text = docs.read_text()
+    assert (
+        f"transformers {transformers.__version__}" in text
+        and "accelerate bit-exact but tensorstream not: **0**" in text
+    )
+
+
+class WideBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, width)
+        self.down = nn.Linear(width, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x))) + x
+
+
+class Uneven(nn.Module):
+    """Blocks of very different sizes, run in whatever order ``self.order`` says (misses, repeats, skips)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 64)
+        self.blocks = nn.ModuleList(WideBlock(w) for w in (16, 512, 16, 128, 1024, 32))
+        self.out = nn.Linear(64, 4)
+        self.order: list[int] = list(range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for i in self.order:
+            x = self.blocks[i](x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 3])
+def test_uneven_blocks_in_any_order_through_the_arena(storage: Path, extra: int) -> None:
+    """The arena stays correct when the order differs from the predicted one (misses) and on wrap-around.
+
+    The budget is the planner's minimum for two blocks in flight plus ``extra`` small blocks' worth, far below
+    two of the largest block: regions of different sizes share the arena in every pattern.
+    """
+    import copy
+    import random
+
+    from tensorstream.plan import arena_bytes
+    from tensorstream.reshard import reshard_module
+    from tensorstream.store import Store
+
+    torch.manual_seed(0)
+    model = Uneven()
+    reference = copy.deepcopy(model)
+    path = reshard_module(model, storage, progress=False)
+    store = Store.open(path)
+    sizes = [b.data_size for b in store.blocks]
+    budget = store.non_block.data_size + arena_bytes(sizes, 2) + extra * 4096 * 8
+    assert budget < store.non_block.data_size + 2 * max(sizes)
+    tensorstream.offload(model, tensorstream.Config(device="cpu", storage_path=storage, budget_gb=budget / 1e9))
+    plan = model._tensorstream_engine.plan
+    assert plan.resident == () and plan.num_slots >= 2
+    rng = random.Random(0)
+    orders = [list(range(6)), list(range(6)), [5, 4, 3, 2, 1, 0], [1, 1, 4, 4, 0], [4], list(range(6))]
+    orders += [[rng.randrange(6) for _ in range(rng.randint(1, 9))] for _ in range(12)]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for order in orders:
+            model.order = reference.order = order
+            assert torch.equal(model(x), reference(x)), order
+    engine = model._tensorstream_engine
+    assert sorted(id(r) for r in engine.slots.live) == sorted(id(load.slot) for load in engine.pipeline.values())
+    assert tensorstream.stats(model).prefetch_hits > 0

@@ -48,17 +48,75 @@ def test_prefetch_zero_needs_one_slot() -> None:
 
 
 def test_budget_error_names_the_minimum() -> None:
-    with pytest.raises(BudgetError, match=r"at least 0\.0189 GB") as info:
-        make_plan(10 * MB, blocks(4), 10 * MB + 4 * MB, prefetch=2)
-    assert info.value.minimum_bytes == 10 * MB + 2 * 4 * MB
+    with pytest.raises(BudgetError, match=r"at least 0\.014681 GB") as info:
+        make_plan(10 * MB, blocks(4), 10 * MB + 4 * MB - 1, prefetch=2)
+    assert info.value.minimum_bytes == 10 * MB + 4 * MB
     assert isinstance(info.value, MemoryError)
-    make_plan(10 * MB, blocks(4), info.value.minimum_bytes, prefetch=2)  # the minimum works
+    plan = make_plan(10 * MB, blocks(4), info.value.minimum_bytes, prefetch=2)  # the minimum works
+    assert plan.num_slots == 1 and plan.prefetch == 0  # the last resort: no read-ahead
 
 
-def test_uneven_blocks_size_slots_by_the_largest_streamed() -> None:
+def test_below_two_consecutive_blocks_streams_without_read_ahead(caplog: pytest.LogCaptureFixture) -> None:
+    plan = make_plan(10 * MB, blocks(4), 10 * MB + 2 * 4 * MB - 1, prefetch=2)
+    assert plan.num_slots == 1 and plan.arena_bytes == 4 * MB and plan.resident == ()
+    assert make_plan(10 * MB, blocks(4), 10 * MB + 2 * 4 * MB, prefetch=2).num_slots == 2
+
+
+def test_uneven_blocks_stream_through_an_arena_of_the_largest_consecutive_ones() -> None:
+    """Memory follows the blocks in flight: a 20 MB block next to 4 MB ones needs 24 MB, not 2 x 20 MB."""
     sizes = [("b0", 20 * MB), ("b1", 4 * MB), ("b2", 4 * MB), ("b3", 4 * MB)]
-    plan = make_plan(0, sizes, 20 * MB + 2 * 4 * MB, prefetch=2)
-    assert plan.resident == ("b0",) and plan.slot_bytes == 4 * MB and plan.device_bytes <= plan.budget_bytes
+    plan = make_plan(0, sizes, 20 * MB + 4 * MB, prefetch=2)
+    assert plan.resident == () and plan.num_slots == 2 and plan.arena_bytes == 24 * MB
+    assert plan.slot_bytes == 20 * MB and plan.device_bytes <= plan.budget_bytes
+    deeper = make_plan(0, sizes, 28 * MB, prefetch=2)  # the three largest consecutive: b3, b0, b1 (wrap-around)
+    assert deeper.num_slots == 3 and deeper.arena_bytes == 28 * MB and deeper.resident == ()
+
+
+def test_a_hybrid_stack_streams_below_two_of_its_largest_blocks() -> None:
+    """Alternating large and small blocks (dense / MoE, attention / Mamba): the minimum is one of each."""
+    sizes = [(f"layers.{i}", (9 if i % 2 else 1) * MB) for i in range(8)]
+    plan = make_plan(MB, sizes, MB + 10 * MB, prefetch=4)
+    assert plan.resident == () and plan.num_slots == 2 and plan.arena_bytes == 10 * MB
+    assert make_plan(MB, sizes, MB + 10 * MB - 1, prefetch=4).num_slots == 1  # below: one at a time
+    with pytest.raises(BudgetError) as info:
+        make_plan(MB, sizes, MB + 9 * MB - 1, prefetch=4)
+    assert info.value.minimum_bytes == MB + 9 * MB
+    assert "largest block" in str(info.value)
+
+
+def test_the_suggested_minimum_works_as_printed() -> None:
+    """The budget_gb the error prints is never below the true minimum (it was rounded to nearest before)."""
+    import random
+    import re
+
+    from tensorstream import Config
+
+    rng = random.Random(0)
+    for _ in range(300):
+        non_block = rng.randint(0, 10**9)
+        sizes = [(f"b{i}", rng.randint(1, 10**8)) for i in range(rng.randint(1, 12))]
+        prefetch = rng.randint(0, 3)
+        try:
+            make_plan(non_block, sizes, non_block, prefetch=prefetch)
+        except BudgetError as err:
+            printed = re.search(r"to at least ([0-9.]+)\.$", str(err))
+            assert printed is not None, str(err)
+            assert Config(budget_gb=float(printed.group(1))).budget_bytes >= err.minimum_bytes  # type: ignore[operator]
+            make_plan(non_block, sizes, Config(budget_gb=float(printed.group(1))).budget_bytes, prefetch=prefetch)  # type: ignore[arg-type]
+            assert f"at least {printed.group(1)} GB" in str(err)
+
+
+def test_a_huge_prefetch_costs_no_more_than_the_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefetch=10**7 plans as fast as prefetch=len(blocks): the depth is capped by the blocks (it took a minute)."""
+    from tensorstream import plan as plan_module
+
+    calls = []
+    real = plan_module.arena_bytes
+    monkeypatch.setattr(plan_module, "arena_bytes", lambda sizes, k: calls.append(k) or real(sizes, k))
+    n = 40
+    plan = make_plan(0, blocks(n), 3 * 4 * MB, prefetch=10**7)
+    assert plan.num_slots == 3
+    assert len(calls) <= n * n and max(calls) <= n
 
 
 class Block(nn.Module):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import tensorstream
 from helpers.models import budgets, streaming
-from tensorstream.slots import CudaSlots, GenericSlots, HostSlots, make_slots
+from tensorstream.slots import Arena, CudaSlots, GenericSlots, HostSlots, make_slots
 
 
 class FakeEvent:
@@ -73,55 +73,133 @@ class FakeCuda:
         yield
 
 
-def make_fake(num: int = 2, size: int = 8192, direct: bool = False) -> tuple[CudaSlots, FakeCuda]:
+def make_fake(size: int = 8192, direct: bool = False) -> tuple[CudaSlots, FakeCuda]:
     api = FakeCuda()
-    return CudaSlots(torch.device("cpu"), num, size, direct=direct, api=api, pin_memory=False), api
+    return CudaSlots(torch.device("cpu"), size, direct=direct, api=api, pin_memory=False), api
 
 
-def test_protocol_order_for_one_slot() -> None:
-    slots, api = make_fake(num=1)
-    slots.prepare_read(0)  # first use: nothing to wait for
-    slots.read_target(0)[:4] = b"abcd"
-    slots.finish_read(0, 4)
-    copied_1 = slots.copied[0]
-    slots.before_compute(0)
-    assert bytes(slots.device_buffer(0)[:4].tolist()) == b"abcd"
-    slots.after_compute(0)
-    released_1 = slots.released[0]
-    slots.prepare_read(0)  # the staging buffer is reused only after its copy finished
-    slots.finish_read(0, 4)
+def test_protocol_order_for_one_region() -> None:
+    slots, api = make_fake(size=4096)
+    first = slots.allocate(4)
+    assert first is not None and slots.allocate(4) is None  # the arena holds one page
+    slots.prepare_read(first)  # first use: nothing to wait for
+    slots.read_target(first)[:4] = b"abcd"
+    slots.finish_read(first, 4)
+    copied_1 = first.copied
+    slots.before_compute(first)
+    assert bytes(slots.device_buffer(first)[:4].tolist()) == b"abcd"
+    slots.release(first)
+    released_1 = api.log[-1][2]
+    second = slots.allocate(4)
+    assert second is not None and second.start == first.start
+    slots.prepare_read(second)  # the staging memory is reused only after its copy finished
+    slots.finish_read(second, 4)
     assert api.log == [
         ("record", "copy", copied_1.id, threading.current_thread().name),
         ("wait", "compute", copied_1.id),
-        ("record", "compute", released_1.id, threading.current_thread().name),
+        ("record", "compute", released_1, threading.current_thread().name),
         ("sync", copied_1.id, threading.current_thread().name),
-        ("wait", "copy", released_1.id),  # the next copy into the slot waits for the compute that used it
-        ("record", "copy", slots.copied[0].id, threading.current_thread().name),
+        ("wait", "copy", released_1),  # the next copy into the memory waits for the compute that used it
+        ("record", "copy", second.copied.id, threading.current_thread().name),
     ]
 
 
 def test_direct_reads_wait_for_the_compute_not_the_copy() -> None:
-    slots, api = make_fake(num=1, direct=True)
-    assert slots.read_target(0) is slots.device_buffer(0)
-    slots.finish_read(0, 16)  # kvikio wrote into the device slot: no copy
-    slots.before_compute(0)
-    slots.after_compute(0)
-    released = slots.released[0]
-    slots.prepare_read(0)
-    assert api.log[-1] == ("sync", released.id, threading.current_thread().name)
+    slots, api = make_fake(size=4096, direct=True)
+    region = slots.allocate(16)
+    assert region is not None and slots.read_target(region).data_ptr() == slots.device_buffer(region).data_ptr()
+    slots.finish_read(region, 16)  # kvikio wrote into the device region: no copy
+    slots.before_compute(region)
+    slots.release(region)
+    released = api.log[-1][2]
+    again = slots.allocate(16)
+    assert again is not None
+    slots.prepare_read(again)
+    assert api.log[-1] == ("sync", released, threading.current_thread().name)
     assert not [entry for entry in api.log if entry[0] == "wait"]
 
 
 def test_host_cache_source_is_copied_on_the_copy_stream() -> None:
-    slots, _ = make_fake(num=1)
+    slots, _ = make_fake()
     source = torch.arange(16, dtype=torch.uint8)
-    slots.finish_read(0, 16, source=source)
-    assert torch.equal(slots.device_buffer(0)[:16], source)
+    region = slots.allocate(16)
+    assert region is not None
+    slots.finish_read(region, 16, source=source)
+    assert torch.equal(slots.device_buffer(region)[:16], source)
 
 
 def test_pool_kinds() -> None:
-    assert isinstance(make_slots(torch.device("cpu"), 2, 4096), HostSlots)
-    assert isinstance(make_slots(torch.device("meta"), 1, 4096), GenericSlots)
+    assert isinstance(make_slots(torch.device("cpu"), 8192), HostSlots)
+    assert isinstance(make_slots(torch.device("meta"), 4096), GenericSlots)
+
+
+# -- the arena: regions sized by the blocks in flight ------------------------------------------------------------
+
+PAGE = 4096
+
+
+def test_two_blocks_in_flight_alternate_between_the_ends() -> None:
+    """An arena as large as the two largest consecutive blocks always holds the next one (any size pattern)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [rng.choice([1, 1, 2, 5, 9]) * PAGE for _ in range(rng.randint(2, 9))]
+        pairs = max(sizes[i] + sizes[(i + 1) % len(sizes)] for i in range(len(sizes)))
+        arena = Arena(pairs)
+        computing = arena.allocate(sizes[0])
+        assert computing is not None and computing.start == 0
+        for step in range(1, 3 * len(sizes)):
+            loading = arena.allocate(sizes[step % len(sizes)])
+            assert loading is not None, (sizes, step)
+            assert loading.end <= computing.start or loading.start >= computing.end
+            arena.release(computing)
+            computing = loading
+
+
+def test_regions_of_a_full_arena_wait_for_every_use_they_overlap() -> None:
+    """A large region over two freed small ones waits for both of their computes (CUDA events)."""
+    slots, api = make_fake(size=2 * PAGE)
+    small = [slots.allocate(PAGE), slots.allocate(PAGE)]
+    assert all(r is not None for r in small) and {r.start for r in small if r} == {0, PAGE}
+    events = []
+    for region in small:
+        assert region is not None
+        slots.prepare_read(region)
+        slots.finish_read(region, PAGE)
+        slots.before_compute(region)
+        slots.release(region)
+        events.append(api.log[-1][2])
+    big = slots.allocate(2 * PAGE)
+    assert big is not None and big.start == 0
+    slots.prepare_read(big)
+    slots.finish_read(big, 2 * PAGE)
+    waits = {entry[2] for entry in api.log if entry[0] == "wait" and entry[1] == "copy"}
+    assert waits == set(events)
+
+
+def test_a_dropped_region_is_reused_after_its_copy() -> None:
+    """A block read but never run (a wrong prediction): the next read into its memory waits for its copy."""
+    slots, api = make_fake(size=PAGE)
+    region = slots.allocate(PAGE)
+    assert region is not None
+    slots.prepare_read(region)
+    slots.finish_read(region, PAGE)
+    slots.drop(region)
+    again = slots.allocate(PAGE)
+    assert again is not None
+    slots.prepare_read(again)
+    assert api.log[-1] == ("sync", region.copied.id, threading.current_thread().name)
+    assert slots.live == [again]
+
+
+def test_nothing_fits_until_a_region_is_freed() -> None:
+    arena = Arena(3 * PAGE)
+    a, b = arena.allocate(2 * PAGE), arena.allocate(PAGE)
+    assert a is not None and b is not None and arena.allocate(PAGE) is None
+    arena.release(a)
+    c = arena.allocate(2 * PAGE)
+    assert c is not None and (c.start, c.end) == (0, 2 * PAGE)
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -134,8 +212,8 @@ def test_streaming_through_the_cuda_state_machine(
     engine_module = importlib.import_module("tensorstream.engine")
     pools: list[tuple[CudaSlots, FakeCuda]] = []
 
-    def fake_pool(device: torch.device, num: int, slot_bytes: int, *, direct: bool = False) -> CudaSlots:
-        pools.append(make_fake(num, slot_bytes, direct))
+    def fake_pool(device: torch.device, arena_bytes: int, *, direct: bool = False) -> CudaSlots:
+        pools.append(make_fake(arena_bytes, direct))
         return pools[-1][0]
 
     monkeypatch.setattr(engine_module, "make_slots", fake_pool)

@@ -1,8 +1,9 @@
-"""The streaming engine: a fixed pool of slots, reader threads, and the prefetch schedule.
+"""The streaming engine: one arena for the blocks in flight, reader threads, and the prefetch schedule.
 
-One `Engine` serves one model. It owns ``num_slots`` buffers allocated once, each the size of the largest
-streamed block, and a pool of ``io_threads`` readers. Blocks are read in execution order, ``prefetch`` ahead
-of the one computing, wrapping around to the first streamed block for the next step. The hook of each block
+One `Engine` serves one model. It owns one arena allocated once (see `tensorstream.slots`: each block in flight
+takes a region of its own size, at most ``num_slots`` blocks in flight) and a pool of ``io_threads`` readers.
+Blocks are read in execution order, up to ``prefetch`` ahead of the one computing (fewer while the arena has no
+room for the next one), wrapping around to the first streamed block for the next step. The hook of each block
 calls `Engine.acquire` before the block runs (wait for its read, bind its parameters as views of the slot) and
 `Engine.release` after (rebind to meta, free the slot, start the next read).
 
@@ -27,7 +28,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -120,11 +121,11 @@ class StreamStats:
 
 
 class _Load:
-    """One block read in flight or done, into one slot."""
+    """One block read in flight or done, into one region of the arena (``slot``, a `tensorstream.slots.Region`)."""
 
     __slots__ = ("block", "done", "error", "lock", "pending", "slot")
 
-    def __init__(self, block: int, slot: int, pending: int) -> None:
+    def __init__(self, block: int, slot: Any, pending: int) -> None:
         self.block = block
         self.slot = slot
         self.pending = pending
@@ -147,11 +148,11 @@ class _Block:
 
 
 class Engine:
-    """Streams the blocks of one model through a fixed pool of slots.
+    """Streams the blocks of one model through one arena allocated once.
 
     Args:
         store: the opened store.
-        plan: which blocks are streamed (and cached in host RAM) and how many slots there are.
+        plan: which blocks are streamed (and cached in host RAM), the arena's size and the blocks in flight.
         modules: block name -> module, for every streamed block.
         config: the settings (device, backend, direct_io, verify, io_threads).
     """
@@ -187,14 +188,13 @@ class Engine:
             self._close_handles()
             raise
         direct = bool(getattr(self.backend, "reads_device_memory", False))
-        self.slots = make_slots(self.device, plan.num_slots, plan.slot_bytes, direct=direct)
+        self.slots = make_slots(self.device, plan.arena_bytes, direct=direct)
         self._load_host_cache(plan.cached)
         self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
         self.request = -(-self.request // 4096) * 4096
         self._views: dict[tuple[int, int], list[nn.Parameter]] = {}
-        self.free: deque[int] = deque(range(plan.num_slots))
         self.pipeline: OrderedDict[int, _Load] = OrderedDict()
-        self.bound: tuple[int, int] | None = None
+        self.bound: tuple[int, Any] | None = None
         count = len(self.blocks)
         #: successor[b]: the block expected to run after b; starts structural, then learned from execution.
         self.successor = [(b + 1) % count for b in range(count)] if count else []
@@ -270,16 +270,20 @@ class Engine:
         self.next = self.successor[b]
         self._fill()
 
-    def _bind(self, b: int, slot: int) -> None:
-        views = self._views.get((b, slot))
+    def _bind(self, b: int, slot: Any) -> None:
+        views = self._views.get((b, slot.start))
         block = self.blocks[b]
         if views is None:
             buf = self.slots.device_buffer(slot)
+            # exactly as the resident model holds them: a parameter that requires grad makes some models take
+            # other kernels (Longformer, LED, FSMT: logits differ in the last bit otherwise)
             views = [
-                nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=False)
-                for _, _, _, start, end, dtype, shape in block.targets
+                nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=placeholder.requires_grad)
+                for _, _, placeholder, start, end, dtype, shape in block.targets
             ]
-            self._views[(b, slot)] = views
+            if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
+                self._views.clear()
+            self._views[(b, slot.start)] = views
         for (module, attr, *_), param in zip(block.targets, views, strict=True):
             module._parameters[attr] = param
         self.bound = (b, slot)
@@ -291,8 +295,7 @@ class Engine:
             module._parameters[attr] = placeholder
         self.bound = None
         self.pipeline.pop(b, None)
-        self.slots.after_compute(slot)
-        self.free.append(slot)
+        self.slots.release(slot)
 
     def _fill(self) -> None:
         """Start reads for the blocks predicted to run next while slots are free.
@@ -302,17 +305,19 @@ class Engine:
         """
         if not self.read_ahead:
             return
-        while self.free:
+        while len(self.pipeline) < self.plan.num_slots:
             candidate = self.successor[next(reversed(self.pipeline))] if self.pipeline else self.next
             if candidate in self.pipeline:  # every predicted block up to a full cycle is already on its way
                 break
-            self._issue(candidate)
+            if self._issue(candidate) is None:  # no room in the arena until the computing block is released
+                break
 
     def _restart_at(self, b: int) -> _Load:
         """A miss: drain the pipeline, read ``b`` now, and continue the schedule after it."""
         for pending in list(self.pipeline):
             self._drop(pending)
         load = self._issue(b)
+        assert load is not None, "an empty arena holds any block"
         self.next = self.successor[b]
         self._fill()
         return load
@@ -322,11 +327,14 @@ class Engine:
         load = self.pipeline[b]
         load.done.wait()  # before forgetting it: a Ctrl-C here must not lose the slot
         del self.pipeline[b]
-        self.free.append(load.slot)
+        self.slots.drop(load.slot)
 
-    def _issue(self, b: int) -> _Load:
-        slot = self.free.popleft()
+    def _issue(self, b: int) -> _Load | None:
+        """Start reading block ``b`` into a new region of the arena; None when the arena has no room for it now."""
         block = self.blocks[b]
+        slot = self.slots.allocate(block.header.data_size)
+        if slot is None:
+            return None
         if block.cached is not None:
             load = _Load(b, slot, 1)
             self.pipeline[b] = load

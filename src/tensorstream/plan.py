@@ -2,7 +2,10 @@
 
 Blocks are found from the model's structure, not from names: the outermost ``torch.nn.ModuleList`` containers
 whose children all hold parameters and are all of one class, preferring those whose classes are all listed in
-transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of attention and Mamba layers).
+transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of attention and Mamba layers). A list
+of lists (Funnel's ``encoder.blocks``) is never called itself: the lists inside it are the stacks. Large modules
+outside the stacks that run as a whole (an untied head, a vision tower, the stages of a model with no repeated
+stack) are units of their own (`find_units`).
 The structural order is registration order (encoder blocks before decoder blocks); the engine then learns the
 order blocks actually run in (see `tensorstream.engine`).
 
@@ -10,12 +13,17 @@ The planner splits the budget (resident weights plus streaming slots) as follows
 
 1. all non-block weights are resident;
 2. if every block also fits, nothing streams;
-3. otherwise ``prefetch + 1`` slots (one computing, ``prefetch`` loading), each the size of the largest streamed
-   block, and as many of the first blocks in execution order as still fit stay resident;
-4. when even that does not fit, the planner lowers the depth, down to two slots (one when ``prefetch=0``),
-   keeping as many blocks resident as fit next to them.
+3. otherwise an arena for ``prefetch + 1`` blocks in flight (one computing, ``prefetch`` loading), as large as
+   the ``prefetch + 1`` largest *consecutive* streamed blocks (in execution order, wrapping around: each block
+   takes a region of its own size, see `tensorstream.slots`), and as many of the first blocks in execution order
+   as still fit stay resident;
+4. when even that does not fit, the planner lowers the depth, down to two blocks in flight, keeping as many
+   blocks resident as fit next to them;
+5. below the non-block weights plus the two largest consecutive blocks, a last resort: one block in flight, read
+   when it is needed (no read-ahead; logged).
 
-A budget below the non-block weights plus the minimum slots raises `BudgetError` naming the minimum.
+A budget below the non-block weights plus the largest block raises `BudgetError` naming the minimum, rounded up
+so that the suggested ``budget_gb`` works as printed.
 
 With a host cache (``host_cache_gb``, CUDA only), a fixed set of streamed blocks, spread evenly over the
 execution order so that storage reads keep flowing between them, is kept in pinned RAM: chosen once, never
@@ -26,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +52,10 @@ AUTO_BUDGET_FRACTION = 0.8
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Module paths of the repeated blocks of ``model``, in execution order.
+    """Module paths of the units ``model`` streams (see `find_units`), in structural order.
 
     Raises:
-        `UnsupportedModelError`: nothing that looks like a stack of repeated blocks was found.
+        `UnsupportedModelError`: the model has no module that can stream (no weights outside its first module).
 
     Example:
         ```python
@@ -54,12 +63,55 @@ def find_blocks(model: nn.Module) -> list[str]:
         ['model.layers.0', 'model.layers.1']
         ```
     """
+    return [name for name, _ in find_units(model)]
+
+
+def find_units(model: nn.Module) -> list[tuple[str, str]]:
+    """``(module path, kind)`` of every unit ``model`` can stream, in structural (registration) order.
+
+    ``kind`` is ``"block"`` for a block of a repeated stack (found as described in the module docstring) and
+    ``"module"`` for a large module outside the stacks that runs as a whole: an untied output head, a vision tower,
+    the parts of a model without a repeated stack (ALBERT's shared layer group, SwiftFormer's mixed stages). A
+    module unit is at least as large as the largest block (without blocks: between a sixteenth and a quarter of
+    the model, descending into larger modules),
+    is called as a module (not a ``ModuleList``/``ModuleDict`` container), shares no weight with a module outside
+    it (tied weights stay tied), and does not hold the model's first parameter (``model.device`` reads it). The
+    planner keeps module units resident before blocks, so they stream only when the budget needs it.
+
+    Raises:
+        `UnsupportedModelError`: nothing can stream.
+    """
+    blocks = _repeated_blocks(model)
+    sizes = _module_bytes(model)
+    total = sizes.get("", 0)
+    if blocks:  # beside a stack: large modules, whole (an untied head)
+        threshold, largest = max(sizes.get(name, 0) for name in blocks), total
+    else:  # no stack: modules between a sixteenth and a quarter of the model, so that several stream in turn
+        threshold, largest = max(total // 16, 1), max(total // 4, 1)
+    modules = set(_module_units(model, set(blocks), sizes, threshold, largest))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    units = sorted([*((b, "block") for b in blocks), *((m, "module") for m in modules)], key=lambda u: order[u[0]])
+    if not units:
+        no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no repeated blocks to stream and no other module that can stream on its own: "
+            "tensorstream looks for a torch.nn.ModuleList of modules that all hold parameters and are of one class "
+            f"(or all of _no_split_modules={no_split}, which are preferred), else for large modules that run as a "
+            "whole and share no weights, apart from the one that holds the first parameter. Load this model without "
+            "device_map='tensorstream'."
+        )
+    return units
+
+
+def _repeated_blocks(model: nn.Module) -> list[str]:
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates: list[tuple[str, nn.ModuleList, bool]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         children = list(module)
+        if any(isinstance(child, nn.ModuleList | nn.ModuleDict) for child in children):
+            continue  # containers are never called, so a hook on them never fires: look at the lists inside
         classes = {type(child).__name__ for child in children}
         # all children of one class, or all of _no_split_modules classes (a hybrid stack: Jamba's attention and
         # Mamba decoder layers alternate in one list)
@@ -71,35 +123,89 @@ def find_blocks(model: nn.Module) -> list[str]:
         if preferred or len(children) >= 2:
             candidates.append((name, module, preferred))
     if any(preferred for _, _, preferred in candidates):
-        candidates = [c for c in candidates if c[2]]
+        # other stacks (a vision or audio tower's layers next to the decoder's) stay when their blocks are of the
+        # decoder blocks' order of size; small ones (a list of norms) do not
+        largest = max(_bytes(child) for _, module, preferred in candidates if preferred for child in module)
+        candidates = [c for c in candidates if c[2] or min(_bytes(child) for child in c[1]) * 4 >= largest]
     chosen: list[str] = []
     for name, _, _ in candidates:
         if any(name.startswith(outer + ".") for outer in chosen):
             continue  # nested inside a stack already chosen (e.g. experts inside a decoder layer)
         chosen.append(name)
-    if not chosen:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no repeated blocks to stream: tensorstream looks for a torch.nn.ModuleList "
-            "of modules that all hold parameters and are of one class (or all of _no_split_modules="
-            f"{sorted(no_split)}, which are preferred). Load this model without device_map='tensorstream'."
-        )
     lists = dict(model.named_modules())
     return [f"{prefix}.{i}" if prefix else str(i) for prefix in chosen for i in range(len(lists[prefix]))]
 
 
+def _bytes(module: nn.Module) -> int:
+    return sum({id(p): p.numel() * p.element_size() for p in module.parameters()}.values())
+
+
+def _module_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the parameters under every module (each tensor counted once per module)."""
+    sizes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        seen = {id(p): p.numel() * p.element_size() for p in module.parameters()}
+        sizes[name] = sum(seen.values())
+    return sizes
+
+
+def _module_units(
+    model: nn.Module, blocks: set[str], sizes: dict[str, int], threshold: int, largest: int
+) -> list[str]:
+    """Large modules outside the blocks that can stream as units of their own (see `find_units`)."""
+    holders = {".".join(name.split(".")[:i]) for name in blocks for i in range(len(name.split(".")))}
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), set()).add(name)
+    first = next(model.parameters(), None)
+    # weights save_pretrained leaves out (Marian's sinusoidal positions, rebuilt at init) are never in a store
+    unsaved = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_save", None) or []]
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    units: list[str] = []
+
+    def eligible(name: str, module: nn.Module) -> bool:
+        if isinstance(module, nn.ModuleList | nn.ModuleDict) or sizes.get(name, 0) == 0:
+            return False
+        prefix = name + "."
+        for param in module.parameters():
+            if param is first or any(pattern.search(names[id(param)]) for pattern in unsaved):
+                return False
+            if any(owner != name and not owner.startswith(prefix) for owner in owners[id(param)]):
+                return False  # tied to a module outside
+        return True
+
+    def visit(name: str, module: nn.Module) -> None:
+        if name in blocks or sizes.get(name, 0) < threshold:
+            return
+        children = list(module.named_children())
+        whole = sizes.get(name, 0) <= largest or not children  # a single large leaf cannot be split further
+        if name and name not in holders and whole and eligible(name, module):
+            units.append(name)
+            return
+        for child_name, child in children:
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return units
+
+
 @dataclass(frozen=True)
 class Plan:
-    """The split of the budget between resident weights and streaming slots.
+    """The split of the budget between resident weights and the streaming arena.
 
     Attributes:
         budget_bytes: the budget the plan was made for.
         non_block_bytes: weights outside the blocks (always resident).
         resident: blocks kept on the device, in execution order.
         streamed: blocks read from the store at every step, in execution order.
-        slot_bytes: size of one slot (the largest streamed block, rounded up to 4096).
-        num_slots: slots allocated; ``num_slots - 1`` blocks are read ahead of the computing one.
+        slot_bytes: the largest streamed block, rounded up to 4096 (the largest region of the arena).
+        num_slots: blocks in flight at most (one computing, ``num_slots - 1`` read ahead).
         block_bytes: every block's size.
         cached: streamed blocks served from the pinned host cache tier instead of storage.
+        arena_bytes: the streaming memory: enough for the ``num_slots`` largest consecutive streamed blocks (in
+            execution order, wrapping around), each in a region of its own size.
     """
 
     budget_bytes: int
@@ -110,10 +216,11 @@ class Plan:
     num_slots: int
     block_bytes: dict[str, int]
     cached: tuple[str, ...] = ()
+    arena_bytes: int = 0
 
     @property
     def prefetch(self) -> int:
-        """Blocks read ahead of the one computing."""
+        """Blocks read ahead of the one computing (at most: fewer while the arena has no room for the next)."""
         return max(self.num_slots - 1, 0)
 
     @property
@@ -122,8 +229,8 @@ class Plan:
 
     @property
     def device_bytes(self) -> int:
-        """Peak weight bytes on the device: resident weights plus slots (never above the budget)."""
-        return self.resident_bytes + self.num_slots * self.slot_bytes
+        """Peak weight bytes on the device: resident weights plus the arena (never above the budget)."""
+        return self.resident_bytes + self.arena_bytes
 
     @property
     def streamed_bytes(self) -> int:
@@ -165,8 +272,9 @@ class Plan:
         return (
             f"{head}, {len(self.resident)}/{total} blocks resident "
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
-            f"({format_gb(self.streamed_bytes)} per pass) through {self.num_slots} slots of "
-            f"{format_gb(self.slot_bytes)} (prefetch {self.prefetch}){cached}"
+            f"({format_gb(self.streamed_bytes)} per pass) through an arena of {format_gb(self.arena_bytes)} "
+            f"(up to {self.num_slots} block{'s' * (self.num_slots > 1)} in flight, "
+            f"largest {format_gb(self.slot_bytes)}; prefetch {self.prefetch}){cached}"
         )
 
 
@@ -176,8 +284,45 @@ def format_gb(nbytes: float) -> str:
     return f"{gb:.2f} GB" if gb >= 10 else f"{gb:.3g} GB"
 
 
+def gb_rounded_up(nbytes: int) -> str:
+    """``nbytes`` in GB, rounded *up* to the kB: a ``budget_gb`` that holds ``nbytes`` when written as printed.
+
+    Example:
+        ```python
+        >>> gb_rounded_up(1_234_567_891)
+        '1.234568'
+        ```
+    """
+    kb = -(-nbytes // 1000)
+    text = f"{kb // 10**6}.{kb % 10**6:06d}".rstrip("0").rstrip(".")
+    return text
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+
+
+def arena_bytes(sizes: Sequence[int], in_flight: int) -> int:
+    """Bytes for ``in_flight`` consecutive blocks of ``sizes`` (execution order, wrapping around), each aligned.
+
+    Example:
+        ```python
+        >>> arena_bytes([4096, 8192, 4096, 12288], 2)   # the largest consecutive pair: 12288 + 4096 (wrap-around)
+        16384
+        ```
+    """
+    n = len(sizes)
+    k = min(in_flight, n)
+    if k == 0:
+        return 0
+    aligned = [_aligned(size) for size in sizes]
+    window = sum(aligned[:k])
+    best = window
+    if k < n:
+        for i in range(1, n):  # the window starting at block i (cyclic)
+            window += aligned[(i + k - 1) % n] - aligned[i - 1]
+            best = max(best, window)
+    return best
 
 
 def make_plan(
@@ -187,8 +332,9 @@ def make_plan(
     prefetch: int,
     *,
     host_cache_bytes: int = 0,
+    prefer_resident: Collection[str] = (),
 ) -> Plan:
-    """Split ``budget_bytes`` between resident weights and streaming slots (see the module docstring).
+    """Split ``budget_bytes`` between resident weights and the streaming arena (see the module docstring).
 
     Args:
         non_block_bytes: bytes of the weights outside the blocks.
@@ -196,40 +342,72 @@ def make_plan(
         budget_bytes: the weights budget on the execution device.
         prefetch: upper bound on blocks read ahead.
         host_cache_bytes: pinned host RAM for the cache tier (0: none).
+        prefer_resident: blocks kept resident before the others (module units, see `find_units`: they stream
+            only when the budget needs it).
 
     Raises:
-        `BudgetError`: the budget cannot hold the non-block weights plus the minimum number of slots.
+        `BudgetError`: the budget cannot hold the non-block weights plus the largest block; the message names
+            the minimum, rounded up.
 
     Example:
         ```python
         >>> p = make_plan(100, [("b0", 4096), ("b1", 4096), ("b2", 4096)], budget_bytes=100 + 3 * 4096, prefetch=2)
-        >>> p.resident, p.streamed, p.num_slots
-        ((), ('b0', 'b1', 'b2'), 3)
+        >>> p.resident, p.streamed, p.num_slots, p.arena_bytes
+        ((), ('b0', 'b1', 'b2'), 3, 12288)
         ```
     """
     sizes = dict(blocks)
-    names = [name for name, _ in blocks]
+    order = [name for name, _ in blocks]
     if non_block_bytes + sum(sizes.values()) <= budget_bytes:
-        return Plan(budget_bytes, non_block_bytes, tuple(names), (), 0, 0, sizes)
-    min_slots = 1 if prefetch == 0 else 2
-    for wanted in range(prefetch + 1, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
+        return Plan(budget_bytes, non_block_bytes, tuple(order), (), 0, 0, sizes)
+    # one block in flight (no read-ahead) is the last resort below two consecutive blocks: slower, but it streams
+    min_slots = 1
+    # residency order: preferred units, then the blocks in execution order; the first ``keep`` stay resident
+    preferred = set(prefer_resident)
+    names = [name for name in order if name in preferred] + [name for name in order if name not in preferred]
+    resident_prefix = [non_block_bytes]
+    for name in names:
+        resident_prefix.append(resident_prefix[-1] + sizes[name])
+    position = {name: i for i, name in enumerate(order)}
+
+    def in_order(chosen: Sequence[str]) -> list[str]:
+        return sorted(chosen, key=position.__getitem__)
+
+    deepest = min(prefetch + 1, len(names))  # more blocks in flight than blocks is meaningless
+    for wanted in range(deepest, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
         for keep in range(len(names) - 1, -1, -1):
-            streamed = names[keep:]
-            slot = _aligned(max(sizes[name] for name in streamed))
-            resident_bytes = non_block_bytes + sum(sizes[name] for name in names[:keep])
+            if resident_prefix[keep] > budget_bytes:
+                continue
+            streamed = in_order(names[keep:])
             num_slots = min(wanted, len(streamed))
-            if resident_bytes + num_slots * slot <= budget_bytes:
+            arena = arena_bytes([sizes[name] for name in streamed], num_slots)
+            if resident_prefix[keep] + arena <= budget_bytes:
                 cached = _spread(streamed, sizes, host_cache_bytes)
+                slot = _aligned(max(sizes[name] for name in streamed))
                 return Plan(
-                    budget_bytes, non_block_bytes, tuple(names[:keep]), tuple(streamed), slot, num_slots, sizes, cached
+                    budget_bytes,
+                    non_block_bytes,
+                    tuple(in_order(names[:keep])),
+                    tuple(streamed),
+                    slot,
+                    num_slots,
+                    sizes,
+                    cached,
+                    arena,
                 )
-    slot = _aligned(max(sizes.values()))
-    minimum = non_block_bytes + min(min_slots, len(names)) * slot
     slots = min(min_slots, len(names))
+    minimum, keep = min(
+        (resident_prefix[k] + arena_bytes([sizes[n] for n in in_order(names[k:])], slots), -k)
+        for k in range(len(names))
+    )
+    arena = minimum - resident_prefix[-keep]
+    what = "largest block"
+    resident = f" and {-keep} resident block{'s' * (-keep > 1)}" if keep else ""
+    suggested = gb_rounded_up(minimum)
     raise BudgetError(
-        f"budget_gb={budget_bytes / 1e9:.6g} is too small for this model: it needs at least {format_gb(minimum)} "
-        f"(non-block weights {format_gb(non_block_bytes)} plus {slots} streaming slot{'s' * (slots > 1)} of "
-        f"{format_gb(slot)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {minimum / 1e9:.6g}.",
+        f"budget_gb={budget_bytes / 1e9:.6g} is too small for this model: it needs at least {suggested} GB "
+        f"(non-block weights {format_gb(non_block_bytes)}{resident} plus the {what} streaming through "
+        f"{format_gb(arena)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {suggested}.",
         minimum,
     )
 

@@ -51,7 +51,7 @@ from .errors import (
     TensorStreamError,
 )
 from .format import FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
-from .plan import find_blocks
+from .plan import find_units
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -537,7 +537,8 @@ def _write_store(
     source_info: dict[str, Any],
     progress: bool,
 ) -> None:
-    blocks = find_blocks(model)
+    units = find_units(model)
+    blocks = [name for name, _ in units]
     block_set = set(blocks)
     owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["", *blocks]}
     seen: dict[tuple[str, int], str] = {}
@@ -611,6 +612,8 @@ def _write_store(
         "tied": tied,
         "non_block": entries[0],
         "blocks": entries[1:],
+        # large modules outside the repeated stacks, streamed as units of their own (kept resident first)
+        "units": [name for name, kind in units if kind == "module"],
     }
     _write_json(staging / MANIFEST_NAME, manifest)
 

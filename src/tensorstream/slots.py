@@ -1,25 +1,41 @@
-"""The slot pool: where block reads land and how they reach the execution device.
+"""The slot pool: one arena where block reads land, carved into regions sized by the blocks in flight.
 
-The engine owns the schedule; a pool owns the buffers and the device synchronisation. Its methods are called in
-this order for each load of a block into slot ``s``::
+The engine owns the schedule; a pool owns the memory and the device synchronisation. Memory is one buffer of
+``arena_bytes`` (allocated once), and each block in flight takes a *region* of it exactly its size (rounded up to
+4096 bytes), so a stack of small and large blocks (dense and mixture-of-experts layers, CNN stages, hybrid stacks)
+needs only as much as the blocks in flight together, not as many times the largest block.
 
-    prepare_read(s)          reader thread: wait until the buffer the read lands in may be overwritten
-    read_target(s)           reader thread(s): the buffer the backend reads into
-    finish_read(s, n)        reader thread: start moving the n bytes to the device (CUDA: async copy)
-    before_compute(s)        model thread: make the compute wait for the data (CUDA: stream waits an event)
-    device_buffer(s)         model thread: the buffer whose views become the block's parameters
-    after_compute(s)         model thread: mark the slot reusable once the compute enqueued so far is done
+Placement: a new region goes at the bottom of the arena if that is free, else flush with its top, else next to a
+region in flight. With two blocks in flight (one computing, one loading) the regions therefore alternate between
+the two ends, and an arena as large as the two largest consecutive blocks always holds the next block while the
+current one computes (`Arena.allocate`). When nothing fits, the engine simply reads ahead less until a region is
+freed; with nothing in flight, any block up to the arena's size fits, so the schedule always makes progress.
+
+The methods are called in this order for each load of a block::
+
+    allocate(nbytes)         model thread: a region, or None when it does not fit now
+    prepare_read(r)          reader thread: wait until the memory the read lands in may be overwritten
+    read_target(r)           reader thread(s): the buffer the backend reads into
+    finish_read(r, n)        reader thread: start moving the n bytes to the device (CUDA: async copy)
+    before_compute(r)        model thread: make the compute wait for the data (CUDA: stream waits an event)
+    device_buffer(r)         model thread: the buffer whose views become the block's parameters
+    release(r) | drop(r)     model thread: the block ran (release) or was read but not run (drop); the region is
+                             free for new allocations, which wait for what still uses its memory
+
+Synchronisation across regions of different sizes: the arena remembers, for every byte range, the event after
+which its last use is over (the compute that read it, or the copy that wrote it); a new region waits for the events
+of every range it overlaps. Compute runs in order on one stream, so the latest event per range is enough.
 
 Three pools:
 
-* `HostSlots` (CPU): reads land in the slot itself; nothing to synchronise.
-* `CudaSlots`: reads land in page-aligned pinned staging buffers (one per slot, allocated once); the reader
-  thread that completes a read enqueues ``copy_(non_blocking=True)`` into the device slot on a dedicated copy
-  stream, after making that stream wait for the event recorded when the slot's previous block finished computing,
-  and records a "copied" event. The compute stream waits for that event before the block runs. No
-  ``synchronize()`` runs on the model thread; a reader thread waits (on the host) only for the previous copy out
-  of the staging buffer it is about to overwrite. With ``direct=True`` (the KvikIO backend), reads land in the
-  device slot itself and the reader waits for the slot's previous compute instead.
+* `HostSlots` (CPU): reads land in the arena itself; nothing to synchronise.
+* `CudaSlots`: reads land in a page-aligned pinned staging arena (same layout, allocated once); the reader thread
+  that completes a read enqueues ``copy_(non_blocking=True)`` into the device region on a dedicated copy stream,
+  after making that stream wait for the compute that last read that memory, and records a "copied" event. The
+  compute stream waits for that event before the block runs. No ``synchronize()`` runs on the model thread; a
+  reader thread waits (on the host) only for the previous copy out of the staging memory it is about to overwrite.
+  With ``direct=True`` (the KvikIO backend), reads land in the device region itself and the reader waits for the
+  region's previous compute instead.
 * `GenericSlots` (MPS and other accelerators): reads land in host staging and are copied with a blocking
   ``copy_`` when the block is acquired. Correct everywhere, with no overlap of the copy.
 
@@ -34,155 +50,267 @@ import torch
 
 from .format import aligned_empty
 
-__all__ = ["CudaSlots", "GenericSlots", "HostSlots", "make_slots"]
+__all__ = ["REGION_ALIGNMENT", "Arena", "CudaSlots", "GenericSlots", "HostSlots", "Region", "make_slots"]
+
+REGION_ALIGNMENT = 4096
 
 
-class HostSlots:
-    """Slots in host memory that are also the execution memory (CPU device)."""
+def region_bytes(nbytes: int) -> int:
+    """``nbytes`` rounded up to the region alignment (4096: O_DIRECT and GDS read whole pages)."""
+    return -(-nbytes // REGION_ALIGNMENT) * REGION_ALIGNMENT
+
+
+class Region:
+    """The bytes ``[start, end)`` of the arena, holding one block in flight."""
+
+    __slots__ = ("copied", "device_waits", "end", "staging_waits", "start")
+
+    def __init__(self, start: int, end: int, device_waits: list[Any], staging_waits: list[Any]) -> None:
+        self.start = start
+        self.end = end
+        #: events after which the device memory may be overwritten (computes that read it, copies into it).
+        self.device_waits = device_waits
+        #: events after which the staging memory may be overwritten (copies out of it).
+        self.staging_waits = staging_waits
+        #: the event after the copy into this region (CUDA, not direct); None until then.
+        self.copied: Any = None
+
+    def __repr__(self) -> str:
+        return f"Region({self.start}, {self.end})"
+
+
+class _Marks:
+    """For each byte range of the arena, the event that ends its last use (non-overlapping painted ranges)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int, Any]] = []
+
+    def paint(self, start: int, end: int, event: Any) -> None:
+        kept: list[tuple[int, int, Any]] = []
+        for s, e, old in self.ranges:
+            if e <= start or s >= end:
+                kept.append((s, e, old))
+                continue
+            if s < start:
+                kept.append((s, start, old))
+            if e > end:
+                kept.append((end, e, old))
+        kept.append((start, end, event))
+        self.ranges = kept
+
+    def overlapping(self, start: int, end: int) -> list[Any]:
+        events: dict[int, Any] = {}
+        for s, e, event in self.ranges:
+            if s < end and e > start:
+                events[id(event)] = event
+        return list(events.values())
+
+
+class Arena:
+    """The placement of variable-size regions in ``size`` bytes (no memory of its own; see the module docstring).
+
+    Example:
+        ```python
+        >>> arena = Arena(12288)
+        >>> a = arena.allocate(8192); b = arena.allocate(4096)   # two consecutive blocks: both ends
+        >>> (a.start, b.start), arena.allocate(4096)
+        ((0, 8192), None)
+        >>> arena.release(a); arena.allocate(8192).start          # the freed bottom takes the next one
+        0
+        ```
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        #: regions allocated and not yet released or dropped, in allocation order.
+        self.live: list[Region] = []
+        self._device = _Marks()
+        self._staging = _Marks()
+
+    def allocate(self, nbytes: int) -> Region | None:
+        """A region of ``nbytes`` (rounded up to 4096) that overlaps no region in flight, or None if none fits."""
+        n = region_bytes(max(nbytes, 1))
+        for start in self._candidates(n):
+            if (
+                start >= 0
+                and start + n <= self.size
+                and not any(r.start < start + n and start < r.end for r in self.live)
+            ):
+                region = Region(
+                    start,
+                    start + n,
+                    self._device.overlapping(start, start + n),
+                    self._staging.overlapping(start, start + n),
+                )
+                self.live.append(region)
+                return region
+        return None
+
+    def _candidates(self, n: int) -> list[int]:
+        # both ends first, so that two blocks in flight alternate between them; then next to the regions in flight
+        return [0, self.size - n, *(r.end for r in self.live), *(r.start - n for r in self.live)]
+
+    def _free(self, region: Region, device_event: Any, staging_event: Any) -> None:
+        self.live.remove(region)
+        if device_event is not None:
+            self._device.paint(region.start, region.end, device_event)
+        if staging_event is not None:
+            self._staging.paint(region.start, region.end, staging_event)
+
+    def release(self, region: Region) -> None:
+        """The block in ``region`` ran: its memory is free once the compute enqueued so far is done."""
+        self._free(region, None, None)
+
+    def drop(self, region: Region) -> None:
+        """The block in ``region`` was read but will not run (a wrong prediction): free the region."""
+        self._free(region, region.copied, region.copied)
+
+
+class HostSlots(Arena):
+    """An arena in host memory that is also the execution memory (CPU device)."""
 
     direct = False
 
-    def __init__(self, num: int, slot_bytes: int) -> None:
-        self.buffers = [aligned_empty(slot_bytes) for _ in range(num)]
-        self.views = [buf.numpy().data.cast("B") for buf in self.buffers]
+    def __init__(self, arena_bytes: int) -> None:
+        super().__init__(region_bytes(arena_bytes))
+        self.buffer = aligned_empty(self.size)
+        self.view = self.buffer.numpy().data.cast("B")
 
-    def prepare_read(self, slot: int) -> None:
+    def prepare_read(self, region: Region) -> None:
         pass
 
-    def read_target(self, slot: int) -> Any:
-        return self.views[slot]
+    def read_target(self, region: Region) -> Any:
+        return self.view[region.start : region.end]
 
-    def host_view(self, slot: int, nbytes: int) -> memoryview:
-        return self.views[slot][:nbytes]
+    def host_view(self, region: Region, nbytes: int) -> memoryview:
+        return self.view[region.start : region.start + nbytes]
 
-    def finish_read(self, slot: int, nbytes: int, source: torch.Tensor | None = None) -> None:
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
         if source is not None:  # a block from the host cache tier
-            self.buffers[slot][:nbytes].copy_(source[:nbytes])
+            self.buffer[region.start : region.start + nbytes].copy_(source[:nbytes])
 
-    def before_compute(self, slot: int) -> None:
+    def before_compute(self, region: Region) -> None:
         pass
 
-    def device_buffer(self, slot: int) -> torch.Tensor:
-        return self.buffers[slot]
-
-    def after_compute(self, slot: int) -> None:
-        pass
+    def device_buffer(self, region: Region) -> torch.Tensor:
+        return self.buffer[region.start : region.end]
 
     def close(self) -> None:
         pass
 
 
-class CudaSlots:
-    """Device slots fed through pinned staging buffers and a dedicated copy stream (see the module docstring)."""
+class CudaSlots(Arena):
+    """A device arena fed through a pinned staging arena and a dedicated copy stream (see the module docstring)."""
 
     def __init__(
         self,
         device: torch.device,
-        num: int,
-        slot_bytes: int,
+        arena_bytes: int,
         *,
         direct: bool = False,
         api: Any = None,
         pin_memory: bool = True,
     ) -> None:
+        super().__init__(region_bytes(arena_bytes))
         self.api = api if api is not None else torch.cuda
         self.device = device
         self.direct = direct
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(num)]
-        self.staging = [] if direct else [aligned_empty(slot_bytes, pin_memory=pin_memory) for _ in range(num)]
-        self.views = [buf.numpy().data.cast("B") for buf in self.staging]
+        self.buffer = torch.empty(self.size, dtype=torch.uint8, device=device)
+        self.staging = None if direct else aligned_empty(self.size, pin_memory=pin_memory)
+        self.view = None if self.staging is None else self.staging.numpy().data.cast("B")
         self.copy_stream = self.api.Stream(device=device)
-        self.copied: list[Any] = [None] * num  # event after the last copy into the slot
-        self.released: list[Any] = [None] * num  # event after the last compute that read the slot
 
-    def prepare_read(self, slot: int) -> None:
-        waited = self.released[slot] if self.direct else self.copied[slot]
-        if waited is not None:
-            waited.synchronize()  # reader thread only: the buffer we are about to overwrite is free
+    def prepare_read(self, region: Region) -> None:
+        # reader thread only: the memory we are about to overwrite is no longer used
+        for event in region.device_waits if self.direct else region.staging_waits:
+            event.synchronize()
 
-    def read_target(self, slot: int) -> Any:
-        return self.buffers[slot] if self.direct else self.views[slot]
-
-    def host_view(self, slot: int, nbytes: int) -> memoryview:
+    def read_target(self, region: Region) -> Any:
         if self.direct:
-            host = self.buffers[slot][:nbytes].cpu()
-            return host.numpy().data.cast("B")
-        return self.views[slot][:nbytes]
+            return self.buffer[region.start : region.end]
+        assert self.view is not None
+        return self.view[region.start : region.end]
 
-    def finish_read(self, slot: int, nbytes: int, source: torch.Tensor | None = None) -> None:
+    def host_view(self, region: Region, nbytes: int) -> memoryview:
+        if self.direct:
+            host = self.buffer[region.start : region.start + nbytes].cpu()
+            return host.numpy().data.cast("B")
+        assert self.view is not None
+        return self.view[region.start : region.start + nbytes]
+
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
         if self.direct and source is None:
             return
-        src = self.staging[slot] if source is None else source
+        src = self.staging[region.start : region.end] if source is None else source  # type: ignore[index]
         stream = self.copy_stream
         with self.api.device(self.device), self.api.stream(stream):
-            if self.released[slot] is not None:
-                stream.wait_event(self.released[slot])  # the previous block in this slot has finished computing
-            self.buffers[slot][:nbytes].copy_(src[:nbytes], non_blocking=True)
+            for event in region.device_waits:  # the computes that last read this memory have finished
+                stream.wait_event(event)
+            self.buffer[region.start : region.start + nbytes].copy_(src[:nbytes], non_blocking=True)
             event = self.api.Event()
             event.record(stream)
-        self.copied[slot] = event
+        region.copied = event
 
-    def before_compute(self, slot: int) -> None:
-        event = self.copied[slot]
-        if event is not None:
-            self.api.current_stream(self.device).wait_event(event)
+    def before_compute(self, region: Region) -> None:
+        if region.copied is not None:
+            self.api.current_stream(self.device).wait_event(region.copied)
 
-    def device_buffer(self, slot: int) -> torch.Tensor:
-        return self.buffers[slot]
+    def device_buffer(self, region: Region) -> torch.Tensor:
+        return self.buffer[region.start : region.end]
 
-    def after_compute(self, slot: int) -> None:
+    def release(self, region: Region) -> None:
         event = self.api.Event()
         event.record(self.api.current_stream(self.device))
-        self.released[slot] = event
+        # the device memory is free after this compute; the staging memory after the copy out of it
+        self._free(region, event, region.copied)
 
     def close(self) -> None:
         self.copy_stream.synchronize()
 
 
-class GenericSlots:
+class GenericSlots(Arena):
     """Host staging plus a blocking copy at acquire time: for MPS and other non-CUDA accelerators."""
 
     direct = False
 
-    def __init__(self, device: torch.device, num: int, slot_bytes: int) -> None:
-        self.host = HostSlots(num, slot_bytes)
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(num)]
-        self.sizes = [0] * num
-        self.sources: list[torch.Tensor | None] = [None] * num
+    def __init__(self, device: torch.device, arena_bytes: int) -> None:
+        super().__init__(region_bytes(arena_bytes))
+        self.host = HostSlots(self.size)
+        self.buffer = torch.empty(self.size, dtype=torch.uint8, device=device)
+        self.sources: dict[int, tuple[int, torch.Tensor | None]] = {}
 
-    def prepare_read(self, slot: int) -> None:
+    def prepare_read(self, region: Region) -> None:
         pass
 
-    def read_target(self, slot: int) -> Any:
-        return self.host.read_target(slot)
+    def read_target(self, region: Region) -> Any:
+        return self.host.read_target(region)
 
-    def host_view(self, slot: int, nbytes: int) -> memoryview:
-        return self.host.host_view(slot, nbytes)
+    def host_view(self, region: Region, nbytes: int) -> memoryview:
+        return self.host.host_view(region, nbytes)
 
-    def finish_read(self, slot: int, nbytes: int, source: torch.Tensor | None = None) -> None:
-        self.sizes[slot] = nbytes
-        self.sources[slot] = source
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
+        self.sources[id(region)] = (nbytes, source)
 
-    def before_compute(self, slot: int) -> None:
-        n = self.sizes[slot]
-        source = self.sources[slot]
-        src = self.host.buffers[slot] if source is None else source
-        self.buffers[slot][:n].copy_(src[:n])
+    def before_compute(self, region: Region) -> None:
+        n, source = self.sources.pop(id(region), (0, None))
+        src = self.host.buffer[region.start : region.end] if source is None else source
+        self.buffer[region.start : region.start + n].copy_(src[:n])
 
-    def device_buffer(self, slot: int) -> torch.Tensor:
-        return self.buffers[slot]
+    def device_buffer(self, region: Region) -> torch.Tensor:
+        return self.buffer[region.start : region.end]
 
-    def after_compute(self, slot: int) -> None:
-        pass
+    def drop(self, region: Region) -> None:
+        self.sources.pop(id(region), None)
+        super().drop(region)
 
     def close(self) -> None:
         pass
 
 
-def make_slots(device: torch.device, num: int, slot_bytes: int, *, direct: bool = False) -> Any:
+def make_slots(device: torch.device, arena_bytes: int, *, direct: bool = False) -> Any:
     """The pool for ``device``: `HostSlots` on CPU, `CudaSlots` on CUDA, `GenericSlots` elsewhere."""
     if device.type == "cpu":
-        return HostSlots(num, slot_bytes)
+        return HostSlots(arena_bytes)
     if device.type == "cuda":
-        return CudaSlots(device, num, slot_bytes, direct=direct)
-    return GenericSlots(device, num, slot_bytes)
+        return CudaSlots(device, arena_bytes, direct=direct)
+    return GenericSlots(device, arena_bytes)

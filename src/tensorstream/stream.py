@@ -68,7 +68,10 @@ def plan_for(store: Store, config: Config) -> Plan:
             stacklevel=3,
         )
         host_cache = 0
-    plan = make_plan(store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache)
+    units = store.manifest.get("units", [])
+    plan = make_plan(
+        store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
+    )
     log_plan(plan, config.prefetch)
     return plan
 

@@ -11,10 +11,16 @@ from tensorstream.store import Store
 
 
 def store_sizes(storage: Path) -> tuple[int, list[int]]:
-    """(non-block bytes, block bytes) of the only store under ``storage``."""
+    """(non-block bytes, block bytes) of the only store under ``storage``.
+
+    Module units (large modules outside the repeated stacks, which the planner keeps resident first) count as
+    non-block here, so that budgets sized from these figures stream the repeated blocks.
+    """
     (path,) = [p for p in storage.iterdir() if not p.name.startswith(".")]
     store = Store.open(path)
-    return store.non_block.data_size, [b.data_size for b in store.blocks]
+    units = set(store.manifest.get("units", []))
+    extra = sum(b.data_size for b in store.blocks if b.name in units)
+    return store.non_block.data_size + extra, [b.data_size for b in store.blocks if b.name not in units]
 
 
 def budgets(storage: Path, prefetch: int = 2) -> dict[str, float]:

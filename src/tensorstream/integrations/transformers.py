@@ -256,8 +256,20 @@ def _device_map_value(device: torch.device) -> str | int:
 
 
 def _remove_accelerate_hooks(model: Any) -> None:
+    """Remove accelerate's hooks without letting them reload what they offloaded.
+
+    An offloading hook restores, when removed, every tensor of its module that was not on meta when it was attached
+    (a block's bare parameters, e.g. XLNet's ``q``/``k``/``v``/``o``), reading it through transformers' disk
+    offload index, whose paths are relative to the store and get joined twice (``blocks/blocks/...``). Those tensors
+    belong to streamed blocks: the engine provides them, so nothing is restored.
+    """
     from accelerate.hooks import remove_hook_from_submodules
 
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for inner in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            if getattr(inner, "offload", False):
+                inner.original_devices = {}
     remove_hook_from_submodules(model)
 
 
