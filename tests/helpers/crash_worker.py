@@ -152,7 +152,7 @@ def run_race(source: str, storage: str, processes: int, log: str) -> list[dict[s
 
     class Waiting(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if "another process is resharding" in record.getMessage():
+            if "is resharding into" in record.getMessage() and "another process" in record.getMessage():
                 note(f"wait {os.getpid()}")
 
     def body() -> None:
