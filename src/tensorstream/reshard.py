@@ -238,9 +238,9 @@ def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> It
             if not announced:
                 # a warning, so it shows without logging set up: a silent wait looks like a hang
                 logger.warning(
-                    "tensorstream: another process%s is resharding into %s; waiting for it to finish",
-                    _holder(fd),
+                    "tensorstream: another process is resharding into %s; waiting for it to finish%s",
                     root / fingerprint,
+                    _holder(fd),
                 )
                 announced = True
             if timeout is not None and time.monotonic() - start > timeout:
@@ -257,12 +257,12 @@ def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> It
 
 
 def _holder(fd: int) -> str:
-    """`` (pid N)`` from the lock file the holder wrote its pid into, or ``""``."""
+    """`` (pid N holds the lock)`` from the lock file the holder wrote its pid into, or ``""``."""
     try:
         pid = os.pread(fd, 32, 0).decode().strip()
     except (OSError, UnicodeDecodeError):
         return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+    return f" (pid {pid} holds the lock)" if pid.isdigit() else ""
 
 
 @contextlib.contextmanager

@@ -98,7 +98,8 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hub cannot be reached now (offline mode, its host name does not resolve), or ``None``.
 
     Used to go straight to the local cache instead of retrying for half a minute. Behind a proxy (``HTTPS_PROXY``,
-    ``ALL_PROXY``) the host name is not looked up here, and a lookup that takes longer than ``timeout`` seconds is
+    ``ALL_PROXY``) or with a custom client factory (``huggingface_hub.set_client_factory``) the host name is not
+    looked up here, and a lookup that takes longer than ``timeout`` seconds is
     left to huggingface_hub to decide.
 
     Example:
@@ -116,6 +117,13 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
+    try:  # a custom HTTP client (set_client_factory: a proxy, certificates, a test double) decides reachability
+        from huggingface_hub.utils import _http
+
+        if getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) is not getattr(_http, "default_client_factory", None):
+            return None
+    except ImportError:
+        pass
     host = urlparse(constants.ENDPOINT).hostname
     if not host:
         return None

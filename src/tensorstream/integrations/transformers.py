@@ -144,11 +144,12 @@ def check_budget_before_reshard(
     The sizes come from an empty skeleton of the model (parameter counts per block) and the element sizes in the
     checkpoint's safetensors headers (or ``dtype``). The check counts the blocks only, at the smallest element
     size, so it never refuses a budget the store would accept; the minimum it names counts everything at the
-    largest element size, plus alignment, so it works as given. A checkpoint without safetensors files is not checked here (the plan checks the store).
+    largest element size, plus alignment, so it works as given. A checkpoint without safetensors files is not
+    checked here (the plan checks the store).
     """
     from accelerate import init_empty_weights
 
-    from ..errors import BudgetError
+    from ..errors import BudgetError, UnsupportedModelError
     from ..plan import find_blocks, make_plan
 
     sizes = {dtype.itemsize} if dtype is not None else _checkpoint_itemsizes(folder)
@@ -156,7 +157,10 @@ def check_budget_before_reshard(
         return
     with init_empty_weights(include_buffers=False), quiet_transformers():
         skeleton = cls._from_config(hf_config)
-    blocks = find_blocks(skeleton)
+    try:
+        blocks = find_blocks(skeleton)
+    except UnsupportedModelError:
+        return  # reported by the reshard, as without a budget
     counts: dict[str, list[int]] = {name: [0, 0] for name in ["", *blocks]}  # name -> [elements, tensors]
     seen: set[int] = set()
     for name, param in skeleton.named_parameters():
