@@ -85,3 +85,25 @@ def test_direct_io_self_test_only_for_stores_larger_than_ram(tmp_path: Path, cap
         assert "cold read self-test" in caplog.text and isinstance(choice, bool)
     else:
         assert choice is False
+
+
+def test_bench_measures_each_backend_and_assisted_generation(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    result = run_bench(
+        model_dirs["llama"], workdir=tmp_path, budget_fraction=0.7, device="cpu", batches=(1,), tokens=6, runs=1,
+        caches=("warm",), max_threads=1, backends=("posix", "mmap"), assistant="prompt-lookup",
+    )  # fmt: skip
+    rows = [r for r in result["results"] if r["system"] == "tensorstream"]
+    assert [r["backend"] for r in rows] == ["posix", "mmap"]
+    for row in rows:  # memory told in two parts; the budget bounds the anonymous one
+        assert row["peak_file_rss"] > 0 and "peak_anon_rss_above_baseline" in row
+    assisted = [r for r in result["results"] if r["system"] == "ts+assistant"]
+    greedy = [r for r in result["results"] if r["system"] == "ts greedy"]
+    assert len(assisted) == len(greedy) == 2  # one pair per backend
+    for row in assisted:
+        assert row["same_as_resident"] is True  # streamed + prompt lookup == resident + prompt lookup
+        assert row["tokens_per_pass"] > 0 and row["weight_passes"] >= 1
+    for row in greedy:
+        assert row["tokens_per_pass"] == 6 / 6  # plain greedy: one pass per token (prefill included)
+    assert {"peak_anon_rss_within_budget_plus_64MB", "warm_0.9x_resident"} <= set(result["targets"])
+    table = format_table(result)
+    assert "anon GB" in table and "tok/pass" in table and "same as resident: True" in table
