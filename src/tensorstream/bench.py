@@ -201,7 +201,8 @@ def _assisted(
     if assistant == "prompt-lookup":
         extra: dict[str, Any] = {"prompt_lookup_num_tokens": 10}
     else:
-        extra = {"assistant_model": AutoModelForCausalLM.from_pretrained(assistant).to(device)}
+        draft: Any = AutoModelForCausalLM.from_pretrained(assistant)
+        extra = {"assistant_model": draft.to(device)}
     passes = [0]
     handle = model.register_forward_pre_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
     rows, outputs = [], {}
@@ -227,7 +228,8 @@ def _assisted(
             })  # fmt: skip
     finally:
         handle.remove()
-    resident = AutoModelForCausalLM.from_pretrained(source).to(device)
+    resident: Any = AutoModelForCausalLM.from_pretrained(source)
+    resident = resident.to(device)
     with torch.inference_mode():
         expected = resident.generate(ids, **{**base, **extra})
     del resident
