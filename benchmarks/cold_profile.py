@@ -42,6 +42,8 @@ def profile(source: Path, storage: Path, backend: str, budget: float, tokens: in
                                  direct_io=False if backend in ("posix", "auto") else None)  # fmt: skip
     model: Any = AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=config)
     engine = model._tensorstream_engine
+    if engine.mapped:  # as for a store larger than RAM; the kernel would not drop pages that stay mapped
+        engine.backend.keep_mapped = False
     files = [engine.store.file(entry) for entry in engine.store.entries()]
     reads: list[tuple[str, float, float, int]] = []
     lock = threading.Lock()

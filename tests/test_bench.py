@@ -107,3 +107,24 @@ def test_bench_measures_each_backend_and_assisted_generation(model_dirs: dict[st
     assert {"peak_anon_rss_within_budget_plus_64MB", "warm_0.9x_resident"} <= set(result["targets"])
     table = format_table(result)
     assert "anon GB" in table and "tok/pass" in table and "same as resident: True" in table
+
+
+def test_cold_condition_unmaps_the_zero_copy_mode_so_the_cache_drop_is_real(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """posix_fadvise(DONTNEED) skips mapped pages: a kept mapping would make "cold" a warm measurement."""
+    import tensorstream.bench as bench
+
+    seen = []
+    real = bench._decode
+
+    def spy(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(model._tensorstream_engine.backend.keep_mapped)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_decode", spy)
+    run_bench(
+        model_dirs["llama"], workdir=tmp_path, budget_fraction=0.7, device="cpu", batches=(1,), tokens=2, runs=1,
+        caches=("cold", "warm"), max_threads=1, backends=("mmap",), resident=False,
+    )  # fmt: skip
+    assert seen == [False, True]  # cold: unmapped after each block, as for a store larger than RAM; warm: kept
