@@ -237,3 +237,32 @@ def test_stats_report_anonymous_and_file_backed_memory(setup) -> None:  # type: 
     assert figures["rss_anon_bytes"] > 0 and figures["rss_file_bytes"] > 0
     assert memory["rss"] == memory["anon"] + memory["file"] + memory["shmem"]
     assert "anonymous" in str(stats) and "file-backed" in str(stats)
+
+
+@pytest.mark.parametrize("keep_mapped", [True, False], ids=["keep mapped", "evict after use"])
+def test_mapped_mode_kept_mapping_is_not_walked_again_each_pass(setup, keep_mapped: bool) -> None:  # type: ignore[no-untyped-def]
+    from tensorstream.backends.mmap import MADV_POPULATE_READ, Mapping
+
+    source, storage, reference = setup
+    model = streaming(source, storage, budget_gb=budgets(storage)["stream_all"], backend="mmap")
+    engine = model._tensorstream_engine
+    engine.backend.keep_mapped = keep_mapped
+    calls: list[int] = []
+    real = Mapping.advise
+
+    def counting(self: Mapping, advice: int, offset: int, length: int) -> bool:
+        calls.append(advice)
+        return real(self, advice, offset, length)
+
+    with torch.inference_mode():
+        model(ids())
+        for _ in range(2):
+            model(ids())  # a whole pass after the first: every block was populated before
+        calls.clear()
+        Mapping.advise = counting  # type: ignore[method-assign]
+        try:
+            assert torch.equal(model(ids()).logits, reference(ids()).logits)
+        finally:
+            Mapping.advise = real  # type: ignore[method-assign]
+    populates = calls.count(MADV_POPULATE_READ)
+    assert (populates == 0) if keep_mapped else (populates >= len(engine.blocks))
