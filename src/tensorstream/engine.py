@@ -529,13 +529,9 @@ class Engine:
 def _keep_mapped(total_bytes: int) -> bool:
     """Zero-copy mode: leave a block's pages mapped after it ran when the whole store fits in half the memory
     available (they are the page cache's pages either way; unmapping and re-faulting them every pass costs CPU)."""
-    from .plan import _cgroup_available, _meminfo_available
+    from .backends import memory_available
 
-    available = _meminfo_available()
-    cgroup = _cgroup_available()
-    if cgroup is not None:
-        available = min(available, cgroup)
-    return total_bytes <= available // 2
+    return total_bytes <= memory_available() // 2
 
 
 def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any], slots: Any) -> None:

@@ -86,16 +86,20 @@ def choose_backend(name: str, device: torch.device, store_bytes: int, *, direct_
     """
     if name != "auto" or device.type != "cpu" or direct_io:
         return name
-    from ..plan import _cgroup_available, _meminfo_available
     from .mmap import populate_supported
+
+    if store_bytes <= 0.8 * memory_available() and populate_supported():
+        return "mmap"
+    return name
+
+
+def memory_available() -> int:
+    """Bytes of memory available to this process: ``MemAvailable``, capped by the cgroup's limit if it has one."""
+    from ..plan import _cgroup_available, _meminfo_available
 
     available = _meminfo_available()
     cgroup = _cgroup_available()
-    if cgroup is not None:
-        available = min(available, cgroup)
-    if store_bytes <= 0.8 * available and populate_supported():
-        return "mmap"
-    return name
+    return available if cgroup is None else min(available, cgroup)
 
 
 def _gds_available() -> bool:
