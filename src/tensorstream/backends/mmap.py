@@ -119,11 +119,14 @@ class Mapping:
         return True
 
     def close(self) -> None:
+        """Drop this handle's references; the pages are unmapped when the last view of them is gone.
+
+        Never ``mapping.close()``: ``torch.frombuffer`` keeps a reference to the mmap object but not a buffer
+        export, so closing it would unmap pages that a parameter view (held by a caller, or bound) still points
+        at, and the next access would crash the process.
+        """
         self.tensor = None  # type: ignore[assignment]
-        try:
-            self.mapping.close()
-        except BufferError:  # a caller still holds a parameter view: the mapping goes when that view does
-            pass
+        self.mapping = None  # type: ignore[assignment]
         os.close(self.fd)
 
 
