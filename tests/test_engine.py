@@ -170,6 +170,9 @@ def test_mapped_mode_binds_views_of_the_file_and_is_bit_identical(
     assert torch.equal(out, expected)
     assert seen and all(seen)  # every parameter of the block is a view of its mapped file
     assert tensorstream.stats(model).sync_loads == 0
+    # the slots still bound the blocks in flight: every slot is free or holds one read, none lost or invented
+    held = sorted([*engine.free, *(load.slot for load in engine.pipeline.values())])
+    assert held == list(range(engine.plan.num_slots))
 
 
 def test_auto_picks_the_mapped_mode_on_cpu_when_the_store_fits_in_memory(

@@ -327,16 +327,16 @@ class Engine:
     def _bind(self, b: int, slot: int) -> None:
         block = self.blocks[b]
         if self.mapped:
-            slot = -1  # the views are the block's own, whatever slot it went through
             self._check_mapped(block)
-        views = self._views.get((b, slot))
+        key = (b, -1 if self.mapped else slot)  # mapped: the views are the block's own, whatever its slot
+        views = self._views.get(key)
         if views is None:
             buf = self._mapped_data(block) if self.mapped else self.slots.device_buffer(slot)
             views = [
                 nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=False)
                 for _, _, _, start, end, dtype, shape in block.targets
             ]
-            self._views[(b, slot)] = views
+            self._views[key] = views
         for (module, attr, *_), param in zip(block.targets, views, strict=True):
             module._parameters[attr] = param
         self.bound = (b, slot)
