@@ -3,8 +3,10 @@
 #   1. the tests marked cuda/kvikio, with TENSORSTREAM_REQUIRE_GPU=1 so a skip is a failure (this includes a run
 #      under TORCH_CUDA_SANITIZER=1 and bit-exact logits/generations for the POSIX and KvikIO backends);
 #   2. benchmarks/gpu_bench.py: raw O_DIRECT read GB/s of the .ts files, streaming GB/s and tokens/s for both
-#      backends, accelerate's disk offload at the same budget, the fraction of time the forward waited for I/O.
-# Writes $OUT/gpu_check.log and $OUT/gpu_bench.json (OUT defaults to ./gpu-check-out).
+#      backends, accelerate's disk offload at the same budget, the fraction of time the forward waited for I/O;
+#   3. benchmarks/h2d_paths.py: page cache -> GPU both ways on the same store (pread into pinned staging by 1-8
+#      threads vs DMA from cudaHostRegister'ed read-only mappings), GB/s and a correctness check of each.
+# Writes $OUT/gpu_check.log, $OUT/gpu_bench.json and $OUT/h2d_paths.json (OUT defaults to ./gpu-check-out).
 #
 # Prepare once on a machine with network access to PyPI (the GPU machine has none):
 #   scripts/gpu_check.sh --prepare      # copies the kvikio wheels and downloads pytest's wheels into .gpu-wheels/
@@ -55,6 +57,9 @@ TENSORSTREAM_REQUIRE_GPU=1 timeout 300 python3 -m pytest -q -p no:cacheprovider 
 
 echo "== benchmark"
 timeout 420 python3 benchmarks/gpu_bench.py --out "$OUT" || status=1
+
+echo "== page cache -> GPU: pread + pinned staging vs registered mappings"
+timeout 180 python3 benchmarks/h2d_paths.py --out "$OUT" || status=1
 
 echo "== done (status $status)"
 exit $status

@@ -564,7 +564,11 @@ def test_streaming_peak_rss_within_budget_plus_overhead(tmp_path: Path, family: 
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["model_bytes"] >= 300e6, figures
     assert figures["streamed_blocks"] == figures["blocks"], figures
-    assert figures["peak_rss"] - figures["baseline_rss"] <= figures["budget_bytes"] + 64e6, figures
+    # the budget bounds anonymous memory; with the zero-copy mmap mode (what "auto" picks on CPU when the store
+    # fits in memory) the weights are mapped page-cache pages, file-backed (see test_streaming's RSS test)
+    assert figures["peak_anon_rss"] - figures["baseline_anon_rss"] <= figures["budget_bytes"] + 64e6, figures
+    if figures["backend"].startswith("posix"):
+        assert figures["peak_rss"] - figures["baseline_rss"] <= figures["budget_bytes"] + 64e6, figures
 
 
 # -- the registry sweep's failure classes (scripts/registry_sweep.py, docs/models.md) ---------------------------

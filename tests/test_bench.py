@@ -134,3 +134,46 @@ def test_bench_budget_too_small_fails_before_measuring(model_dirs: dict[str, Pat
     argv += ["--batch", "1", "--tokens", "2", "--runs", "1", "--cache", "warm", "--no-resident"]
     followed = subprocess.run([sys.executable, "-m", "tensorstream.cli", *argv], capture_output=True, text=True)
     assert followed.returncode == 0, followed.stderr
+
+
+def test_bench_measures_each_backend_and_assisted_generation(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    result = run_bench(
+        model_dirs["llama"], workdir=tmp_path, budget_fraction=0.7, device="cpu", batches=(1,), tokens=6, runs=1,
+        caches=("warm",), max_threads=1, backends=("posix", "mmap"), assistant="prompt-lookup",
+    )  # fmt: skip
+    rows = [r for r in result["results"] if r["system"] == "tensorstream"]
+    assert [r["backend"] for r in rows] == ["posix", "mmap"]
+    for row in rows:  # memory told in two parts; the budget bounds the anonymous one
+        assert row["peak_file_rss"] > 0 and "peak_anon_rss_above_baseline" in row
+    assisted = [r for r in result["results"] if r["system"] == "ts+assistant"]
+    greedy = [r for r in result["results"] if r["system"] == "ts greedy"]
+    assert len(assisted) == len(greedy) == 2  # one pair per backend
+    for row in assisted:
+        assert row["same_as_resident"] is True  # streamed + prompt lookup == resident + prompt lookup
+        assert row["tokens_per_pass"] > 0 and row["weight_passes"] >= 1
+    for row in greedy:
+        assert row["tokens_per_pass"] == 6 / 6  # plain greedy: one pass per token (prefill included)
+    assert {"peak_anon_rss_within_budget_plus_64MB", "warm_0.9x_resident"} <= set(result["targets"])
+    table = format_table(result)
+    assert "anon GB" in table and "tok/pass" in table and "same as resident: True" in table
+
+
+def test_cold_condition_unmaps_the_zero_copy_mode_so_the_cache_drop_is_real(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """posix_fadvise(DONTNEED) skips mapped pages: a kept mapping would make "cold" a warm measurement."""
+    import tensorstream.bench as bench
+
+    seen = []
+    real = bench._decode
+
+    def spy(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(model._tensorstream_engine.backend.keep_mapped)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_decode", spy)
+    run_bench(
+        model_dirs["llama"], workdir=tmp_path, budget_fraction=0.7, device="cpu", batches=(1,), tokens=2, runs=1,
+        caches=("cold", "warm"), max_threads=1, backends=("mmap",), resident=False,
+    )  # fmt: skip
+    assert seen == [False, True]  # cold: unmapped after each block, as for a store larger than RAM; warm: kept

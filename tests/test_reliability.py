@@ -373,7 +373,13 @@ def test_a_block_file_truncated_while_streaming_is_an_error_not_zeros_or_a_crash
 def test_a_failing_reader_reaches_the_forward_as_a_typed_error_never_a_hang(
     model_dirs: dict[str, Path], store: Path, reference: torch.nn.Module, failure: Callable[..., int]
 ) -> None:
-    model = streaming(model_dirs["llama"], store.parent, budget_gb=budgets(store.parent, 1)["stream_all"], prefetch=1)
+    model = streaming(
+        model_dirs["llama"],
+        store.parent,
+        budget_gb=budgets(store.parent, 1)["stream_all"],
+        prefetch=1,
+        backend="posix",
+    )
     engine = model._tensorstream_engine
     within(60, lambda: model(ids()))
     real = engine.backend.read_into
@@ -679,8 +685,9 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(
 ) -> None:
     """A real SIGINT, delivered while generate waits for slow reads, at three different moments."""
     model = streaming(
-        model_dirs["llama"], pristine.parent, budget_gb=budgets(pristine.parent, 1)["stream_all"], prefetch=1
-    )
+        model_dirs["llama"], pristine.parent, budget_gb=budgets(pristine.parent, 1)["stream_all"], prefetch=1,
+        backend="posix",
+    )  # fmt: skip
     engine = model._tensorstream_engine
     real = engine.backend.read_into
 

@@ -219,7 +219,10 @@ def test_streaming_through_the_cuda_state_machine(
     monkeypatch.setattr(engine_module, "make_slots", fake_pool)
     reference = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     tensorstream.reshard(model_dirs["llama"], storage, progress=False)
-    model = streaming(model_dirs["llama"], storage, budget_gb=budgets(storage, 2)["stream_all"], prefetch=2)
+    # backend="posix": the CPU device's zero-copy mmap mode (what "auto" picks) has no slot buffers to fake
+    model = streaming(
+        model_dirs["llama"], storage, budget_gb=budgets(storage, 2)["stream_all"], prefetch=2, backend="posix"
+    )
     if cache:  # serve every other block from the pinned host cache tier
         engine = model._tensorstream_engine
         for block in engine.blocks[::2]:

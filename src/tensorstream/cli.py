@@ -318,6 +318,16 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--cache", choices=("cold", "warm"), action="append", help="cache condition(s) (both)")
     p.add_argument("--compare", choices=("accelerate",), action="append", default=[], help="also measure a peer")
     p.add_argument("--no-resident", action="store_true", help="skip the fully resident model")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "posix", "mmap", "kvikio"),
+        action="append",
+        help="tensorstream backend(s) to measure, one after the other in this run; repeat for several (auto)",
+    )
+    p.add_argument(
+        "--assistant",
+        help="also measure assisted generation (warm, batch 1): 'prompt-lookup' or a draft model folder / Hub id",
+    )
     p.add_argument("--workdir", help="where the standard model and stores are kept (<storage_path>/bench)")
     p.add_argument("--out", default="tensorstream-bench.json", help="JSON output file (tensorstream-bench.json)")
     p.add_argument("--plot", help="also write a PNG bar chart here (needs matplotlib)")
@@ -341,6 +351,8 @@ def _bench(args: argparse.Namespace) -> int:
         caches=tuple(args.cache or ("cold", "warm")),
         compare=tuple(args.compare),
         resident=not args.no_resident,
+        backends=tuple(args.backend or ()),
+        assistant=args.assistant,
         progress=None if args.json else (lambda line: print(f"... {line}", file=sys.stderr, flush=True)),
     )
     write_json(result, args.out)

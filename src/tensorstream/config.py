@@ -103,7 +103,10 @@ class Config:
             Upper bound on how many blocks are read ahead of the one computing. ``0`` reads each block when
             it is needed. The planner lowers it (never below 1) when the budget is tight.
         backend (`str`, defaults to ``"auto"``):
-            ``"auto"``, ``"posix"`` (``os.preadv`` into the slot), ``"mmap"`` or ``"kvikio"`` (GPUDirect Storage).
+            ``"auto"``, ``"posix"`` (``os.preadv`` into the slot), ``"mmap"`` (on CPU: zero-copy, parameters are
+            views of the mapped ``.ts`` files; elsewhere a copy out of the mapping) or ``"kvikio"`` (GPUDirect
+            Storage). ``"auto"`` on CPU is ``"mmap"`` when the store fits in 80% of the memory available, else
+            ``"posix"``; on CUDA, ``"kvikio"`` where GDS is available, else ``"posix"``.
         direct_io (`bool`, *optional*):
             Read with ``O_DIRECT`` (bypassing the page cache). ``None``: buffered when the store fits in the RAM
             available (the page cache then serves every pass after the first); otherwise a quick cold self-test picks

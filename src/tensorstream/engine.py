@@ -37,15 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import Backend, get_backend
+from .backends import Backend, choose_backend, get_backend
 from .config import Config
 from .errors import CorruptFileError, StaleStoreError, StreamingError
 from .format import TsHeader, aligned_empty, data_checksum, read_data, verify_buffer
 from .plan import Plan
-from .slots import make_slots
+from .slots import MappedSlots, make_slots
 from .store import BlockEntry, Store, repair_hint
 
-__all__ = ["Engine", "StreamStats"]
+__all__ = ["Engine", "StreamStats", "process_memory"]
 
 logger = logging.getLogger(__name__)
 MIN_REQUEST = 4 << 20
@@ -66,6 +66,10 @@ class StreamStats:
         blocks_run: streamed block forwards.
         cache_loads: block loads served from the pinned host cache tier instead of storage.
         resident_blocks, streamed_blocks, num_slots, backend: the plan and backend in use.
+        rss_anon_bytes, rss_file_bytes: this process's anonymous and file-backed resident memory now (properties,
+            read from ``/proc/self/status``). The budget bounds the anonymous part. File-backed pages are the page
+            cache's: with ``backend="mmap"`` on CPU the streamed weights are mapped views of them, which the
+            kernel reclaims under memory pressure (see ``docs/performance.md``).
     """
 
     bytes_read: int = 0
@@ -86,6 +90,16 @@ class StreamStats:
     def read_gb_per_s(self) -> float:
         """Read throughput while reads were in progress, in GB/s (10^9 bytes)."""
         return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+    @property
+    def rss_anon_bytes(self) -> int:
+        """Anonymous resident memory of this process now (``RssAnon``); 0 where ``/proc`` is missing."""
+        return process_memory()["anon"]
+
+    @property
+    def rss_file_bytes(self) -> int:
+        """File-backed resident memory of this process now (``RssFile``: mapped files, the mapped store included)."""
+        return process_memory()["file"]
 
     def reset(self) -> None:
         """Zero the counters (the plan fields stay)."""
@@ -109,15 +123,48 @@ class StreamStats:
             "num_slots",
             "backend",
         )
-        return {**{name: getattr(self, name) for name in fields}, "read_gb_per_s": self.read_gb_per_s}
+        memory = process_memory()
+        return {
+            **{name: getattr(self, name) for name in fields},
+            "read_gb_per_s": self.read_gb_per_s,
+            "rss_anon_bytes": memory["anon"],
+            "rss_file_bytes": memory["file"],
+        }
 
     def __str__(self) -> str:
         return (
             f"StreamStats(read {self.bytes_read / 1e9:.3f} GB in {self.blocks_loaded} block loads at "
             f"{self.read_gb_per_s:.2f} GB/s, {self.prefetch_hits} prefetch hits, {self.sync_loads} sync loads, "
             f"waited {self.wait_seconds:.3f} s over {self.blocks_run} block forwards; {self.resident_blocks} "
-            f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend})"
+            f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend}; "
+            f"RSS {self.rss_anon_bytes / 1e9:.3f} GB anonymous + {self.rss_file_bytes / 1e9:.3f} GB file-backed)"
         )
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory by kind, in bytes: ``rss``, ``anon``, ``file``, ``shmem`` and ``peak``.
+
+    Read from ``/proc/self/status`` (``VmRSS``, ``RssAnon``, ``RssFile``, ``RssShmem``, ``VmHWM``); zeros where
+    it does not exist. ``peak`` is the peak of the total (the kernel keeps no peak of the anonymous part alone).
+
+    Example:
+        ```python
+        >>> memory = process_memory()
+        >>> memory["rss"] == memory["anon"] + memory["file"] + memory["shmem"]
+        True
+        ```
+    """
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem", "VmHWM:": "peak"}
+    values = dict.fromkeys(keys.values(), 0)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(None, 1)[0] if line.strip() else ""
+                if key in keys:
+                    values[keys[key]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return values
 
 
 class _Load:
@@ -162,11 +209,12 @@ class Engine:
         self.plan = plan
         self.device = config.execution_device
         direct_io = config.direct_io
-        if direct_io is None and config.backend in ("auto", "posix"):
+        backend = choose_backend(config.backend, self.device, store.total_bytes, direct_io=direct_io)
+        if direct_io is None and backend in ("auto", "posix"):
             from .backends.posix import choose_direct_io
 
             direct_io = choose_direct_io(store.path, store.total_bytes)
-        self.backend: Backend = get_backend(config.backend, self.device, direct_io=direct_io)
+        self.backend: Backend = get_backend(backend, self.device, direct_io=direct_io)
         self.verify_checksum = config.verify == "checksum"
         self.stats = StreamStats(
             resident_blocks=len(plan.resident),
@@ -188,7 +236,14 @@ class Engine:
             self._close_handles()
             raise
         direct = bool(getattr(self.backend, "reads_device_memory", False))
-        self.slots = make_slots(self.device, plan.arena_bytes, direct=direct)
+        #: zero-copy: parameters are views of the backend's mapping of each file (CPU and ``backend="mmap"``);
+        #: the arena then holds no memory, it only counts the blocks in flight, and a read populates mapped pages.
+        self.mapped = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False))
+        if self.mapped:
+            self.backend.keep_mapped = _keep_mapped(store.total_bytes)  # type: ignore[attr-defined]
+        self.slots = (
+            MappedSlots(plan.arena_bytes) if self.mapped else make_slots(self.device, plan.arena_bytes, direct=direct)
+        )
         self._load_host_cache(plan.cached)
         self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
         self.request = -(-self.request // 4096) * 4096
@@ -271,10 +326,13 @@ class Engine:
         self._fill()
 
     def _bind(self, b: int, slot: Any) -> None:
-        views = self._views.get((b, slot.start))
         block = self.blocks[b]
+        if self.mapped:
+            self._check_mapped(block)
+        key = (b, -1 if self.mapped else slot.start)  # mapped: the views are the block's own, whatever its slot
+        views = self._views.get(key)
         if views is None:
-            buf = self.slots.device_buffer(slot)
+            buf = self._mapped_data(block) if self.mapped else self.slots.device_buffer(slot)
             # exactly as the resident model holds them: a parameter that requires grad makes some models take
             # other kernels (Longformer, LED, FSMT: logits differ in the last bit otherwise)
             views = [
@@ -283,10 +341,23 @@ class Engine:
             ]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
-            self._views[(b, slot.start)] = views
+            self._views[key] = views
         for (module, attr, *_), param in zip(block.targets, views, strict=True):
             module._parameters[attr] = param
         self.bound = (b, slot)
+
+    def _mapped_data(self, block: _Block) -> torch.Tensor:
+        data = self.backend.data(block.handle, block.header.data_offset, block.header.data_size)  # type: ignore[attr-defined]
+        if data is None:
+            raise CorruptFileError(
+                f"{self.store.file(block.entry)}: the file is shorter than its header says (it shrank while "
+                "mapped); rerun `tensorstream reshard --force` on the source."
+            )
+        return data
+
+    def _check_mapped(self, block: _Block) -> None:
+        """Before binding views of a mapping: the file must still hold them (a shrunk file would be SIGBUS)."""
+        self._mapped_data(block)
 
     def _unbind(self) -> None:
         assert self.bound is not None
@@ -295,6 +366,9 @@ class Engine:
             module._parameters[attr] = placeholder
         self.bound = None
         self.pipeline.pop(b, None)
+        if self.mapped:
+            block = self.blocks[b]
+            self.backend.evict(block.handle, block.header.data_offset, block.header.data_size)  # type: ignore[attr-defined]
         self.slots.release(slot)
 
     def _fill(self) -> None:
@@ -389,8 +463,11 @@ class Engine:
         try:
             if start == 0:
                 self.slots.prepare_read(load.slot)
-            target = self.slots.read_target(load.slot)[start:end]
-            n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
+            if self.mapped:
+                n = self.backend.populate(block.handle, block.header.data_offset + start, end - start)  # type: ignore[attr-defined]
+            else:
+                target = self.slots.read_target(load.slot)[start:end]
+                n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
             expected = min(end, block.header.data_size) - start
             if n < expected:
                 raise CorruptFileError(
@@ -417,7 +494,10 @@ class Engine:
             if load.error is None:
                 size = block.header.data_size
                 if self.verify_checksum:
-                    actual = data_checksum(self.slots.host_view(load.slot, size))
+                    view = (
+                        self._mapped_data(block).numpy().data if self.mapped else self.slots.host_view(load.slot, size)
+                    )
+                    actual = data_checksum(view)
                     if actual != block.entry.checksum:
                         raise CorruptFileError(
                             f"{self.store.file(block.entry)}: data checksum {actual} does not match "
@@ -452,6 +532,14 @@ class Engine:
     def _close_handles(self) -> None:
         for block in self.blocks:
             self.backend.close(block.handle)
+
+
+def _keep_mapped(total_bytes: int) -> bool:
+    """Zero-copy mode: leave a block's pages mapped after it ran when the whole store fits in half the memory
+    available (they are the page cache's pages either way; unmapping and re-faulting them every pass costs CPU)."""
+    from .backends import memory_available
+
+    return total_bytes <= memory_available() // 2
 
 
 def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any], slots: Any) -> None:

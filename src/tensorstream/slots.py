@@ -50,7 +50,16 @@ import torch
 
 from .format import aligned_empty
 
-__all__ = ["REGION_ALIGNMENT", "Arena", "CudaSlots", "GenericSlots", "HostSlots", "Region", "make_slots"]
+__all__ = [
+    "REGION_ALIGNMENT",
+    "Arena",
+    "CudaSlots",
+    "GenericSlots",
+    "HostSlots",
+    "MappedSlots",
+    "Region",
+    "make_slots",
+]
 
 REGION_ALIGNMENT = 4096
 
@@ -302,6 +311,31 @@ class GenericSlots(Arena):
     def drop(self, region: Region) -> None:
         self.sources.pop(id(region), None)
         super().drop(region)
+
+    def close(self) -> None:
+        pass
+
+
+class MappedSlots(Arena):
+    """An arena with no memory of its own, for the zero-copy mode on CPU (``backend="mmap"``).
+
+    The block's parameters are views of the backend's mapping of its file (the page cache); the regions only bound
+    how many blocks are populated ahead at once, exactly as they bound the reads of the other pools.
+    """
+
+    direct = False
+
+    def __init__(self, arena_bytes: int) -> None:
+        super().__init__(region_bytes(arena_bytes))
+
+    def prepare_read(self, region: Region) -> None:
+        pass
+
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
+        pass
+
+    def before_compute(self, region: Region) -> None:
+        pass
 
     def close(self) -> None:
         pass

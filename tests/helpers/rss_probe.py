@@ -1,6 +1,6 @@
 """Measure peak RSS of resharding or streaming a model of a few hundred MB, in a fresh process. Prints one JSON line.
 
-Usage: python rss_probe.py reshard|stream WORKDIR [BUDGET] [FAMILY]
+Usage: python rss_probe.py reshard|stream WORKDIR [BUDGET] [FAMILY] [BACKEND]
 
 BUDGET is a fraction of the model's bytes (default 0.25) or ``min``: the smallest budget that streams every
 block (non-block weights plus two slots, ``prefetch=1``). FAMILY picks the model:
@@ -9,6 +9,11 @@ block (non-block weights plus two slots, ``prefetch=1``). FAMILY picks the model
 * ``llama-big-embed``: ~340 MB, of which a tied 80k x 768 embedding is 246 MB (large non-block weights);
 * ``llama-1g``: ~1.5 GB fp32 Llama, 10 blocks of 113 MB (for the figures in docs/models.md, not the tests);
 * ``qwen2-moe``: ~320 MB Qwen2-MoE whose odd layers are mixtures of 8 experts and even layers dense (uneven blocks).
+
+BACKEND is the streaming backend (default ``auto``). ``peak_rss`` is the kernel's exact peak of the total RSS;
+``peak_anon_rss`` and ``peak_file_rss`` are the peaks of the anonymous and file-backed parts sampled every
+millisecond by a thread (the kernel keeps no peak of either): with ``backend="mmap"`` the streamed weights are
+mapped page-cache pages, which count as file-backed.
 
 The test may build the model beforehand with `prepare` (faster: its process has torch imported already); otherwise
 it is built here and freed before the baseline is taken (its large buffers go back to the OS). The baseline is the
@@ -36,6 +41,39 @@ def peak_rss() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM")
+
+
+class Sampler:
+    """Samples RssAnon and RssFile every millisecond on a thread; keeps their peaks."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = {"RssAnon:": 0, "RssFile:": 0}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.001):
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(None, 1)[0] if line.strip() else ""
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+
+    def close(self) -> dict[str, int]:
+        self.stop.set()
+        self.thread.join()
+        return {"peak_anon_rss": self.peak["RssAnon:"], "peak_file_rss": self.peak["RssFile:"]}
+
+
+def anon_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
 
 
 def reset_peak() -> None:
@@ -113,6 +151,7 @@ def main() -> None:
     mode, work = sys.argv[1], Path(sys.argv[2])
     budget_arg = sys.argv[3] if len(sys.argv) > 3 else "0.25"
     family = sys.argv[4] if len(sys.argv) > 4 else "llama"
+    backend = sys.argv[5] if len(sys.argv) > 5 else "auto"
     prepare(work, family, reshard=False)  # a no-op when the test built it already
 
     import torch
@@ -142,13 +181,19 @@ def main() -> None:
         gc.collect()
         reset_peak()
         baseline = rss_now()
-        cfg = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=budget / 1e9, prefetch=prefetch)
+        figures["baseline_anon_rss"] = anon_rss()
+        sampler = Sampler()
+        cfg = tensorstream.Config(
+            device="cpu", storage_path=storage, budget_gb=budget / 1e9, prefetch=prefetch, backend=backend
+        )
         model = AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg)
         figures["after_load_rss"] = rss_now()
         with torch.inference_mode():
             model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=8, do_sample=False)
+        figures.update(sampler.close())
         figures["budget_bytes"] = budget
         figures["streamed_blocks"] = tensorstream.stats(model).streamed_blocks
+        figures["backend"] = tensorstream.stats(model).backend
     figures["peak_rss"] = peak_rss()
     figures["baseline_rss"] = baseline
     store = Store.open(path)

@@ -14,7 +14,7 @@ import torch
 from ..errors import BackendUnavailableError
 from .base import Backend
 
-__all__ = ["Backend", "get_backend"]
+__all__ = ["Backend", "choose_backend", "get_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,9 @@ def get_backend(name: str, device: torch.device, *, direct_io: bool | None = Non
     """The backend called ``name`` (``"auto"``, ``"posix"``, ``"mmap"`` or ``"kvikio"``) for ``device``.
 
     ``"auto"`` is KvikIO on a CUDA device where GPUDirect Storage is available, else the POSIX backend (buffered
-    unless ``direct_io=True``). The choice is logged once at INFO with the GDS and O_DIRECT status.
+    unless ``direct_io=True``); the engine first resolves ``"auto"`` on CPU with `choose_backend` (which knows
+    the store's size) to the zero-copy ``"mmap"`` mode when the store fits in memory. The choice is logged once
+    at INFO with the GDS and O_DIRECT status.
 
     Raises:
         `BackendUnavailableError`: the backend cannot run here; the message says how to fix it.
@@ -65,6 +67,39 @@ def get_backend(name: str, device: torch.device, *, direct_io: bool | None = Non
         raise BackendUnavailableError(f"backend={name!r} is unknown; use 'auto', 'posix', 'mmap' or 'kvikio'.")
     _log_choice(backend, device)
     return backend
+
+
+def choose_backend(name: str, device: torch.device, store_bytes: int, *, direct_io: bool | None = None) -> str:
+    """What ``backend=name`` means for a store of ``store_bytes`` on ``device``: ``"auto"`` resolved for CPU.
+
+    On a CPU device, ``"auto"`` is ``"mmap"`` (zero-copy: parameters are views of the page cache) when the store
+    fits in 80% of the memory available, so that it stays in the page cache after the first pass, and the kernel
+    can populate mappings (``MADV_POPULATE_READ``, Linux >= 5.14); otherwise (a store larger than RAM is read
+    cold every pass, and buffered or ``O_DIRECT`` reads into the slots are the disk's speed) it stays ``"auto"``,
+    which `get_backend` makes the POSIX backend. Any other name, device, or ``direct_io=True`` is returned as is.
+
+    Example:
+        ```python
+        >>> choose_backend("auto", torch.device("cpu"), 2 << 30)  # on a machine with 16 GB free
+        'mmap'
+        ```
+    """
+    if name != "auto" or device.type != "cpu" or direct_io:
+        return name
+    from .mmap import populate_supported
+
+    if store_bytes <= 0.8 * memory_available() and populate_supported():
+        return "mmap"
+    return name
+
+
+def memory_available() -> int:
+    """Bytes of memory available to this process: ``MemAvailable``, capped by the cgroup's limit if it has one."""
+    from ..plan import _cgroup_available, _meminfo_available
+
+    available = _meminfo_available()
+    cgroup = _cgroup_available()
+    return available if cgroup is None else min(available, cgroup)
 
 
 def _gds_available() -> bool:
