@@ -28,6 +28,7 @@ from .errors import (
     StreamingError,
     TensorStreamError,
     UnsupportedModelError,
+    UnsupportedOperationError,
 )
 from .format import load_ts, read_ts_header, save_to_ts
 from .integrations.transformers import install as _install_transformers
@@ -51,6 +52,7 @@ __all__ = [
     "StreamingError",
     "TensorStreamError",
     "UnsupportedModelError",
+    "UnsupportedOperationError",
     "__version__",
     "detach",
     "load_ts",

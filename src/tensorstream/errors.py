@@ -13,6 +13,7 @@ already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` 
      ├── BackendUnavailableError(ImportError)  an I/O backend cannot run here (missing package, no driver)
      ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
      ├── StreamingError(RuntimeError)          a background read failed while the model was running
+     ├── UnsupportedOperationError(RuntimeError)  a cast, move or backward a streaming model cannot do correctly
      ├── NotStreamingError(ValueError)         the model passed in is not streaming
      └── LockTimeoutError(TimeoutError)        another process held the reshard lock for too long
 
@@ -36,6 +37,7 @@ __all__ = [
     "StreamingError",
     "TensorStreamError",
     "UnsupportedModelError",
+    "UnsupportedOperationError",
 ]
 
 
@@ -97,6 +99,14 @@ class UnsupportedModelError(TensorStreamError, ValueError):
 
 class StreamingError(TensorStreamError, RuntimeError):
     """A background read failed; raised from the forward call that needed the block."""
+
+
+class UnsupportedOperationError(TensorStreamError, RuntimeError):
+    """An operation a streaming model cannot do correctly: ``model.to(dtype)``/``.half()``/``.to(device)`` (the
+    store holds one dtype and the slots live on one device), or a backward through streamed weights.
+
+    The model is unchanged and stays usable; the message says what to do instead.
+    """
 
 
 class LockTimeoutError(TensorStreamError, TimeoutError):

@@ -185,6 +185,10 @@ def _remove_accelerate_hooks(model: Any) -> None:
     from accelerate.hooks import remove_hook_from_submodules
 
     remove_hook_from_submodules(model)
+    for module in model.modules():  # accelerate restores ``forward`` as a bound method: a reference cycle
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is module and forward.__func__ is type(module).forward:
+            del module.forward
 
 
 def _restore_weight_conversions(model: Any, store: Store) -> None:
