@@ -275,3 +275,27 @@ def test_detach_refuses_a_block_file_replaced_after_loading(
 def test_detach_gives_the_resident_model(store: Path, reference: torch.nn.Module) -> None:
     model = tensorstream.detach(open_store(store, "stream_all", verify="checksum"))
     assert torch.equal(within(60, lambda: model(ids()).logits), reference(ids()).logits)
+
+
+# -- 13. headers safetensors would refuse -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda h: h.__setitem__("model.norm.weighZ", {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}),
+        lambda h: h.__setitem__("\ud800", {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}),
+    ],
+    ids=["a 2**70 dimension", "a lone surrogate name"],
+)
+def test_a_header_safetensors_would_refuse_is_a_format_error(store: Path, attack: Callable[[Any], None]) -> None:
+    """tensorstream used to accept these and transformers' loader then failed with safetensors' own error."""
+    raw = (store / NON_BLOCK).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    attack(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    (store / NON_BLOCK).write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
+    with pytest.raises(tensorstream.FormatError, match="non_block"):
+        read_ts_header(store / NON_BLOCK)
