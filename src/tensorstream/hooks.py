@@ -156,10 +156,12 @@ class _LockedForward:
         forward = inner.__get__(module) if self._inner is None or self._bound else inner
         with self._engine.lock:
             hook = self._hook
-            if hook is None or getattr(module, "_hf_hook", None) is not hook:  # the root, or the hook was removed
+            if hook is None:  # the model's own forward
                 return forward(*args, **kwargs)
-            args, kwargs = hook.pre_forward(module, *args, **kwargs)
-            return hook.post_forward(module, forward(*args, **kwargs))
+            if getattr(module, "_hf_hook", None) is not hook:  # the hook was removed (accelerate's remove_hook...)
+                return forward(*args, **kwargs)
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)  # type: ignore[union-attr]
+            return hook.post_forward(module, forward(*args, **kwargs))  # type: ignore[union-attr]
 
 
 def attach_hooks(model: nn.Module, engine: Engine) -> None:

@@ -250,8 +250,9 @@ def _remove_accelerate_hooks(model: Any) -> None:
     remove_hook_from_submodules(model)
     for module in model.modules():  # accelerate restores ``forward`` as a bound method: a reference cycle
         forward = module.__dict__.get("forward")
-        if getattr(forward, "__self__", None) is module and forward.__func__ is type(module).forward:
-            del module.forward
+        function = getattr(forward, "__func__", None)
+        if getattr(forward, "__self__", None) is module and function is getattr(type(module), "forward", None):
+            del module.forward  # type: ignore[union-attr]
 
 
 def _restore_weight_conversions(model: Any, store: Store) -> None:
