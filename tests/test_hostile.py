@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import tensorstream
+from helpers.attacks import edit_json, rewrite_header, within
 from tensorstream.format import read_ts_header
 from tensorstream.store import INDEX_NAME, MANIFEST_NAME
 
@@ -30,42 +29,6 @@ BLOCK = "blocks/model.layers.{}.ts.safetensors"
 def ids() -> torch.Tensor:
     torch.manual_seed(3)
     return torch.randint(3, 250, (1, 5))
-
-
-def within(seconds: float, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a thread; fail if it has not returned or raised after ``seconds`` (a hang)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            with torch.no_grad():
-                box["value"] = fn()
-        except BaseException as err:
-            box["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s: a hang"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def rewrite_header(path: Path, mutate: Callable[[dict[str, Any]], None]) -> None:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    mutate(header)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= n
-    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
-
-
-def edit_json(path: Path, mutate: Callable[[Any], None]) -> None:
-    data = json.loads(path.read_text())
-    mutate(data)
-    path.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -290,12 +253,6 @@ def test_detach_gives_the_resident_model(store: Path, reference: torch.nn.Module
 )
 def test_a_header_safetensors_would_refuse_is_a_format_error(store: Path, attack: Callable[[Any], None]) -> None:
     """tensorstream used to accept these and transformers' loader then failed with safetensors' own error."""
-    raw = (store / NON_BLOCK).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    attack(header)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= n
-    (store / NON_BLOCK).write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
+    rewrite_header(store / NON_BLOCK, attack)
     with pytest.raises(tensorstream.FormatError, match="non_block"):
         read_ts_header(store / NON_BLOCK)

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tensorstream
+from helpers.attacks import within
 from helpers.models import budgets, streaming
 from tensorstream import engine as engine_module
 
@@ -27,26 +28,6 @@ from tensorstream import engine as engine_module
 def ids(seed: int = 3, length: int = 5) -> torch.Tensor:
     torch.manual_seed(seed)
     return torch.randint(3, 250, (1, length))
-
-
-def within(seconds: float, fn: Callable[[], Any], *, grad: bool = False) -> Any:
-    """Run ``fn`` in a thread; fail if it has not returned or raised after ``seconds`` (a hang)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            with torch.set_grad_enabled(grad):
-                box["value"] = fn()
-        except BaseException as err:
-            box["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s: a hang"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 @pytest.fixture(scope="module")
