@@ -36,6 +36,7 @@ from .errors import (
     StreamingError,
     TensorStreamError,
     UnsupportedModelError,
+    UnsupportedOperationError,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ __all__ = [
     "StreamingError",
     "TensorStreamError",
     "UnsupportedModelError",
+    "UnsupportedOperationError",
     "__version__",
     "detach",
     "load_ts",

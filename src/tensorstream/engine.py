@@ -18,13 +18,26 @@ it: slower, counted in `StreamStats.sync_loads`, never wrong. A failed read reac
 Blocks chosen for the host cache tier (``host_cache_gb``, CUDA) are read once into pinned RAM at start-up; their
 loads are a copy from RAM, the others come from storage.
 
-Threading: all schedule state lives on the thread that runs the model; reader threads only fill buffers, start
-the device copy (see `tensorstream.slots`) and signal an event, with one lock for the statistics.
+Threading: the schedule state is changed only under `Engine.lock` (a re-entrant lock the hooks hold for a whole
+block forward, and `tensorstream.stream` for a whole model forward), so several threads calling one model are
+served one forward at a time, each correct. Reader threads only fill buffers, start the device copy (see
+`tensorstream.slots`) and signal an event, with one lock for the statistics.
+
+Interrupts: an exception can land on any line of a schedule transition (Ctrl-C is delivered between any two
+bytecodes). Each entry point marks the state dirty on entry and clean on return; an entry that finds it dirty
+first repairs it (`Engine._repair`): it abandons every read in flight (a queued read that has not started never
+starts; a running one is waited for), restores every placeholder and frees every slot. No slot is lost and no load
+waits for reads that were never queued.
+
+Integrity: unless ``verify="off"``, each block's data checksum is checked the first time the engine reads it (on a
+reader thread, one pass over the block); ``verify="checksum"`` checks it on every read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 import weakref
@@ -168,16 +181,23 @@ def process_memory() -> dict[str, int]:
 
 
 class _Load:
-    """One block read in flight or done, into one region of the arena (``slot``, a `tensorstream.slots.Region`)."""
+    """One block read in flight or done, into one region of the arena (``slot``, a `tensorstream.slots.Region`).
 
-    __slots__ = ("block", "done", "error", "lock", "pending", "slot")
+    ``pending`` counts the reader tasks not finished; ``running`` the ones touching the slot now. An abandoned load
+    (see `Engine._repair`) starts no further task.
+    """
+
+    __slots__ = ("abandoned", "block", "done", "error", "idle", "lock", "pending", "running", "slot")
 
     def __init__(self, block: int, slot: Any, pending: int) -> None:
         self.block = block
         self.slot = slot
         self.pending = pending
+        self.running = 0
+        self.abandoned = False
         self.error: BaseException | None = None
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
         self.done = threading.Event()
 
 
@@ -192,6 +212,10 @@ class _Block:
         #: (submodule, attribute, meta placeholder, tensor start, tensor end, dtype, shape) per parameter.
         self.targets = targets
         self.cached: torch.Tensor | None = None
+        #: Whether this process has checked the block's data checksum once (see the module docstring).
+        self.verified = False
+        #: (device, inode, size, mtime) of the file when the engine opened it; `Engine.read_block` re-checks it.
+        self.identity: tuple[int, ...] = ()
 
 
 class Engine:
@@ -216,6 +240,14 @@ class Engine:
             direct_io = choose_direct_io(store.path, store.total_bytes)
         self.backend: Backend = get_backend(backend, self.device, direct_io=direct_io)
         self.verify_checksum = config.verify == "checksum"
+        self.verify_first_read = config.verify != "off"
+        #: Held for every schedule transition and, by the hooks, for a whole block forward (re-entrant).
+        self.lock = threading.RLock()
+        self._dirty = False
+        # Everything that must be released is registered here as it is created, so that an exception (or Ctrl-C)
+        # anywhere in __init__ closes what was opened, and the engine's collection closes the rest.
+        self._resources = _Resources(self.backend)
+        self._finalizer = weakref.finalize(self, self._resources.close)
         self.stats = StreamStats(
             resident_blocks=len(plan.resident),
             streamed_blocks=len(plan.streamed),
@@ -227,23 +259,38 @@ class Engine:
         self.blocks: list[_Block] = []
         self.index = {name: i for i, name in enumerate(plan.streamed)}
         try:
-            for name in plan.streamed:
-                entry = entries[name]
-                header = store.header(entry)
-                targets = _targets(name, modules[name], header, tied, store.file(entry))
-                self.blocks.append(_Block(name, entry, header, self.backend.open(store.file(entry)), targets))
+            self._build(store, plan, modules, config, entries, tied)
         except BaseException:
-            self._close_handles()
+            self._finalizer()
             raise
+
+    def _build(
+        self,
+        store: Store,
+        plan: Plan,
+        modules: Mapping[str, nn.Module],
+        config: Config,
+        entries: dict[str, BlockEntry],
+        tied: Mapping[str, str],
+    ) -> None:
+        for name in plan.streamed:
+            entry = entries[name]
+            header = store.header(entry)
+            targets = _targets(name, modules[name], header, tied, store.file(entry))
+            handle = self.backend.open(store.file(entry))
+            self._resources.handles.append(handle)
+            self.blocks.append(_Block(name, entry, header, handle, targets))
+            self.blocks[-1].identity = _identity(store.file(entry).stat())
         direct = bool(getattr(self.backend, "reads_device_memory", False))
         #: zero-copy: parameters are views of the backend's mapping of each file (CPU and ``backend="mmap"``);
         #: the arena then holds no memory, it only counts the blocks in flight, and a read populates mapped pages.
         self.mapped = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False))
         if self.mapped:
             self.backend.keep_mapped = _keep_mapped(store.total_bytes)  # type: ignore[attr-defined]
-        self.slots = (
+        self.slots: Any = (
             MappedSlots(plan.arena_bytes) if self.mapped else make_slots(self.device, plan.arena_bytes, direct=direct)
         )
+        self._resources.slots = self.slots
         self._load_host_cache(plan.cached)
         self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
         self.request = -(-self.request // 4096) * 4096
@@ -260,9 +307,9 @@ class Engine:
         self.read_ahead = plan.prefetch > 0
         self._active = 0
         self._busy_since = 0.0
+        self._last_read: tuple[_Block, torch.Tensor] | None = None
         self.executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="tensorstream-io")
-        handles = [b.handle for b in self.blocks]
-        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self.backend, handles, self.slots)
+        self._resources.executor = self.executor
         self._fill()
 
     def _load_host_cache(self, cached: tuple[str, ...]) -> None:
@@ -271,15 +318,73 @@ class Engine:
             block = self.blocks[self.index[name]]
             buffer = aligned_empty(block.header.data_size, pin_memory=self.device.type == "cuda")
             read_data(self.store.file(block.entry), block.header, buffer)
-            if self.verify_checksum:
+            if self.verify_first_read:
                 verify_buffer(block.header, buffer)
+                block.verified = True
             block.cached = buffer
+
+    def read_block(self, block: _Block) -> torch.Tensor:
+        """The data section of ``block``'s file in host memory (uint8), for `detach` and ``save_pretrained``.
+
+        The file is opened again by path, so it must still be the file the engine opened (same device, inode, size
+        and modification time; a regular file, never a link or FIFO), and its checksum is checked unless
+        ``verify="off"``. The last block read is kept, so reading a block tensor by tensor reads its file once.
+
+        Raises:
+            `StaleStoreError`: the file was replaced or changed since the model was loaded.
+            `CorruptFileError`: its data does not match its checksum.
+        """
+        last = self._last_read
+        if last is not None and last[0] is block:
+            return last[1]
+        path = self.store.file(block.entry)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as err:
+            raise StaleStoreError(f"{path} cannot be opened again ({err.strerror}); {_CHANGED}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or _identity(info) != block.identity:
+                raise StaleStoreError(f"{path} is not the file this model was loaded from; {_CHANGED}")
+            buffer = aligned_empty(block.header.data_size)
+            view = buffer.numpy().data.cast("B") if block.header.data_size else memoryview(b"")
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], block.header.data_offset + done)
+                if n == 0:
+                    raise CorruptFileError(f"{path} ended {len(view) - done} bytes early; {_CHANGED}")
+                done += n
+        finally:
+            os.close(fd)
+        if self.verify_first_read:
+            verify_buffer(block.header, buffer)
+        self._last_read = (block, buffer)
+        return buffer
 
     # -- the schedule (model thread only) ------------------------------------------------------------------------
 
     def acquire(self, name: str) -> None:
         """Wait for block ``name``'s weights and bind them; called by the hook before the block runs."""
         b = self.index[name]
+        with self.lock:
+            if self._dirty:
+                self._repair()
+            self._dirty = True
+            self._acquire(b)
+            self._dirty = False
+
+    def release(self, name: str) -> None:
+        """Rebind block ``name`` to meta, free its slot and start the next read; called after the block ran."""
+        b = self.index[name]
+        with self.lock:
+            if self._dirty:
+                self._repair()
+            self._dirty = True
+            self._release(b)
+            self._dirty = False
+
+    def _acquire(self, b: int) -> None:
         if self.bound is not None:  # the previous block raised before its release ran
             self._unbind()
         if self.last_run is not None:  # learn the order blocks actually run in
@@ -306,6 +411,7 @@ class Engine:
         if load.error is not None:
             self._drop(b)
             self.last_run = None
+            self._dirty = False  # consistent again: the failed load is forgotten, the rest of the pipeline stays
             error = load.error
             if isinstance(error, StreamingError | CorruptFileError | StaleStoreError):
                 raise error
@@ -313,9 +419,7 @@ class Engine:
         self.slots.before_compute(load.slot)
         self._bind(b, load.slot)
 
-    def release(self, name: str) -> None:
-        """Rebind block ``name`` to meta, free its slot and start the next read; called after the block ran."""
-        b = self.index[name]
+    def _release(self, b: int) -> None:
         if self.bound is None or self.bound[0] != b:
             return
         self._unbind()
@@ -342,9 +446,9 @@ class Engine:
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
             self._views[key] = views
+        self.bound = (b, slot)  # first: an interrupt while binding leaves placeholders that `_unbind` restores
         for (module, attr, *_), param in zip(block.targets, views, strict=True):
             module._parameters[attr] = param
-        self.bound = (b, slot)
 
     def _mapped_data(self, block: _Block) -> torch.Tensor:
         data = self.backend.data(block.handle, block.header.data_offset, block.header.data_size)  # type: ignore[attr-defined]
@@ -423,28 +527,50 @@ class Engine:
         return load
 
     def _submit(self, load: _Load, tasks: list[tuple[Any, ...]]) -> None:
-        """Queue the reader tasks of ``load``.
+        """Queue the reader tasks of ``load`` (already in the pipeline, so `_repair` can abandon it if interrupted)."""
+        for fn, *args in tasks:
+            self.executor.submit(self._run, load, fn, *args)
 
-        Interrupted half way (Ctrl-C), the load is failed and forgotten instead of being left waiting forever for
-        tasks that were never queued; the block is read again when it is next needed.
+    def _repair(self) -> None:
+        """Bring the schedule back to a consistent state after a transition was interrupted.
+
+        Every read in the pipeline is abandoned (tasks not started never start; running ones are waited for), every
+        block's placeholders are restored, every slot is freed and the prediction restarts at the next call.
         """
-        queued = 0
-        try:
-            for fn, *args in tasks:
-                self.executor.submit(fn, *args)
-                queued += 1
-        except BaseException:
+        for load in list(self.pipeline.values()):
             with load.lock:
-                load.pending -= len(tasks) - queued
-                if load.error is None:
-                    load.error = StreamingError(f"the read of block {self.blocks[load.block].name} was interrupted")
-                finished = load.pending == 0
-            if finished:
-                load.done.set()
-            self._drop(load.block)
-            raise
+                load.abandoned = True
+                while load.running:
+                    load.idle.wait()
+        for block in self.blocks:
+            for module, attr, placeholder, *_ in block.targets:
+                module._parameters[attr] = placeholder
+        bound = self.bound[1] if self.bound is not None else None
+        for region in list(self.slots.live):  # the arena forgets every region: the bound one ran, the rest did not
+            if bound is not None and region is bound:
+                self.slots.release(region)
+            else:
+                self.slots.drop(region)
+        self.bound = None
+        self.last_run = None
+        self.pipeline = OrderedDict()
+        self._dirty = False
 
     # -- reader threads ----------------------------------------------------------------------------------------
+
+    def _run(self, load: _Load, fn: Any, *args: Any) -> None:
+        """Run one reader task of ``load`` unless the load was abandoned; `_repair` waits while it runs."""
+        with load.lock:
+            if load.abandoned:
+                return
+            load.running += 1
+        try:
+            fn(*args)
+        finally:
+            with load.lock:
+                load.running -= 1
+                if load.running == 0:
+                    load.idle.notify_all()
 
     def _copy_cached(self, load: _Load, block: _Block) -> None:
         try:
@@ -493,7 +619,7 @@ class Engine:
         try:
             if load.error is None:
                 size = block.header.data_size
-                if self.verify_checksum:
+                if self.verify_checksum or (self.verify_first_read and not block.verified):
                     view = (
                         self._mapped_data(block).numpy().data if self.mapped else self.slots.host_view(load.slot, size)
                     )
@@ -504,6 +630,7 @@ class Engine:
                             f"{block.entry.checksum}; the file is damaged. "
                             f"{repair_hint(self.store.path, sentence=True)}"
                         )
+                    block.verified = True
                 self.slots.finish_read(load.slot, size)
                 with self.stats._lock:
                     self.stats.blocks_loaded += 1
@@ -525,13 +652,12 @@ class Engine:
 
     def close(self) -> None:
         """Stop the readers, unbind any block and close the files. The engine cannot be used afterwards."""
-        if self.bound is not None:
-            self._unbind()
-        self._finalizer()
-
-    def _close_handles(self) -> None:
-        for block in self.blocks:
-            self.backend.close(block.handle)
+        with self.lock:
+            if self._dirty:
+                self._repair()
+            if self.bound is not None:
+                self._unbind()
+            self._finalizer()
 
 
 def _keep_mapped(total_bytes: int) -> bool:
@@ -542,13 +668,31 @@ def _keep_mapped(total_bytes: int) -> bool:
     return total_bytes <= memory_available() // 2
 
 
-def _shutdown(executor: ThreadPoolExecutor, backend: Backend, handles: list[Any], slots: Any) -> None:
-    # The engine may be collected on one of its own reader threads, which cannot join itself.
-    on_reader = threading.current_thread().name.startswith("tensorstream-io")
-    executor.shutdown(wait=not on_reader, cancel_futures=True)
-    slots.close()
-    for handle in handles:
-        backend.close(handle)
+class _Resources:
+    """What an engine must release: reader threads, slots, file handles (filled in as they are created)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.executor: ThreadPoolExecutor | None = None
+        self.slots: Any = None
+        self.handles: list[Any] = []
+
+    def close(self) -> None:
+        if self.executor is not None:
+            # The engine may be collected on one of its own reader threads, which cannot join itself.
+            on_reader = threading.current_thread().name.startswith("tensorstream-io")
+            self.executor.shutdown(wait=not on_reader, cancel_futures=True)
+        if self.slots is not None:
+            self.slots.close()
+        while self.handles:
+            self.backend.close(self.handles.pop())
+
+
+_CHANGED = "the store changed after the model was loaded: load it again (and rerun `tensorstream reshard --force`)."
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, str], file: Any) -> list[Any]:

@@ -14,6 +14,7 @@ already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` 
      ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
      ├── StreamingError(RuntimeError)          a background read failed while the model was running
      ├── HubUnavailableError(ConnectionError)  the Hugging Face Hub cannot be reached and the cache lacks the repo
+     ├── UnsupportedOperationError(RuntimeError)  a cast, move or backward a streaming model cannot do correctly
      ├── NotStreamingError(ValueError)         the model passed in is not streaming
      └── LockTimeoutError(TimeoutError)        another process held the reshard lock for too long
 
@@ -38,6 +39,7 @@ __all__ = [
     "StreamingError",
     "TensorStreamError",
     "UnsupportedModelError",
+    "UnsupportedOperationError",
 ]
 
 
@@ -103,6 +105,14 @@ class StreamingError(TensorStreamError, RuntimeError):
 
 class HubUnavailableError(TensorStreamError, ConnectionError):
     """The Hugging Face Hub cannot be reached (offline mode, no network) and the local cache lacks what is needed."""
+
+
+class UnsupportedOperationError(TensorStreamError, RuntimeError):
+    """An operation a streaming model cannot do correctly: ``model.to(dtype)``/``.half()``/``.to(device)`` (the
+    store holds one dtype and the slots live on one device), or a backward through streamed weights.
+
+    The model is unchanged and stays usable; the message says what to do instead.
+    """
 
 
 class LockTimeoutError(TensorStreamError, TimeoutError):

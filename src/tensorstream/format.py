@@ -352,9 +352,13 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}; known: {sorted(DTYPES)}.")
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise FormatError(f"{path}: tensor {name!r} has invalid shape {shape!r}; {_REPAIR}")
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in shape
+    ):  # safetensors (and torch) refuse a dimension past 64 bits even when another one is 0
+        raise FormatError(f"{path}: tensor {name!r} has invalid shape {str(shape)[:200]}; {_REPAIR}")
+    try:
+        name.encode("utf-8")  # a lone surrogate (``"\ud800"`` in the JSON) is valid JSON but no UTF-8 name
+    except UnicodeEncodeError:
+        raise FormatError(f"{path}: tensor name {name!r} is not valid UTF-8; {_REPAIR}") from None
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

@@ -4,19 +4,31 @@ One `StreamingHook` sits on each streamed block. ``pre_forward`` waits for the b
 parameters as views of a slot; ``post_forward`` rebinds them to meta and frees the slot. The hook exposes what
 accelerate and transformers look for on offloaded modules: ``execution_device``, ``offload=True`` and a
 ``weights_map`` (so ``save_pretrained`` reads the weights back from the store).
+
+The hooked ``forward`` (see `attach_hooks`) holds the engine's lock for the whole block forward, and the model's
+own ``forward`` holds it for the whole model forward, so threads sharing a model take turns and each gets the
+resident model's output. Both wrappers refer to their module weakly: a streaming model holds no reference cycle
+of tensorstream's making, and dropping it frees the engine's threads and files at once.
+
+Gradients: a block's parameters are views of a slot that the next block reuses, so autograd cannot differentiate
+through a streamed block. When a block runs with grad enabled and its output requires grad, the output passes
+through a node whose backward raises `UnsupportedOperationError` (values unchanged). Inference (``no_grad``,
+``inference_mode``, ``generate``) is unaffected.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
-from safetensors import safe_open
+from accelerate.hooks import ModelHook
 from torch import nn
 
 from .engine import Engine
+from .errors import UnsupportedOperationError
 
 __all__ = ["BlockWeights", "StreamingHook", "attach_hooks", "remove_hooks"]
 
@@ -26,7 +38,8 @@ class BlockWeights(Mapping[str, torch.Tensor]):
 
     def __init__(self, engine: Engine, name: str) -> None:
         block = engine.blocks[engine.index[name]]
-        self._file = str(engine.store.file(block.entry))
+        self._engine = engine
+        self._block = block
         tied = engine.store.manifest.get("tied", {})
         prefix = f"{name}."
         self._keys = {full[len(prefix) :]: full for full in block.header.tensors}
@@ -36,8 +49,9 @@ class BlockWeights(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         full = self._keys[key]
-        with safe_open(self._file, framework="pt") as f:  # a .ts file is a safetensors file
-            return f.get_tensor(full)
+        info = self._block.header.tensors[full]
+        data = self._engine.read_block(self._block)  # the engine's checks: same file, checksum if configured
+        return data[info.start : info.end].view(info.torch_dtype).view(info.shape).clone()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -74,21 +88,113 @@ class StreamingHook(ModelHook):
     @torch.compiler.disable
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         self.engine.release(self.name)
+        if torch.is_grad_enabled():
+            return _refuse_backward(output, self.name)
         return output
 
     def __repr__(self) -> str:
         return f"StreamingHook(block={self.name!r}, device={self.execution_device})"
 
 
+class _StreamedBlockBackward(torch.autograd.Function):
+    """Identity forward; a backward raises: the block's weights are gone from the slot by then."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        ctx.name = name
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise UnsupportedOperationError(
+            f"backward through the streamed block {ctx.name!r}: its weights were views of a slot that later blocks "
+            "reused, so the gradient would be wrong. Run inference under torch.no_grad() or torch.inference_mode(); "
+            "to train, load the model without device_map='tensorstream' (or call tensorstream.detach(model))."
+        )
+
+
+def _refuse_backward(output: Any, name: str) -> Any:
+    if isinstance(output, torch.Tensor):
+        return _StreamedBlockBackward.apply(output, name) if output.requires_grad else output
+    if isinstance(output, tuple | list):
+        items = [_refuse_backward(item, name) for item in output]
+        return type(output)(items) if type(output) in (tuple, list) else type(output)(*items)
+    if isinstance(output, dict):
+        for key, value in list(output.items()):
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                output[key] = _refuse_backward(value, name)
+    return output
+
+
+class _LockedForward:
+    """A module's ``forward`` run under the engine's lock, optionally through a `StreamingHook`.
+
+    Holds the module weakly (accelerate's own wrapper holds it strongly, a reference cycle that only the cyclic
+    garbage collector frees) and carries the wrapped forward's signature for ``inspect`` (``generate`` reads it).
+    """
+
+    def __init__(self, module: nn.Module, engine: Engine, hook: StreamingHook | None) -> None:
+        self._module = weakref.ref(module)
+        self._engine = engine
+        self._hook = hook
+        inner = module.__dict__.get("forward")  # an instance forward set before ours (kept, called inside)
+        if getattr(inner, "__self__", None) is module:  # a bound method of the module: keep its function only
+            inner = inner.__func__  # type: ignore[union-attr]
+            self._bound = True
+        else:
+            self._bound = False
+        self._inner = inner
+        self.__signature__ = inspect.signature(module.forward)
+        self.__doc__ = type(module).forward.__doc__
+        self.__name__ = "forward"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._module()
+        if module is None:
+            raise ReferenceError("the module of this forward was deleted")
+        inner = self._inner if self._inner is not None else type(module).forward
+        forward = inner.__get__(module) if self._inner is None or self._bound else inner
+        with self._engine.lock:
+            hook = self._hook
+            if hook is None:  # the model's own forward
+                return forward(*args, **kwargs)
+            if getattr(module, "_hf_hook", None) is not hook:  # the hook was removed (accelerate's remove_hook...)
+                return forward(*args, **kwargs)
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)  # type: ignore[union-attr]
+            return hook.post_forward(module, forward(*args, **kwargs))  # type: ignore[union-attr]
+
+
 def attach_hooks(model: nn.Module, engine: Engine) -> None:
-    """Put a `StreamingHook` on every streamed block of ``model``."""
+    """Put a `StreamingHook` on every streamed block of ``model`` and serialise ``model``'s forward.
+
+    Each block's ``forward`` becomes: under the engine's lock, ``pre_forward``, the block, ``post_forward`` (as
+    accelerate's ``add_hook_to_module`` does, without its reference cycle); the model's ``forward`` takes the same
+    re-entrant lock, so one forward at a time runs through the slot pool.
+    """
     for name in engine.plan.streamed:
-        add_hook_to_module(model.get_submodule(name), StreamingHook(engine, name))
+        module = model.get_submodule(name)
+        hook = StreamingHook(engine, name)
+        module = hook.init_hook(module)
+        module._hf_hook = hook
+        module.forward = _LockedForward(module, engine, hook)
+    if not isinstance(model.__dict__.get("forward"), _LockedForward):
+        model.forward = _LockedForward(model, engine, None)
 
 
 def remove_hooks(model: nn.Module, engine: Engine) -> None:
-    """Remove the hooks `attach_hooks` added."""
+    """Remove the hooks and forward wrappers `attach_hooks` added."""
     for name in engine.plan.streamed:
         module = model.get_submodule(name)
+        _unwrap(module)
         if isinstance(getattr(module, "_hf_hook", None), StreamingHook):
-            remove_hook_from_module(module)
+            del module._hf_hook
+    _unwrap(model)
+
+
+def _unwrap(module: nn.Module) -> None:
+    wrapper = module.__dict__.get("forward")
+    if isinstance(wrapper, _LockedForward):
+        if wrapper._inner is not None and not wrapper._bound:
+            module.forward = wrapper._inner
+        else:
+            del module.forward

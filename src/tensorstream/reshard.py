@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import sys
 import time
 import zlib
@@ -67,7 +68,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 _CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"}
 #: A Hub cache blob is named by its content hash: a sha256 (LFS files) or a git blob sha1.
 _HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size limit (RLIMIT_FSIZE, quota)
 
 
 def resolve_source(
@@ -224,7 +225,7 @@ def quiet_transformers() -> Iterator[None]:
 def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> Iterator[None]:
     """An exclusive ``flock`` on ``<root>/.<fingerprint>.lock``; other processes wait (and say so in the log)."""
     path = root / f".{fingerprint}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_own_file(path, os.O_RDWR | os.O_CREAT)
     try:
         start = time.monotonic()
         announced = False
@@ -249,8 +250,13 @@ def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> It
                     "delete the lock file and retry."
                 )
             time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            raise _storage_full(root, f"the lock file {path.name}", err, None) from err
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -265,6 +271,25 @@ def _holder(fd: int) -> str:
     return f" (pid {pid} holds the lock)" if pid.isdigit() else ""
 
 
+def _open_own_file(path: Path, flags: int) -> int:
+    """Open a file tensorstream owns in the storage folder, refusing a link or anything but a regular file there.
+
+    A link planted as ``.<fingerprint>.lock`` would make reshard truncate and write the link's target.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise FormatError(f"{path} is a symbolic link, which is never followed; delete it and retry.") from None
+        if err.errno in _DISK_FULL:
+            raise _storage_full(path.parent, f"the lock file {path.name}", err, None) from err
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{path} is not a regular file; tensorstream refuses to use it. Delete it and retry.")
+    return fd
+
+
 @contextlib.contextmanager
 def staging_folder(root: Path, fingerprint: str, what: str, needed_bytes: int | None) -> Iterator[Path]:
     """``<root>/.<fingerprint>.partial``, ready to (re)write a store into; enter it holding the store lock.
@@ -274,9 +299,13 @@ def staging_folder(root: Path, fingerprint: str, what: str, needed_bytes: int | 
     the whole partial store, to give the space back, and raises `StorageFullError`. The scratch offload folder
     is always removed, and the staging folder too while it is still empty.
     """
-    for trash in root.glob(f".{fingerprint}.old-*"):
-        shutil.rmtree(trash, ignore_errors=True)
+    _remove_trash(root, fingerprint)
     staging = root / f".{fingerprint}.partial"
+    if staging.is_symlink() or (os.path.lexists(staging) and not staging.is_dir()):
+        raise FormatError(
+            f"{staging} is a symbolic link or not a folder; reshard would write (and delete) through it. "
+            "Delete it and retry."
+        )
     try:
         staging.mkdir(exist_ok=True)
         for tmp in staging.rglob(".*.tmp-*"):  # temporary files of save_to_ts and _write_json that a kill left
@@ -380,6 +409,7 @@ def reshard(
     final = root / fingerprint
     if not force and _is_complete(final):
         logger.info("tensorstream: store %s is up to date with %s; nothing to reshard", final, source)
+        _remove_trash(root, fingerprint)
         return final
     with store_lock(root, fingerprint):
         if not force and _is_complete(final):
@@ -666,12 +696,51 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _publish(staging: Path, final: Path) -> None:
-    if final.exists():  # --force over an existing store: move it aside, then delete it
+    """Rename the complete ``staging`` folder to ``final``.
+
+    With ``--force`` over an existing store, the two are exchanged atomically (Linux ``renameat2``), so a process
+    loading the store at that moment finds the old or the new one, never none; the old one is then deleted.
+    Elsewhere the old store is moved aside first (a short window without a store).
+    """
+    if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
+        if _exchange(staging, final):
+            os.replace(staging, trash)  # the old store, out of the staging path at once (never resumed from)
+        else:
+            os.replace(final, trash)
+            os.replace(staging, final)
         shutil.rmtree(trash, ignore_errors=True)
-    os.replace(staging, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(final.parent)
+
+
+def _remove_trash(root: Path, fingerprint: str) -> None:
+    """Delete old stores that a killed ``--force`` left moved aside."""
+    for trash in root.glob(f".{fingerprint}.old-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with ``renameat2(RENAME_EXCHANGE)``; False where it is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

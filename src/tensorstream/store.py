@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,12 +34,15 @@ from typing import Any
 from .errors import FormatError, StaleStoreError
 from .format import FORMAT_VERSION, TsHeader, aligned_empty, read_data, read_ts_header, verify_buffer
 
-__all__ = ["INDEX_NAME", "MANIFEST_NAME", "BlockEntry", "Store"]
+__all__ = ["INDEX_NAME", "MANIFEST_NAME", "BlockEntry", "Store", "read_config"]
 
 MANIFEST_NAME = "tensorstream.json"
 INDEX_NAME = "model.safetensors.index.json"
 STORE_FORMAT = "tensorstream-store"
 MAX_MANIFEST_BYTES = 64 << 20
+#: A model's ``config.json`` / ``generation_config.json``: at most this many bytes and this deep.
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_DEPTH = 32
 #: A store folder written by `tensorstream.reshard` is named after its fingerprint: 16 hex digits.
 FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{16}")
 #: Names a model loader could pick up as weights; a store holds no such file that its manifest does not list.
@@ -253,6 +257,63 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
         raise FormatError(f"{path} is not valid UTF-8 JSON ({err}); {_FIX}") from None
+
+
+def read_config(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """Parse a model's ``config.json`` (or ``generation_config.json``) before any other library reads it.
+
+    The file must be a regular file (a FIFO or device would block or never end) of at most 16 MB, UTF-8 JSON, an
+    object nested at most 32 deep. With ``root`` (a store), it must also resolve inside the store (in a Hub cache
+    snapshot: inside the repo's cache folder), so a link out of the store is refused before anything is read.
+
+    Raises:
+        `FormatError`: naming the file and what is wrong with it.
+    """
+    if root is not None:
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(_link_root(root)):
+            raise FormatError(
+                f"{path} leads to {target}, outside the store {root}; refusing to read it. Replace the link with the "
+                "file it points to if you trust it."
+            )
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise FormatError(f"{path} cannot be read ({err.strerror}); the model folder needs a config.json.") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FormatError(f"{path} is not a regular file; refusing to read it. {_FIX}")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise FormatError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not a model config. {_FIX}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise FormatError(f"{path} is not valid UTF-8 JSON ({str(err)[:200]}); {_FIX}") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} is not a JSON object; {_FIX}")
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise FormatError(f"{path} is nested deeper than {MAX_CONFIG_DEPTH} levels; it is not a model config. {_FIX}")
+    return data
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+    return depth
 
 
 def validate_manifest(manifest: Any, where: Path) -> None:

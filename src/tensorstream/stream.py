@@ -2,20 +2,26 @@
 
 ``from_pretrained(..., device_map="tensorstream")`` (see `tensorstream.integrations.transformers`) and
 `offload` both end in `start_streaming`: plan the budget, build the engine, attach one hook per streamed block.
+
+A streaming model refuses what it cannot do correctly, at the call and leaving the model usable:
+``model.to(dtype)``, ``.half()``, ``.float()``, ``.bfloat16()``, ``.to(other device)``, ``.cuda()``, ``.cpu()``
+(when they would change a dtype or device) raise `UnsupportedOperationError` before any tensor is touched; a
+call that changes nothing (``model.to(model.device)``, ``model.eval()``) is accepted.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import Config, parse_dtype
 from .engine import Engine, StreamStats
-from .errors import ConfigError, NotStreamingError
-from .format import aligned_empty, read_data
+from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
 from .reshard import reshard_module
@@ -78,9 +84,19 @@ def plan_for(store: Store, config: Config) -> Plan:
 
 def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) -> Engine:
     """Build the engine for ``model`` and attach the hooks; the streamed blocks' parameters must be on meta."""
-    modules = {name: model.get_submodule(name) for name in plan.streamed}
+    modules = {}
+    for name in plan.streamed:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            raise StaleStoreError(
+                f"the store {store.path} streams the block {name!r}, which this {type(model).__name__} does not have: "
+                "the store was built for a different model or configuration. Rerun `tensorstream reshard --force` "
+                "on the source."
+            ) from None
     engine = Engine(store, plan, modules, config)
     attach_hooks(model, engine)
+    _guard_casts(model, engine)
     setattr(model, ENGINE_ATTR, engine)
     logger.info(
         "tensorstream: streaming %d of %d blocks from %s into %s with the %s backend",
@@ -194,16 +210,69 @@ def detach(model: nn.Module) -> nn.Module:
         ```
     """
     engine = _engine(model)
-    engine.close()
-    for block in engine.blocks:
-        buffer = aligned_empty(block.header.data_size)
-        read_data(engine.store.file(block.entry), block.header, buffer)
-        buffer = buffer.to(engine.device)
-        made: dict[tuple[int, int], nn.Parameter] = {}
-        for module, attr, _, start, end, dtype, shape in block.targets:
-            if (start, end) not in made:  # tensors tied inside the block stay tied
-                made[(start, end)] = nn.Parameter(buffer[start:end].view(dtype).view(shape), requires_grad=False)
-            module._parameters[attr] = made[(start, end)]
-    remove_hooks(model, engine)
-    delattr(model, ENGINE_ATTR)
+    with engine.lock:
+        loaded = []
+        for block in engine.blocks:  # read everything first: a failure leaves the model streaming, unchanged
+            buffer = engine.read_block(block).to(engine.device)
+            engine._last_read = None
+            made: dict[tuple[int, int], nn.Parameter] = {}
+            for module, attr, _, start, end, dtype, shape in block.targets:
+                if (start, end) not in made:  # tensors tied inside the block stay tied
+                    made[(start, end)] = nn.Parameter(buffer[start:end].view(dtype).view(shape), requires_grad=False)
+                loaded.append((module, attr, made[(start, end)]))
+        engine.close()
+        for module, attr, param in loaded:
+            module._parameters[attr] = param
+        _unguard_casts(model)
+        remove_hooks(model, engine)
+        delattr(model, ENGINE_ATTR)
     return model
+
+
+class _CastGuard:
+    """A module's ``_apply`` on a streaming model: refuse a dtype or device change, skip the meta placeholders.
+
+    ``to``, ``half``, ``float``, ``cuda``, ``cpu``, ``type`` and ``to_empty`` all go through ``_apply``, which a
+    parent calls on each child: the guard probes ``fn`` on an empty tensor of every (dtype, device) the module
+    holds before anything changes, so a refused call changes nothing.
+    """
+
+    def __init__(self, module: nn.Module, engine: Engine) -> None:
+        self._module = weakref.ref(module)
+        self._engine = weakref.ref(engine)
+
+    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        module = self._module()
+        engine = self._engine()
+        if module is None or engine is None:
+            raise ReferenceError("the module of this _apply was deleted")
+        device = engine.device
+        kinds = {(t.dtype, device if t.is_meta else t.device) for t in _tensors(module, recurse)}
+        for dtype, where in sorted(kinds, key=str):
+            probe = fn(torch.empty(0, dtype=dtype, device=where))
+            if probe.dtype != dtype or probe.device != where:
+                raise UnsupportedOperationError(
+                    f"this call would change a streaming {type(module).__name__}'s {dtype} tensors on {where} into "
+                    f"{probe.dtype} on {probe.device}; a streaming model keeps the dtype of its store and the device "
+                    "of its Config. Load it again with from_pretrained(..., device_map='tensorstream', "
+                    "dtype=..., tensorstream_config=tensorstream.Config(device=...)), or call "
+                    "tensorstream.detach(model) first to make it an ordinary resident model. The model is unchanged."
+                )
+        with engine.lock:
+            return type(module)._apply(module, lambda t: t if t.is_meta else fn(t), recurse)
+
+
+def _tensors(module: nn.Module, recurse: bool) -> list[torch.Tensor]:
+    tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+    return [t for t in tensors if t is not None]
+
+
+def _guard_casts(model: nn.Module, engine: Engine) -> None:
+    for module in model.modules():
+        module._apply = _CastGuard(module, engine)  # type: ignore[method-assign]
+
+
+def _unguard_casts(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("_apply"), _CastGuard):
+            del module._apply

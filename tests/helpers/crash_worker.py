@@ -17,7 +17,7 @@ Kill points:
     ``save:N``                after the N-th ``.ts`` file was renamed into place
     ``json:NAME``             before the index or manifest NAME is written
     ``json-after:NAME``       after it was written (the manifest: the store is complete but not published)
-    ``publish-force``         ``--force`` over a complete store: the old store moved aside, the new one not yet in
+    ``publish-force``         ``--force`` over a complete store: new and old swapped, the old one not yet deleted
 """
 
 from __future__ import annotations

@@ -7,18 +7,26 @@
 1. reshards the checkpoint into the store (once; later calls reuse it); a preshard repo or a store folder (one
    with ``tensorstream.json`` at its root) is used as the store as it is,
 2. plans the budget from the store's sizes,
-3. builds the model with transformers from the *store* (an ordinary dict device map: streamed blocks on
-   ``"disk"``, so nothing of them is read, everything else on the execution device),
-4. replaces accelerate's hooks with tensorstream's: each streamed block reads from its ``.ts`` file.
+3. builds the model with transformers from a scratch folder that tensorstream writes: the config it parsed and
+   validated itself (`tensorstream.store.read_config`: regular file, bounded size and nesting, inside the store),
+   an index it built from the manifest's files, and links to those files only. Whatever else a store (or a
+   preshard repo) holds, an index naming other files, a ``pytorch_model.bin.index.json``, ``transformers_weights``
+   in its config, is never read. An ordinary dict device map puts streamed blocks on ``"disk"`` (nothing of them
+   is read) and everything else on the execution device,
+4. checks every resident tensor against the store (`_check_resident`): present under its name (or a tied name),
+   same dtype and shape, so a tensor that transformers would have initialised at random or cast is an error,
+5. replaces accelerate's hooks with tensorstream's: each streamed block reads from its ``.ts`` file.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +34,7 @@ import torch
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
-from ..store import Store, repair_hint
+from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
 from .hub import check_preshard, is_preshard
 
@@ -70,6 +78,55 @@ def install() -> None:
 
     from_pretrained.__tensorstream__ = True  # type: ignore[attr-defined]
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
+    _install_auto()
+
+
+def _install_auto() -> None:
+    """Parse the config ourselves for Auto classes too: ``AutoConfig`` would read a store's ``config.json`` (a FIFO,
+    a nesting bomb, a link out of the store) before any tensorstream check. Every Auto model class passes its
+    keyword arguments, ``device_map`` included, to ``AutoConfig.from_pretrained``: that is where we step in."""
+    from transformers import AutoConfig
+
+    current = AutoConfig.__dict__["from_pretrained"]
+    if getattr(current.__func__, "__tensorstream__", False):
+        return
+    original = current.__func__
+
+    @functools.wraps(original)
+    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        if kwargs.get("device_map") != DEVICE_MAP:
+            return original(cls, pretrained_model_name_or_path, **kwargs)
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        config, unused = _auto_config(pretrained_model_name_or_path, kwargs)
+        return (config, unused) if return_unused else config
+
+    from_pretrained.__tensorstream__ = True  # type: ignore[attr-defined]
+    AutoConfig.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
+
+
+_HUB_ONLY = ("cache_dir", "revision", "local_files_only", "token", "subfolder", "force_download", "proxies")
+
+
+def _auto_config(source: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``AutoConfig.from_pretrained(source, **kwargs)`` for ``device_map="tensorstream"``: (config, unused kwargs)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    folder = resolve_source(source, **{k: v for k, v in kwargs.items() if k in _HUB_KWARGS[:5]})
+    preshard = is_preshard(folder)
+    if preshard:
+        Store.open(folder, verify="off")  # links, manifest and index checked before the config is read
+    data = read_config(folder / "config.json", folder if preshard else None)
+    data.pop("transformers_weights", None)
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"{folder / 'config.json'} has model_type {model_type!r}, which this transformers does not know; "
+            "device_map='tensorstream' does not run remote code: upgrade transformers, or load the concrete class."
+        )
+    rest = {k: v for k, v in kwargs.items() if k not in (*_HUB_ONLY, "code_revision", "_commit_hash")}
+    kept = {k: rest.pop(k) for k in ("dtype", "torch_dtype") if k in rest}
+    config, unused = CONFIG_MAPPING[model_type].from_dict(data, return_unused_kwargs=True, **rest)
+    return config, {**unused, **kept}
 
 
 def load_streaming(
@@ -94,9 +151,15 @@ def load_streaming(
         source,
         **{k: v for k, v in hub.items() if k in ("cache_dir", "revision", "local_files_only", "token", "subfolder")},
     )
+    preshard = is_preshard(folder)
+    if preshard:  # a preshard repo or a store folder: opened (links, manifest, index checked) before anything else
+        Store.open(folder, verify="off")
     if hf_config is None or isinstance(hf_config, str | os.PathLike):
-        hf_config, kwargs = cls.config_class.from_pretrained(hf_config or folder, return_unused_kwargs=True, **kwargs)
-    if is_preshard(folder):  # a preshard repo or a store folder: stream from it in place
+        config_dir = Path(hf_config or folder)
+        data = read_config(config_dir / "config.json", folder if preshard and hf_config is None else None)
+        data.pop("transformers_weights", None)  # a file name transformers would load weights from: never followed
+        hf_config, kwargs = cls.config_class.from_dict(data, return_unused_kwargs=True, **kwargs)
+    if preshard:
         store = check_preshard(folder, cls, hf_config, dtype, config.verify)
         store_path = store.path
     else:
@@ -119,17 +182,17 @@ def load_streaming(
         warnings.filterwarnings("ignore", message="The following device_map keys do not match", category=UserWarning)
         model = _original(
             cls,
-            str(store_path),
+            str(_model_folder(store, hf_config, Path(scratch) / "model")),
             *model_args,
             config=hf_config,
             device_map=device_map,
-            offload_folder=scratch,
+            offload_folder=str(Path(scratch) / "offload"),
             dtype=dtype or "auto",
             local_files_only=True,
             **kwargs,
         )
     _remove_accelerate_hooks(model)
-    _check_loaded(model, plan.streamed, store)
+    _check_resident(model, plan.streamed, store)
     _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
@@ -275,6 +338,11 @@ def _remove_accelerate_hooks(model: Any) -> None:
             if getattr(inner, "offload", False):
                 inner.original_devices = {}
     remove_hook_from_submodules(model)
+    for module in model.modules():  # accelerate restores ``forward`` as a bound method: a reference cycle
+        forward = module.__dict__.get("forward")
+        function = getattr(forward, "__func__", None)
+        if getattr(forward, "__self__", None) is module and function is getattr(type(module), "forward", None):
+            del module.forward  # type: ignore[union-attr]
 
 
 def _restore_weight_conversions(model: Any, store: Store) -> None:
@@ -297,12 +365,56 @@ def _restore_weight_conversions(model: Any, store: Store) -> None:
     model._weight_conversions = [c for c in candidates if describe_conversion(c) in recorded]
 
 
-def _check_loaded(model: Any, streamed: tuple[str, ...], store: Store) -> None:
-    """Every parameter outside the streamed blocks must have been loaded (not left on meta)."""
+def _model_folder(store: Store, hf_config: Any, folder: Path) -> Path:
+    """The only folder transformers' loader sees: our config, our index, links to the manifest's files.
+
+    ``generation_config.json`` is copied after `read_config` validated it (generation defaults such as the end of
+    sequence tokens live there).
+    """
+    (folder / "blocks").mkdir(parents=True)
+    hf_config.to_json_file(folder / "config.json")
+    generation = store.path / "generation_config.json"
+    if os.path.lexists(generation):
+        data = read_config(generation, store.path)
+        (folder / "generation_config.json").write_text(json.dumps(data), encoding="utf-8")
+    weight_map = {}
+    for entry in store.entries():
+        link = folder / entry.file
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(store.file(entry))
+        weight_map.update(dict.fromkeys(store.header(entry).tensors, entry.file))
+    index = {"metadata": {"total_size": store.total_bytes}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
+    return folder
+
+
+def _check_resident(model: Any, streamed: tuple[str, ...], store: Store) -> None:
+    """Every tensor of the model outside the streamed blocks came from the store: same name, dtype and shape.
+
+    transformers initialises a tensor it does not find (at random for weights) and casts one of another dtype;
+    both would run with weights that are not the store's. Streamed blocks are checked when the engine is built.
+    """
     prefixes = tuple(f"{name}." for name in streamed)
-    for name, param in model.named_parameters():
-        if param.device.type == "meta" and not name.startswith(prefixes):
+    tied = store.manifest.get("tied", {})
+    held = {}
+    for entry in store.entries():
+        if entry.name not in streamed:
+            held.update(store.header(entry).tensors)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefixes):
+            continue
+        info = held.get(tied.get(name, name))
+        if info is None:
             raise StaleStoreError(
-                f"{name} was not found in the store {store.path}; it was built for a different model or "
-                f"transformers version; {repair_hint(store.path)}"
+                f"{name} is not in the store {store.path}, so transformers would have initialised it at random: the "
+                "store was built for a different model, config or transformers version; "
+                f"{repair_hint(store.path)}"
             )
+        if info.torch_dtype != tensor.dtype or info.shape != tuple(tensor.shape):
+            raise StaleStoreError(
+                f"{name} is {info.dtype}{list(info.shape)} in the store {store.path} but the model holds "
+                f"{tensor.dtype}{list(tensor.shape)}; it would be cast or refused. "
+                f"{repair_hint(store.path, sentence=True)}"
+            )
+        if tensor.device.type == "meta":
+            raise StaleStoreError(f"{name} was not loaded from the store {store.path}; {repair_hint(store.path)}")
