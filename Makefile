@@ -39,7 +39,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# torch's floor is not installable offline here; the CPU wheel of TORCH_SPEC stands in (see docs/quickstart.md).
+# torch's floor (2.13) is installed as the CPU wheel of TORCH_SPEC: the same release without a CUDA download.
 mindeps:
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_PY) -m pip install --quiet --upgrade pip

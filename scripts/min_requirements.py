@@ -1,8 +1,8 @@
 """Print the declared minimum of every dependency as an exact pin (``transformers>=5.13`` -> ``transformers==5.13``).
 
 Used by ``make mindeps`` (and so by CI) to install the floors that ``pyproject.toml`` declares and run a smoke
-subset against them, so the floors stay true. torch is left out (``--skip torch``): its floor cannot be installed
-cheaply offline, so CI uses the CPU wheel of ``TORCH_SPEC`` (see the Makefile).
+subset against them, so the floors stay true. torch is left out (``--skip torch``): the Makefile installs its
+floor as the CPU wheel of ``TORCH_SPEC`` (``torch==2.13.0``), since ``torch==2.13`` from the index is a CUDA build.
 
     python scripts/min_requirements.py --skip torch
 """

@@ -26,8 +26,8 @@ from tensorstream import engine as engine_module
 
 
 def ids(seed: int = 3, length: int = 5) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return torch.randint(3, 250, (1, length))
+    # a generator of its own: threads seeding the global one would race and feed each other's inputs
+    return torch.randint(3, 250, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,12 @@ def expected(reference: torch.nn.Module, seeds: range) -> dict[int, torch.Tensor
 
 
 def slots_accounted(engine: Any) -> bool:
-    held = [*engine.free, *(load.slot for load in engine.pipeline.values())]
-    return sorted(held) == list(range(engine.plan.num_slots))
+    """Every live region of the arena belongs to a read in the pipeline or to the bound block: none lost."""
+    held = [load.slot for load in engine.pipeline.values()]
+    if engine.bound is not None:
+        held.append(engine.bound[1])
+    live = sorted(id(region) for region in engine.slots.live)
+    return live == sorted(id(region) for region in held) and len(live) <= engine.plan.num_slots
 
 
 # -- 1. threads -------------------------------------------------------------------------------------------------------
@@ -370,14 +374,54 @@ def test_an_interrupt_while_building_the_engine_leaks_no_descriptor(
 ) -> None:
     gc.collect()
     fds = _open_fds()
-    real = engine_module.make_slots
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine_module, "make_slots", interrupted)
+    monkeypatch.setattr(engine_module, "MappedSlots", interrupted)  # the zero-copy mode's pool
     for _ in range(3):
         with pytest.raises(KeyboardInterrupt):
             load(model_dirs, store_root)
-    monkeypatch.setattr(engine_module, "make_slots", real)
+    monkeypatch.undo()
+    assert _open_fds() <= fds
+
+
+@pytest.mark.parametrize("backend", ["posix", "mmap"])
+def test_running_out_of_file_descriptors_is_a_typed_error_with_a_limit_that_works(
+    model_dirs: dict[str, Path], store_root: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """One descriptor per streamed block: past the process's limit (EMFILE), a typed error naming the limit to set,
+    and nothing the engine had opened stays open."""
+    import errno
+    import re
+    import resource
+
+    from tensorstream.backends import get_backend
+
+    gc.collect()
+    fds = _open_fds()
+    cls = type(get_backend(backend, torch.device("cpu")))
+    real_open = cls.open
+    opened: list[int] = []
+
+    def limited(self: Any, path: Any) -> Any:
+        if len(opened) >= 3:  # the fourth block file is one too many
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        opened.append(1)
+        return real_open(self, path)
+
+    monkeypatch.setattr(cls, "open", limited)
+    with pytest.raises(tensorstream.TooManyOpenFilesError) as info:
+        streaming(model_dirs["llama"], store_root, budget_gb=budgets(store_root, 1)["stream_all"], backend=backend)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EMFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    advice = re.search(r"`ulimit -n (\d+)`", str(info.value))
+    if soft < hard:  # a limit the user may raise: the advice raises it
+        assert advice is not None and soft < int(advice.group(1)) <= hard
+    else:
+        assert advice is None and f"the hard limit ({hard}) is reached" in str(info.value)
+    assert "6 here" in str(info.value)  # the descriptors it needs: one per streamed block
+    monkeypatch.undo()
+    gc.collect()
     assert _open_fds() <= fds

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 from torch import nn
 
 from tensorstream import BudgetError, UnsupportedModelError
-from tensorstream.plan import find_blocks, make_plan
+from tensorstream.plan import find_blocks, log_plan, make_plan
 
 MB = 1 << 20
 
@@ -60,6 +63,11 @@ def test_below_two_consecutive_blocks_streams_without_read_ahead(caplog: pytest.
     plan = make_plan(10 * MB, blocks(4), 10 * MB + 2 * 4 * MB - 1, prefetch=2)
     assert plan.num_slots == 1 and plan.arena_bytes == 4 * MB and plan.resident == ()
     assert make_plan(10 * MB, blocks(4), 10 * MB + 2 * 4 * MB, prefetch=2).num_slots == 2
+    with caplog.at_level(logging.WARNING, logger="tensorstream"):
+        log_plan(plan, requested_prefetch=2)
+    advice = re.search(r"Raise budget_gb to at least ([0-9.]+) to read the next block", caplog.text)
+    assert advice is not None, caplog.text  # said out loud, with a budget that works as printed
+    assert make_plan(10 * MB, blocks(4), round(float(advice.group(1)) * 1e9), prefetch=2).num_slots >= 2
 
 
 def test_uneven_blocks_stream_through_an_arena_of_the_largest_consecutive_ones() -> None:

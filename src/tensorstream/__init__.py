@@ -35,6 +35,7 @@ from .errors import (
     StorageFullError,
     StreamingError,
     TensorStreamError,
+    TooManyOpenFilesError,
     UnsupportedModelError,
     UnsupportedOperationError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "StreamStats",
     "StreamingError",
     "TensorStreamError",
+    "TooManyOpenFilesError",
     "UnsupportedModelError",
     "UnsupportedOperationError",
     "__version__",

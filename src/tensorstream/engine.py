@@ -35,6 +35,7 @@ reader thread, one pass over the block); ``verify="checksum"`` checks it on ever
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -45,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +54,7 @@ from torch import nn
 
 from .backends import Backend, choose_backend, get_backend
 from .config import Config
-from .errors import CorruptFileError, StaleStoreError, StreamingError
+from .errors import CorruptFileError, StaleStoreError, StreamingError, TooManyOpenFilesError
 from .format import TsHeader, aligned_empty, data_checksum, read_data, verify_buffer
 from .plan import Plan
 from .slots import MappedSlots, make_slots
@@ -276,8 +278,8 @@ class Engine:
         for name in plan.streamed:
             entry = entries[name]
             header = store.header(entry)
-            targets = _targets(name, modules[name], header, tied, store.file(entry))
-            handle = self.backend.open(store.file(entry))
+            targets = _targets(name, modules[name], header, tied, store)
+            handle = _open_block(self.backend, store.file(entry), len(plan.streamed))
             self._resources.handles.append(handle)
             self.blocks.append(_Block(name, entry, header, handle, targets))
             self.blocks[-1].identity = _identity(store.file(entry).stat())
@@ -455,7 +457,7 @@ class Engine:
         if data is None:
             raise CorruptFileError(
                 f"{self.store.file(block.entry)}: the file is shorter than its header says (it shrank while "
-                "mapped); rerun `tensorstream reshard --force` on the source."
+                f"mapped); {repair_hint(self.store.path)}"
             )
         return data
 
@@ -688,15 +690,43 @@ class _Resources:
             self.backend.close(self.handles.pop())
 
 
-_CHANGED = "the store changed after the model was loaded: load it again (and rerun `tensorstream reshard --force`)."
+#: Loading again validates the store afresh, and names the exact repair command if it is damaged.
+_CHANGED = "the store changed after the model was loaded: load the model again."
+
+
+def _open_block(backend: Backend, path: Path, blocks: int) -> Any:
+    """``backend.open(path)``, with the open-file limit reported as what it is (one descriptor per streamed block)."""
+    try:
+        return backend.open(path)
+    except OSError as err:
+        if err.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            wanted = max(2 * soft, soft + 2 * blocks)
+            limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            fix = f"raise the limit (`ulimit -n {limit}` in the shell that starts Python) and load the model again."
+        else:
+            fix = (
+                f"the hard limit ({hard}) is reached too: close other files, or have an administrator raise the hard "
+                "limit (`ulimit -Hn`, /etc/security/limits.conf), then load the model again."
+            )
+        raise TooManyOpenFilesError(
+            f"{path}: cannot open another file ({err.strerror}). The engine keeps one descriptor open per streamed "
+            f"block ({blocks} here) and this process may open {soft}; {fix}",
+            err.errno,
+        ) from None
 
 
 def _identity(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, str], file: Any) -> list[Any]:
+def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, str], store: Store) -> list[Any]:
     """(submodule, attribute, placeholder, start, end, dtype, shape) for each parameter of block ``name``."""
+    file = header.path
     targets = []
     for local, param in module.named_parameters(remove_duplicate=False):
         full = f"{name}.{local}"
@@ -704,12 +734,12 @@ def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, 
         if info is None:
             raise StaleStoreError(
                 f"{file} has no tensor {full!r}, which the model needs: the store was built for a different model "
-                "or transformers version; rerun `tensorstream reshard --force` on the source."
+                f"or transformers version; {repair_hint(store.path)}"
             )
         if tuple(param.shape) != info.shape or param.dtype != info.torch_dtype:
             raise StaleStoreError(
                 f"{file}: {full!r} is {info.dtype}{list(info.shape)} in the store but the model expects "
-                f"{param.dtype}{list(param.shape)}; rerun `tensorstream reshard --force` (with the same dtype)."
+                f"{param.dtype}{list(param.shape)}; {repair_hint(store.path)}"
             )
         submodule_name, _, attr = local.rpartition(".")
         submodule = module.get_submodule(submodule_name)

@@ -9,6 +9,7 @@ already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` 
      │    └── CorruptFileError                 a .ts file or store is damaged (truncated, bad checksum)
      ├── StaleStoreError(FileNotFoundError)    the store is missing a file or no longer matches its source
      ├── StorageFullError(OSError)             the disk (or quota) filled up while a store was written
+     ├── TooManyOpenFilesError(OSError)        the process's open-file limit is below one descriptor per block
      ├── BudgetError(MemoryError)              the memory budget cannot hold the minimum working set
      ├── BackendUnavailableError(ImportError)  an I/O backend cannot run here (missing package, no driver)
      ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
@@ -38,6 +39,7 @@ __all__ = [
     "StorageFullError",
     "StreamingError",
     "TensorStreamError",
+    "TooManyOpenFilesError",
     "UnsupportedModelError",
     "UnsupportedOperationError",
 ]
@@ -74,6 +76,19 @@ class StorageFullError(TensorStreamError, OSError):
             super().__init__(code, message)
         else:
             super().__init__(code, message, filename)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class TooManyOpenFilesError(TensorStreamError, OSError):
+    """The engine keeps one descriptor per streamed block open, and the process's limit (``ulimit -n``) is lower.
+
+    ``errno`` is ``EMFILE`` or ``ENFILE``; ``str(error)`` is the message alone.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code, message)
 
     def __str__(self) -> str:
         return str(self.strerror)

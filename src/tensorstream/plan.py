@@ -463,6 +463,17 @@ def _cgroup_available() -> int | None:
 
 def log_plan(plan: Plan, requested_prefetch: int) -> None:
     logger.info("tensorstream plan: %s", plan.describe())
+    if plan.streamed and plan.num_slots == 1 and requested_prefetch > 0 and len(plan.streamed) > 1:
+        # the last-resort plan: correct, but every streamed block waits for its own read. Said out loud, since a
+        # budget a little too small would otherwise look like a slow disk.
+        names = list(plan.block_bytes)
+        needed = plan.non_block_bytes + arena_bytes([plan.block_bytes[name] for name in names], 2)
+        logger.warning(
+            "tensorstream: budget_gb=%.6g holds only one streamed block at a time: no read-ahead, so every block "
+            "waits for its read. Raise budget_gb to at least %s to read the next block while one computes.",
+            plan.budget_bytes / 1e9,
+            gb_rounded_up(needed),
+        )
     if plan.streamed and plan.prefetch < min(requested_prefetch, len(plan.streamed) - 1):
         logger.info(
             "tensorstream: budget allows prefetch depth %d (asked for %d); raise budget_gb for deeper read-ahead",
