@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib.util
-import json
 import os
 import random
 import re
@@ -27,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tensorstream
+from helpers.attacks import edit_json, rewrite_header
 from helpers.models import budgets, streaming
 from tensorstream.cli import main as cli
 from tensorstream.format import read_ts_header
@@ -68,23 +68,6 @@ def within(seconds: float, fn: Callable[[], Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-def rewrite_header(path: Path, mutate: Callable[[dict[str, Any]], None]) -> None:
-    """Change a .ts file's JSON header in place, keeping its length (and so the data offset)."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    mutate(header)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= n
-    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
-
-
-def edit_json(path: Path, mutate: Callable[[Any], None]) -> None:
-    data = json.loads(path.read_text())
-    mutate(data)
-    path.write_text(json.dumps(data))
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
