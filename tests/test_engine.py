@@ -230,7 +230,7 @@ def test_mapped_mode_a_failed_populate_reaches_the_forward_and_the_model_recover
 
 
 def test_stats_report_anonymous_and_file_backed_memory(setup) -> None:  # type: ignore[no-untyped-def]
-    from tensorstream.engine import process_memory
+    from tensorstream.stats import process_memory
 
     source, storage, _ = setup
     model = streaming(source, storage, budget_gb=budgets(storage)["stream_all"], backend="mmap")

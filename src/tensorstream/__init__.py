@@ -42,9 +42,9 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .config import Config
-    from .engine import StreamStats
     from .format import load_ts, read_ts_header, save_to_ts
     from .reshard import reshard
+    from .stats import StreamStats
     from .stream import detach, offload, stats
 
 __version__ = "0.1.0"
@@ -80,7 +80,7 @@ __all__ = [
 #: Public name -> the submodule that defines it, imported on first access (PEP 562).
 _LAZY = {
     "Config": "config",
-    "StreamStats": "engine",
+    "StreamStats": "stats",
     "load_ts": "format",
     "read_ts_header": "format",
     "save_to_ts": "format",

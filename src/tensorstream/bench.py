@@ -154,7 +154,7 @@ class _MemorySampler:
     def __init__(self) -> None:
         import threading
 
-        from .engine import process_memory
+        from .stats import process_memory
 
         self._read = process_memory
         start = process_memory()

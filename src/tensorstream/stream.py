@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .config import Config, parse_dtype
-from .engine import Engine, StreamStats
+from .engine import Engine
 from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
 from .reshard import reshard_module
+from .stats import StreamStats
 from .store import Store
 
 __all__ = ["check_device", "detach", "offload", "plan_for", "start_streaming", "stats"]
