@@ -235,13 +235,7 @@ class Engine:
             if not stat.S_ISREG(info.st_mode) or _identity(info) != block.identity:
                 raise StaleStoreError(f"{path} is not the file this model was loaded from; {_CHANGED}")
             buffer = aligned_empty(block.header.data_size)
-            view = buffer.numpy().data.cast("B") if block.header.data_size else memoryview(b"")
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], block.header.data_offset + done)
-                if n == 0:
-                    raise CorruptFileError(f"{path} ended {len(view) - done} bytes early; {_CHANGED}")
-                done += n
+            read_data(path, block.header, buffer, fd=fd)
         finally:
             os.close(fd)
         if self.verify_first_read:

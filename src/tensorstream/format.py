@@ -394,10 +394,15 @@ def tensor_views(buffer: torch.Tensor, header: TsHeader) -> dict[str, torch.Tens
     return out
 
 
-def read_data(path: Path, header: TsHeader, out: torch.Tensor) -> None:
-    """Read the whole data section of ``path`` into ``out`` (a CPU ``uint8`` tensor) with buffered reads."""
+def read_data(path: Path, header: TsHeader, out: torch.Tensor, *, fd: int | None = None) -> None:
+    """Read the whole data section of ``path`` into ``out`` (a CPU ``uint8`` tensor) with buffered reads.
+
+    With ``fd``, read from that open descriptor of ``path`` (checked by the caller) instead of opening the path.
+    """
     view = _as_bytes_view(out)[: header.data_size]
-    fd = os.open(path, os.O_RDONLY)
+    own = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
         while done < header.data_size:
@@ -406,7 +411,8 @@ def read_data(path: Path, header: TsHeader, out: torch.Tensor) -> None:
                 raise CorruptFileError(f"{path}: file ended after {done} of {header.data_size} data bytes; {_REPAIR}")
             done += n
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 def load_ts(
