@@ -48,6 +48,7 @@ import torch
 
 from .backends.posix import choose_direct_io, drop_page_cache, raw_read_gb_per_s
 from .config import Config
+from .encoding import QUANTIZE_SCHEMES, store_kind
 from .errors import ConfigError
 
 __all__ = ["build_standard_model", "drop_page_cache", "raw_read_gb_per_s", "run_bench"]
@@ -277,6 +278,7 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     backends: Sequence[str] = (),
     assistant: str | None = None,
+    kinds: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Measure the disk, tensorstream, and optionally accelerate and the resident model; return every figure.
 
@@ -301,6 +303,9 @@ def run_bench(
             store larger than RAM (the POSIX backend), since that is the regime the cold condition stands for.
         assistant: also measure assisted generation on the streamed model (warm, batch 1): ``"prompt-lookup"``
             (``prompt_lookup_num_tokens=10``) or a draft model's folder or Hub id (kept resident).
+        kinds: also measure these store kinds (``"int8"``, ``"int4"``, ``"lossless"``; see docs/quantization.md),
+            each resharded from the same source, with the first backend, in every cache condition; rows are named
+            ``ts <kind>`` and compared with the plain store's (bytes read per step and tokens/s).
 
     Returns:
         A JSON-serialisable dict: ``machine``, ``model``, ``budget``, ``disk``, ``results`` (one row per system,
@@ -337,9 +342,22 @@ def run_bench(
     storage = base.store_root if config is not None else work / "stores"
     given_store = (Path(source) / MANIFEST_NAME).is_file()
     if given_store:  # a store (or preshard snapshot): benchmark it as it is, not the source it was built from
+        if kinds:
+            raise ConfigError(
+                f"{source} is a store: it is measured as it is. --quantize/--compression reshard a model, so pass "
+                "the model folder (or Hub id) it was built from."
+            )
         store = Store.open(source, verify="header")
     else:
         store = Store.open(reshard(source, storage, progress=False))
+    kind_stores: dict[str | None, Any] = {None: store}
+    for extra in kinds:
+        say(f"{extra} store (resharding once)")
+        quantize, compression = (extra, None) if extra in QUANTIZE_SCHEMES else (None, extra)
+        store_kind(quantize, compression)  # ConfigError for an unknown kind
+        kind_stores[extra] = Store.open(
+            reshard(source, storage, quantize=quantize, compression=compression, progress=False)
+        )
     files = [store.file(entry) for entry in store.entries()]
     model_bytes = store.total_bytes
     budget = round(budget_gb * 1e9) if budget_gb is not None else round(budget_fraction * model_bytes)
@@ -364,13 +382,22 @@ def run_bench(
 
     results: list[dict[str, Any]] = []
     plan_info: dict[str, Any] = {}
-    for backend, cache in [(backend, cache) for backend in (backends or (base.backend,)) for cache in caches]:
-        say(f"tensorstream ({backend}), {cache} cache")
+    measured = [
+        (kind, backend, cache)
+        for kind in kind_stores
+        for backend in (backends or (base.backend,))[: None if kind is None else 1]
+        for cache in caches
+    ]
+    for kind, backend, cache in measured:
+        kind_store = kind_stores[kind]
+        kind_files = [kind_store.file(entry) for entry in kind_store.entries()]
+        say(f"tensorstream ({kind or 'plain'} store, {backend}), {cache} cache")
         gc.collect()
         _reset_peak()
         baseline, _ = _rss()
         sampler = _MemorySampler()
-        config_cache = config_run.replace(backend=backend)
+        quantize, compression = (kind, None) if kind in QUANTIZE_SCHEMES else (None, kind)
+        config_cache = config_run.replace(backend=backend, quantize=quantize, compression=compression)
         if cache == "cold" and backend == "auto":  # what "auto" picks for a store larger than RAM
             config_cache = config_cache.replace(backend="posix")
         if cache == "cold" and config_run.direct_io is None and config_cache.backend in ("auto", "posix"):
@@ -388,29 +415,34 @@ def run_bench(
             # condition stands for), so measure that.
             engine.backend.keep_mapped = False
         plan = engine.plan
-        plan_info = {
-            "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed), "slots": plan.num_slots,
-            "storage_bytes_per_step": plan.storage_bytes, "backend": engine.backend.name, "describe": plan.describe(),
-        }  # fmt: skip
+        # bytes read per step: the streamed blocks' files (compact bytes for a quantized or compressed store)
+        step_bytes = sum(entry.data_size for entry in kind_store.blocks if entry.name in set(plan.streamed))
+        if kind is None:
+            plan_info = {
+                "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed), "slots": plan.num_slots,
+                "storage_bytes_per_step": step_bytes, "backend": engine.backend.name, "describe": plan.describe(),
+            }  # fmt: skip
         for batch in batches:
             stats = ts_stats(model)
             stats.reset()
             started = time.perf_counter()
-            measure = _decode(model, batch, tokens, runs, files if cache == "cold" else None, run_device)
+            measure = _decode(model, batch, tokens, runs, kind_files if cache == "cold" else None, run_device)
             elapsed = time.perf_counter() - started
             _, peak = _rss()
             sampler._sample()
             results.append({
-                "system": "tensorstream", "cache": cache, "batch": batch, "s_per_token": measure.s_per_token,
-                "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs,
-                "gb_per_s": plan.storage_bytes / measure.s_per_token / 1e9,
+                "system": "tensorstream" if kind is None else f"ts {kind}", "store": kind or "plain",
+                "cache": cache, "batch": batch, "s_per_token": measure.s_per_token,
+                "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs, "bytes_per_step": step_bytes,
+                "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed),
+                "gb_per_s": step_bytes / measure.s_per_token / 1e9,
                 "wait_fraction": stats.wait_seconds / elapsed if elapsed else 0.0,
                 "read_gb_per_s": stats.read_gb_per_s, "sync_loads": stats.sync_loads,
                 "peak_rss_above_baseline": peak - baseline, "backend": engine.backend.name,
                 "peak_anon_rss_above_baseline": sampler.peak_anon - sampler.baseline_anon,
                 "peak_file_rss": sampler.peak_file,
             })  # fmt: skip
-        if assistant and cache == "warm":
+        if assistant and cache == "warm" and kind is None:
             results += _assisted(model, assistant, source, tokens, runs, run_device, say)
         sampler.close()
         del model, engine
@@ -464,7 +496,7 @@ def run_bench(
         "budget": {"bytes": budget, "fraction": budget / model_bytes, **plan_info},
         "disk": None if disk is None else {"best_gb_per_s": disk["gb_per_s"], "best": disk, "runs": disk_runs},
         "settings": {"batches": list(batches), "tokens": tokens, "runs": runs, "caches": list(caches),
-                     "backends": list(backends or (base.backend,)), "assistant": assistant},
+                     "backends": list(backends or (base.backend,)), "assistant": assistant, "kinds": list(kinds)},
         "results": results,
     }  # fmt: skip
     result["ratios"], result["targets"] = _ratios(result)
@@ -542,6 +574,7 @@ def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
         values = [e[key] for e in ratios if e["batch"] == 1 and e["cache"] == cache and e.get(key) is not None]
         if values:
             targets[check[0]] = max(values) >= check[1]
+    _kind_ratios(result, ratios, targets)
     anon = [r["peak_anon_rss_above_baseline"] for r in result["results"] if "peak_anon_rss_above_baseline" in r]
     if anon:
         targets["peak_anon_rss_above_baseline_bytes"] = max(anon)
@@ -551,6 +584,47 @@ def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
         targets["peak_rss_above_baseline_bytes"] = max(rss)
         targets["peak_rss_within_budget_plus_64MB"] = max(rss) <= result["budget"]["bytes"] + 64e6
     return ratios, targets
+
+
+#: Issue 12's targets for the store kinds, batch 1: bytes read per step and cold tokens/s against the plain store.
+KIND_TARGETS = {"int8": (0.55, 1.6), "int4": (0.32, 2.5), "lossless": (None, 1.15)}
+
+
+def _kind_ratios(result: dict[str, Any], ratios: list[dict[str, Any]], targets: dict[str, Any]) -> None:
+    """Each quantized or compressed store's rows against the plain store's, same cache condition and batch.
+
+    The plain row taken is the one with the same backend when there is one (the same read path), else the fastest.
+    """
+    for row in result["results"]:
+        kind = row.get("store")
+        if row["system"] == "tensorstream" or kind in (None, "plain"):
+            continue
+        plain = [
+            r for r in result["results"] if r["system"] == "tensorstream" and (r["cache"], r["batch"]) == (
+                row["cache"], row["batch"])
+        ]  # fmt: skip
+        if not plain:
+            continue
+        same = [r for r in plain if r.get("backend") == row.get("backend")]
+        best = max(plain, key=lambda r: r["tokens_per_s"])
+        base = same[0] if same else best
+        plain_bytes = base.get("bytes_per_step")
+        entry = {
+            "store": kind, "cache": row["cache"], "batch": row["batch"], "backend": row.get("backend", ""),
+            "bytes_per_step_over_plain": row["bytes_per_step"] / plain_bytes if plain_bytes else None,
+            "tokens_per_s_over_plain": row["tokens_per_s"] / base["tokens_per_s"],
+            "tokens_per_s_over_best_plain": row["tokens_per_s"] / best["tokens_per_s"],
+        }  # fmt: skip
+        ratios.append(entry)
+        if row["batch"] != 1 or kind not in KIND_TARGETS:
+            continue
+        max_bytes, min_cold = KIND_TARGETS[kind]
+        if max_bytes is not None and entry["bytes_per_step_over_plain"] is not None:
+            targets[f"{kind}_bytes_{max_bytes}x"] = entry["bytes_per_step_over_plain"] <= max_bytes
+        if row["cache"] == "cold":
+            targets[f"cold_{kind}_{min_cold}x_plain"] = entry["tokens_per_s_over_plain"] >= min_cold
+        else:
+            targets[f"warm_{kind}_no_worse_than_plain"] = entry["tokens_per_s_over_best_plain"] >= 1.0
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -583,6 +657,13 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines += ["", "ratios (tensorstream):"]
     for entry in result["ratios"]:
+        if "store" in entry:
+            lines.append(
+                f"  {entry['store']} store, {entry['cache']}, batch {entry['batch']}: bytes/step / plain "
+                f"{entry['bytes_per_step_over_plain'] or 0:.2f}; tokens/s / plain "
+                f"{entry['tokens_per_s_over_plain']:.2f} (/ best plain {entry['tokens_per_s_over_best_plain']:.2f})"
+            )
+            continue
         parts = []
         for key, label in (
             ("gb_per_s_over_disk", "GB/s / disk"),

@@ -109,11 +109,26 @@ def _add_reshard(sub: Subparsers) -> None:
     p.add_argument("source", help="local model folder or Hub repo id")
     p.add_argument("storage_path", nargs="?", help="where stores live (default: <HF hub cache>/tensorstream)")
     p.add_argument("--dtype", help="convert floating weights: bf16, fp16 or fp32 (default: keep)")
+    _store_kind_flags(p)
     p.add_argument("--model-class", help="transformers class to build (default: config.architectures[0])")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date store exists")
     _hub_source_flags(p)
     _json_flag(p)
     p.set_defaults(func=_reshard)
+
+
+def _store_kind_flags(p: argparse.ArgumentParser) -> None:
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="store the blocks' weight matrices group-wise quantized (fewer bytes per token; docs/quantization.md)",
+    )
+    kind.add_argument(
+        "--compression",
+        choices=["lossless"],
+        help="store 16-bit weights as byte planes, the high one zstd-compressed (bit-exact; docs/quantization.md)",
+    )
 
 
 def _reshard(args: argparse.Namespace) -> int:
@@ -124,6 +139,8 @@ def _reshard(args: argparse.Namespace) -> int:
         args.source,
         args.storage_path,
         dtype=args.dtype,
+        quantize=args.quantize,
+        compression=args.compression,
         model_class=args.model_class,
         force=args.force,
         revision=args.revision,
@@ -132,11 +149,12 @@ def _reshard(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     store = Store.open(path, verify="header")
-    result = {"store": str(path), "blocks": len(store.blocks), "total_bytes": store.total_bytes}
+    kind = store.kind or "plain"
+    result = {"store": str(path), "blocks": len(store.blocks), "total_bytes": store.total_bytes, "kind": kind}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"store: {path}\nblocks: {len(store.blocks)}, {store.total_bytes / 1e9:.3f} GB")
+        print(f"store: {path}\nblocks: {len(store.blocks)}, {store.total_bytes / 1e9:.3f} GB ({kind})")
     return EXIT_OK
 
 
@@ -206,6 +224,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "store": str(store.path),
             "model_class": store.model_class,
             "fingerprint": store.fingerprint,
+            "kind": store.kind or "plain",
             "total_bytes": store.total_bytes,
             "files": rows,
         }
@@ -213,7 +232,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return EXIT_ERROR if damaged else EXIT_OK
     print(
         f"store {store.path}\nmodel {store.model_class}, fingerprint {store.fingerprint}, "
-        f"{len(store.blocks)} blocks, {store.total_bytes / 1e9:.3f} GB"
+        f"{len(store.blocks)} blocks, {store.total_bytes / 1e9:.3f} GB, {store.kind or 'plain'} store"
     )
     width = max(len(row["block"]) for row in rows)
     print(f"{'block':<{width}}  {'tensors':>7}  {'MB':>10}  {'dtypes':<12}  {'aligned':<7}  {'checksum':<14}  status")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from .encoding import store_kind
 from .errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "Config"]
@@ -115,6 +116,13 @@ class Config:
             Pinned host RAM kept between disk and GPU for a fixed set of blocks (CUDA only).
         dtype (`str` or `torch.dtype`, *optional*):
             Convert floating-point weights to this dtype when resharding. ``None`` keeps the checkpoint's.
+        quantize (`str`, *optional*):
+            ``"int8"`` or ``"int4"``: build a quantized store (the streamed blocks' weight matrices group-wise
+            quantized; fewer bytes read per token, results exactly those of `tensorstream.detach` on the same model,
+            not of the original weights). See docs/quantization.md.
+        compression (`str`, *optional*):
+            ``"lossless"``: build a store whose 16-bit weights are stored as byte planes with the high one
+            zstd-compressed; results bit-identical to the original model. See docs/quantization.md.
         verify (`str`, defaults to ``"header"``):
             ``"off"``, ``"header"`` (headers, sizes and offsets checked against the manifest when the model
             is loaded) or ``"checksum"`` (also every block's checksum each time it is read).
@@ -140,6 +148,8 @@ class Config:
     direct_io: bool | None = None
     host_cache_gb: float = 0.0
     dtype: str | torch.dtype | None = None
+    quantize: str | None = None
+    compression: str | None = None
     verify: Verify = "header"
     io_threads: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
@@ -179,6 +189,9 @@ class Config:
         if self.direct_io is not None and not isinstance(self.direct_io, bool):
             set_(self, "direct_io", _as_optional_bool(self.direct_io, "direct_io"))
         set_(self, "dtype", parse_dtype(self.dtype))
+        if self.compression == "none":
+            set_(self, "compression", None)
+        store_kind(self.quantize, self.compression)  # ConfigError for an unknown or conflicting kind
         set_(
             self, "storage_path", Path(self.storage_path).expanduser() if self.storage_path else default_storage_path()
         )
@@ -194,6 +207,11 @@ class Config:
     def budget_bytes(self) -> int | None:
         """The budget in bytes, or ``None`` when it is sized from free memory."""
         return None if self.budget_gb is None else round(float(self.budget_gb) * 1e9)
+
+    @property
+    def kind(self) -> str | None:
+        """The store kind these settings build: ``None`` (plain), ``"int8"``, ``"int4"`` or ``"lossless"``."""
+        return store_kind(self.quantize, self.compression)
 
     @property
     def store_root(self) -> Path:
@@ -367,6 +385,8 @@ def _parse_env_value(name: str, raw: str, key: str) -> Any:
         return _as_int(raw, key)
     if name == "direct_io":
         return _as_optional_bool(raw, key)
+    if name in ("quantize", "compression") and raw.lower() in ("", "none", "off"):
+        return None
     return raw or None
 
 

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,9 @@ from torch import nn
 
 from .backends import Backend, choose_backend, get_backend
 from .config import Config
-from .errors import CorruptFileError, StaleStoreError, StreamingError, TooManyOpenFilesError
-from .format import TsHeader, aligned_empty, data_checksum, read_data, verify_buffer
+from .encoding import BlockCodec
+from .errors import ConfigError, CorruptFileError, StaleStoreError, StreamingError, TooManyOpenFilesError
+from .format import aligned_empty, data_checksum, read_data, verify_buffer
 from .plan import Plan
 from .slots import MappedSlots, make_slots
 from .stats import StreamStats
@@ -91,12 +92,14 @@ class _Load:
 class _Block:
     """A streamed block: its file, header, the parameters it binds, and its host-cache copy if it has one."""
 
-    def __init__(self, name: str, entry: BlockEntry, header: TsHeader, handle: Any, targets: list[Any]) -> None:
+    def __init__(self, name: str, entry: BlockEntry, codec: BlockCodec, handle: Any, targets: list[Any]) -> None:
         self.name = name
         self.entry = entry
-        self.header = header
+        self.header = codec.header
+        #: how the data section expands into the tensors bound (`tensorstream.encoding`; plain: as it is).
+        self.codec = codec
         self.handle = handle
-        #: (submodule, attribute, meta placeholder, tensor start, tensor end, dtype, shape) per parameter.
+        #: (submodule, attribute, meta placeholder, start, end, dtype, shape) per parameter (expanded layout).
         self.targets = targets
         self.cached: torch.Tensor | None = None
         #: Whether this process has checked the block's data checksum once (see the module docstring).
@@ -121,6 +124,13 @@ class Engine:
         self.device = config.execution_device
         direct_io = config.direct_io
         backend = choose_backend(config.backend, self.device, store.total_bytes, direct_io=direct_io)
+        if store.kind == "lossless" and self.device.type == "cuda" and backend in ("auto", "kvikio"):
+            if backend == "kvikio":
+                raise ConfigError(
+                    "backend='kvikio' reads straight into GPU memory, but a lossless store's blocks are expanded on "
+                    "the CPU (zstd); use backend='posix' (or 'auto') with this store."
+                )
+            backend = "posix"
         if direct_io is None and backend in ("auto", "posix"):
             from .backends.posix import choose_direct_io
 
@@ -162,16 +172,17 @@ class Engine:
     ) -> None:
         for name in plan.streamed:
             entry = entries[name]
-            header = store.header(entry)
-            targets = _targets(name, modules[name], header, tied, store)
+            codec = store.codec(entry)
+            targets = _targets(name, modules[name], codec, tied, store)
             handle = _open_block(self.backend, store.file(entry), len(plan.streamed))
             self._resources.handles.append(handle)
-            self.blocks.append(_Block(name, entry, header, handle, targets))
+            self.blocks.append(_Block(name, entry, codec, handle, targets))
             self.blocks[-1].identity = _identity(store.file(entry).stat())
         direct = bool(getattr(self.backend, "reads_device_memory", False))
         #: zero-copy: parameters are views of the backend's mapping of each file (CPU and ``backend="mmap"``);
         #: the arena then holds no memory, it only counts the blocks in flight, and a read populates mapped pages.
-        self.mapped = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False))
+        #: An encoded store's blocks are expanded into the arena, so they are never bound as mapped pages.
+        self.mapped = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False)) and store.kind is None
         if self.mapped:
             self.backend.keep_mapped = _keep_mapped(store.total_bytes)  # type: ignore[attr-defined]
         self.slots: Any = (
@@ -210,19 +221,21 @@ class Engine:
                 block.verified = True
             block.cached = buffer
 
-    def read_block(self, block: _Block) -> torch.Tensor:
-        """The data section of ``block``'s file in host memory (uint8), for `detach` and ``save_pretrained``.
+    def read_block(self, block: _Block, device: torch.device | None = None) -> torch.Tensor:
+        """``block``'s tensors as they are bound (expanded, uint8) on ``device`` (default: host memory), for `detach`
+        and ``save_pretrained``.
 
         The file is opened again by path, so it must still be the file the engine opened (same device, inode, size
         and modification time; a regular file, never a link or FIFO), and its checksum is checked unless
-        ``verify="off"``. The last block read is kept, so reading a block tensor by tensor reads its file once.
+        ``verify="off"``. The last block read into host memory is kept, so reading a block tensor by tensor reads its
+        file once. An encoded block is expanded on ``device`` by the same `BlockCodec.decode` the slots run.
 
         Raises:
             `StaleStoreError`: the file was replaced or changed since the model was loaded.
             `CorruptFileError`: its data does not match its checksum.
         """
         last = self._last_read
-        if last is not None and last[0] is block:
+        if last is not None and last[0] is block and device is None:
             return last[1]
         path = self.store.file(block.entry)
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -240,6 +253,9 @@ class Engine:
             os.close(fd)
         if self.verify_first_read:
             verify_buffer(block.header, buffer)
+        if device is not None:
+            return block.codec.expand(buffer.to(device))
+        buffer = block.codec.expand(buffer)
         self._last_read = (block, buffer)
         return buffer
 
@@ -391,7 +407,7 @@ class Engine:
     def _issue(self, b: int) -> _Load | None:
         """Start reading block ``b`` into a new region of the arena; None when the arena has no room for it now."""
         block = self.blocks[b]
-        slot = self.slots.allocate(block.header.data_size)
+        slot = self.slots.allocate(block.codec.region_bytes)
         if slot is None:
             return None
         if block.cached is not None:
@@ -456,7 +472,7 @@ class Engine:
     def _copy_cached(self, load: _Load, block: _Block) -> None:
         try:
             self.slots.prepare_read(load.slot)
-            self.slots.finish_read(load.slot, block.header.data_size, source=block.cached)
+            self.slots.finish_read(load.slot, block.header.data_size, source=block.cached, codec=_codec(block))
             with self.stats._lock:
                 self.stats.cache_loads += 1
         except BaseException as err:
@@ -473,7 +489,8 @@ class Engine:
             if self.mapped:
                 n = self.backend.populate(block.handle, block.header.data_offset + start, end - start)  # type: ignore[attr-defined]
             else:
-                target = self.slots.read_target(load.slot)[start:end]
+                at = block.codec.compact_offset  # an encoded block is read behind the room it expands into
+                target = self.slots.read_target(load.slot)[at + start : at + end]
                 n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
             expected = min(end, block.header.data_size) - start
             if n < expected:
@@ -502,7 +519,9 @@ class Engine:
                 size = block.header.data_size
                 if self.verify_checksum or (self.verify_first_read and not block.verified):
                     view = (
-                        self._mapped_data(block).numpy().data if self.mapped else self.slots.host_view(load.slot, size)
+                        self._mapped_data(block).numpy().data
+                        if self.mapped
+                        else self.slots.host_view(load.slot, size, block.codec.compact_offset)
                     )
                     actual = data_checksum(view)
                     if actual != block.entry.checksum:
@@ -512,7 +531,7 @@ class Engine:
                             f"{repair_hint(self.store.path, sentence=True)}"
                         )
                     block.verified = True
-                self.slots.finish_read(load.slot, size)
+                self.slots.finish_read(load.slot, size, codec=_codec(block))
                 with self.stats._lock:
                     self.stats.blocks_loaded += 1
         except BaseException as err:
@@ -603,13 +622,54 @@ def _identity(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, str], store: Store) -> list[Any]:
+def load_resident_blocks(
+    store: Store, names: Collection[str], modules: Mapping[str, nn.Module], device: torch.device, verify: str
+) -> None:
+    """Read and expand the encoded blocks ``names`` that stay resident, and bind them for good.
+
+    transformers loads a plain store's resident blocks itself (views of the ``.ts`` files); an encoded block has to
+    be expanded, with the same `BlockCodec.decode` the streamed blocks use, so that resident and streamed blocks
+    compute with the weights `tensorstream.detach` gives.
+
+    Raises:
+        `CorruptFileError`: a block's data does not match its checksum (unless ``verify="off"``).
+    """
+    entries = {entry.name: entry for entry in store.blocks}
+    tied = store.manifest.get("tied", {})
+    for name in names:
+        entry = entries[name]
+        codec = store.codec(entry)
+        targets = _targets(name, modules[name], codec, tied, store)
+        buffer = aligned_empty(codec.header.data_size)
+        read_data(store.file(entry), codec.header, buffer)
+        if verify != "off":
+            verify_buffer(codec.header, buffer)
+        bind_expanded(targets, codec.expand(buffer.to(device)))
+
+
+def bind_expanded(targets: list[Any], data: torch.Tensor) -> None:
+    """Bind every target parameter to a view of ``data`` (a block's expanded bytes); tied tensors stay tied."""
+    made: dict[tuple[int, int], nn.Parameter] = {}
+    for module, attr, placeholder, start, end, dtype, shape in targets:
+        if (start, end) not in made:
+            made[(start, end)] = nn.Parameter(
+                data[start:end].view(dtype).view(shape), requires_grad=placeholder.requires_grad
+            )
+        module._parameters[attr] = made[(start, end)]
+
+
+def _codec(block: _Block) -> BlockCodec | None:
+    """The codec the slots expand ``block`` with, None for a plain block (bound where it is read)."""
+    return block.codec if block.codec.encoded else None
+
+
+def _targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping[str, str], store: Store) -> list[Any]:
     """(submodule, attribute, placeholder, start, end, dtype, shape) for each parameter of block ``name``."""
-    file = header.path
+    file = codec.header.path
     targets = []
     for local, param in module.named_parameters(remove_duplicate=False):
         full = f"{name}.{local}"
-        info = header.tensors.get(tied.get(full, full))
+        info = codec.tensors.get(tied.get(full, full))
         if info is None:
             raise StaleStoreError(
                 f"{file} has no tensor {full!r}, which the model needs: the store was built for a different model "

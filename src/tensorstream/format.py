@@ -32,7 +32,9 @@ from .errors import CorruptFileError, FormatError
 
 __all__ = [
     "DATA_ALIGNMENT",
+    "ENCODED_FORMAT_VERSION",
     "FORMAT_VERSION",
+    "MAX_FORMAT_VERSION",
     "MAX_HEADER_BYTES",
     "TENSOR_ALIGNMENT",
     "TensorInfo",
@@ -43,7 +45,13 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tensorstream"
+#: The version of a plain ``.ts`` file (and of a plain store's manifest).
 FORMAT_VERSION = 1
+#: The version of a file whose ``__metadata__`` holds an ``encoding`` (a quantized or compressed store; see
+#: `tensorstream.encoding`): a tensorstream that reads only version 1 refuses it instead of misreading it.
+ENCODED_FORMAT_VERSION = 2
+#: The newest version this tensorstream reads.
+MAX_FORMAT_VERSION = ENCODED_FORMAT_VERSION
 DATA_ALIGNMENT = 4096
 TENSOR_ALIGNMENT = 64
 #: The safetensors cap on the JSON header; anything larger is rejected before it is read.
@@ -227,7 +235,7 @@ def save_to_ts(
     meta = {
         **metadata,
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(ENCODED_FORMAT_VERSION if "encoding" in metadata else FORMAT_VERSION),
         "block": block,
         "checksum": data_checksum([memoryview(v) for v in views]),
     }
@@ -331,11 +339,13 @@ def parse_ts_header(raw: bytes, *, path: Path, file_size: int, require_ts: bool 
         version = metadata.get("format_version", "")
         if not (version.isascii() and version.isdigit()) or int(version) < 1:  # "²".isdigit() is True
             raise FormatError(f"{path}: format_version {version!r} is not a positive integer; {_REPAIR}")
-        if int(version) > FORMAT_VERSION:
+        if int(version) > MAX_FORMAT_VERSION:
             raise FormatError(
                 f"{path}: written by a newer tensorstream (format version {version}, this one reads up to "
-                f"{FORMAT_VERSION}); upgrade with `pip install -U tensorstream`."
+                f"{MAX_FORMAT_VERSION}); upgrade with `pip install -U tensorstream`."
             )
+        if ("encoding" in metadata) != (int(version) >= ENCODED_FORMAT_VERSION):
+            raise FormatError(f"{path}: format_version {version} does not match its encoding metadata; {_REPAIR}")
         if data_offset % DATA_ALIGNMENT:
             raise FormatError(f"{path}: data section starts at byte {data_offset}, not a multiple of 4096; {_REPAIR}")
         for name, info in entries:

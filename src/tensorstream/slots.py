@@ -16,7 +16,8 @@ The methods are called in this order for each load of a block::
     allocate(nbytes)         model thread: a region, or None when it does not fit now
     prepare_read(r)          reader thread: wait until the memory the read lands in may be overwritten
     read_target(r)           reader thread(s): the buffer the backend reads into
-    finish_read(r, n)        reader thread: start moving the n bytes to the device (CUDA: async copy)
+    finish_read(r, n, codec)  reader thread: start moving the n bytes to the device (CUDA: async copy) and, for a
+                             block of a quantized or compressed store, expanding them (see below)
     before_compute(r)        model thread: make the compute wait for the data (CUDA: stream waits an event)
     device_buffer(r)         model thread: the buffer whose views become the block's parameters
     release(r) | drop(r)     model thread: the block ran (release) or was read but not run (drop); the region is
@@ -39,6 +40,13 @@ Three pools:
 * `GenericSlots` (MPS and other accelerators): reads land in host staging and are copied with a blocking
   ``copy_`` when the block is acquired. Correct everywhere, with no overlap of the copy.
 
+Encoded blocks (a quantized or lossless store, `tensorstream.encoding`): the region of such a block is laid out as
+``[expanded | compact | scratch]`` (`BlockCodec`); the reader fills the compact part (the engine offsets its reads by
+``codec.compact_offset``) and ``finish_read`` expands it into the expanded part, whose views the parameters bind:
+on the reader thread for the CPU; on the copy stream, after copying the compact bytes, for CUDA; in host staging
+before the copy of the expanded bytes for a codec that expands on the host (zstd). Expanding is the one function
+`BlockCodec.decode`, so every pool, the resident blocks and `tensorstream.detach` compute with the same weights.
+
 `CudaSlots` takes the ``torch.cuda`` module as ``api`` so tests can drive the same state machine with a fake.
 """
 
@@ -48,6 +56,7 @@ from typing import Any
 
 import torch
 
+from .encoding import BlockCodec
 from .format import aligned_empty
 
 __all__ = [
@@ -191,12 +200,17 @@ class HostSlots(Arena):
     def read_target(self, region: Region) -> Any:
         return self.view[region.start : region.end]
 
-    def host_view(self, region: Region, nbytes: int) -> memoryview:
-        return self.view[region.start : region.start + nbytes]
+    def host_view(self, region: Region, nbytes: int, offset: int = 0) -> memoryview:
+        return self.view[region.start + offset : region.start + offset + nbytes]
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
+    def finish_read(
+        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+    ) -> None:
+        at = region.start + (codec.compact_offset if codec is not None else 0)
         if source is not None:  # a block from the host cache tier
-            self.buffer[region.start : region.start + nbytes].copy_(source[:nbytes])
+            self.buffer[at : at + nbytes].copy_(source[:nbytes])
+        if codec is not None:
+            _expand(codec, self.buffer, region, nbytes)
 
     def before_compute(self, region: Region) -> None:
         pass
@@ -240,22 +254,35 @@ class CudaSlots(Arena):
         assert self.view is not None
         return self.view[region.start : region.end]
 
-    def host_view(self, region: Region, nbytes: int) -> memoryview:
+    def host_view(self, region: Region, nbytes: int, offset: int = 0) -> memoryview:
+        start = region.start + offset
         if self.direct:
-            host = self.buffer[region.start : region.start + nbytes].cpu()
+            host = self.buffer[start : start + nbytes].cpu()
             return host.numpy().data.cast("B")
         assert self.view is not None
-        return self.view[region.start : region.start + nbytes]
+        return self.view[start : start + nbytes]
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
-        if self.direct and source is None:
+    def finish_read(
+        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+    ) -> None:
+        if self.direct and source is None and codec is None:
             return
-        src = self.staging[region.start : region.end] if source is None else source  # type: ignore[index]
+        at = codec.compact_offset if codec is not None else 0
+        if codec is not None and codec.host_decode:  # expand in host staging, then copy the expanded bytes
+            assert self.staging is not None, "a host-expanded store is never read with direct I/O (see Engine)"
+            if source is not None:
+                self.staging[region.start + at : region.start + at + nbytes].copy_(source[:nbytes])
+            _expand(codec, self.staging, region, nbytes)
+            source, at, nbytes, codec = None, 0, codec.expanded_bytes, None
         stream = self.copy_stream
         with self.api.device(self.device), self.api.stream(stream):
             for event in region.device_waits:  # the computes that last read this memory have finished
                 stream.wait_event(event)
-            self.buffer[region.start : region.start + nbytes].copy_(src[:nbytes], non_blocking=True)
+            if not (self.direct and source is None):  # direct: the compact bytes are already in device memory
+                src = self.staging[region.start + at : region.end] if source is None else source  # type: ignore[index]
+                self.buffer[region.start + at : region.start + at + nbytes].copy_(src[:nbytes], non_blocking=True)
+            if codec is not None:  # expanded on the device, in order after the copy on this stream
+                _expand(codec, self.buffer, region, nbytes)
             event = self.api.Event()
             event.record(stream)
         region.copied = event
@@ -286,7 +313,7 @@ class GenericSlots(Arena):
         super().__init__(region_bytes(arena_bytes))
         self.host = HostSlots(self.size)
         self.buffer = torch.empty(self.size, dtype=torch.uint8, device=device)
-        self.sources: dict[int, tuple[int, torch.Tensor | None]] = {}
+        self.sources: dict[int, tuple[int, torch.Tensor | None, BlockCodec | None]] = {}
 
     def prepare_read(self, region: Region) -> None:
         pass
@@ -294,16 +321,24 @@ class GenericSlots(Arena):
     def read_target(self, region: Region) -> Any:
         return self.host.read_target(region)
 
-    def host_view(self, region: Region, nbytes: int) -> memoryview:
-        return self.host.host_view(region, nbytes)
+    def host_view(self, region: Region, nbytes: int, offset: int = 0) -> memoryview:
+        return self.host.host_view(region, nbytes, offset)
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
-        self.sources[id(region)] = (nbytes, source)
+    def finish_read(
+        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+    ) -> None:
+        if codec is not None and codec.host_decode:
+            self.host.finish_read(region, nbytes, source, codec)
+            source, nbytes, codec = None, codec.expanded_bytes, None
+        self.sources[id(region)] = (nbytes, source, codec)
 
     def before_compute(self, region: Region) -> None:
-        n, source = self.sources.pop(id(region), (0, None))
-        src = self.host.buffer[region.start : region.end] if source is None else source
-        self.buffer[region.start : region.start + n].copy_(src[:n])
+        n, source, codec = self.sources.pop(id(region), (0, None, None))
+        at = region.start + (codec.compact_offset if codec is not None else 0)
+        src = self.host.buffer[at : region.end] if source is None else source
+        self.buffer[at : at + n].copy_(src[:n])
+        if codec is not None:
+            _expand(codec, self.buffer, region, n)
 
     def device_buffer(self, region: Region) -> torch.Tensor:
         return self.buffer[region.start : region.end]
@@ -331,14 +366,26 @@ class MappedSlots(Arena):
     def prepare_read(self, region: Region) -> None:
         pass
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
-        pass
+    def finish_read(
+        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+    ) -> None:
+        assert codec is None, "an encoded store's blocks are expanded into a pool with memory (see Engine)"
 
     def before_compute(self, region: Region) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+def _expand(codec: BlockCodec, buffer: torch.Tensor, region: Region, nbytes: int) -> None:
+    """Expand the compact bytes of ``region`` (in ``buffer``) into its expanded part (see the module docstring)."""
+    base = region.start
+    codec.decode(
+        buffer[base + codec.compact_offset : base + codec.compact_offset + nbytes],
+        buffer[base : base + codec.expanded_bytes],
+        buffer[base + codec.scratch_offset : region.end],
+    )
 
 
 def make_slots(device: torch.device, arena_bytes: int, *, direct: bool = False) -> Any:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .encoding import BlockCodec
 from .errors import FormatError, StaleStoreError
-from .format import FORMAT_VERSION, TsHeader, aligned_empty, read_data, read_ts_header, verify_buffer
+from .format import MAX_FORMAT_VERSION, TsHeader, aligned_empty, read_data, read_ts_header, verify_buffer
 
 __all__ = ["INDEX_NAME", "MANIFEST_NAME", "BlockEntry", "Store", "read_config"]
 
@@ -66,9 +67,9 @@ def repair_command(store: str | os.PathLike[str]) -> str:
     path = Path(store)
     try:
         manifest = json.loads((path / MANIFEST_NAME).read_bytes()[:MAX_MANIFEST_BYTES].decode("utf-8"))
-        source, cls, dtype = (manifest.get(k) for k in ("source", "model_class", "dtype"))
+        source, cls, dtype, kind = (manifest.get(k) for k in ("source", "model_class", "dtype", "encoding"))
     except (OSError, ValueError, AttributeError):
-        source = cls = dtype = None
+        source = cls = dtype = kind = None
     if not isinstance(source, str) or not source or source.startswith("in-memory "):
         root = path.parent
         return f"tensorstream cache rm {path.name} --storage-path {shlex.quote(str(root))}"
@@ -77,6 +78,10 @@ def repair_command(store: str | os.PathLike[str]) -> str:
         parts += ["--dtype", dtype]
     if isinstance(cls, str) and cls:
         parts += ["--model-class", cls]
+    if kind in ("int8", "int4"):
+        parts += ["--quantize", kind]
+    elif kind == "lossless":
+        parts += ["--compression", kind]
     return " ".join(shlex.quote(part) for part in parts)
 
 
@@ -102,6 +107,13 @@ class BlockEntry:
     data_size: int
     checksum: str
     dtypes: tuple[str, ...]
+    #: bytes one load of the block takes in the arena (a region: expanded, compact and scratch bytes, see
+    #: `tensorstream.encoding.BlockCodec`); the data size rounded up to 4096 for a plain file.
+    memory_size: int = 0
+
+    @property
+    def region_bytes(self) -> int:
+        return self.memory_size or -(-self.data_size // 4096) * 4096
 
 
 class Store:
@@ -123,6 +135,7 @@ class Store:
         #: file -> tensor names, from the store's index (``None`` when the store has no index).
         self.index_names: dict[str, set[str]] | None = None
         self._headers: dict[str, TsHeader] = {}
+        self._codecs: dict[str, BlockCodec] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: str = "header") -> Store:
@@ -167,7 +180,7 @@ class Store:
         store._check_files()
         if verify != "off":
             for entry in store.entries():
-                store.header(entry)
+                store.codec(entry)
         return store
 
     def _check_files(self) -> None:
@@ -221,6 +234,30 @@ class Store:
         self._headers[entry.name] = header
         return header
 
+    def codec(self, entry: BlockEntry) -> BlockCodec:
+        """How ``entry``'s data expands into the tensors the model binds, checked against the manifest (cached).
+
+        Raises:
+            `StaleStoreError`: the file's encoding is not the store's kind, or its layout needs another amount of
+            memory than the manifest says (the plan was sized from the manifest).
+        """
+        cached = self._codecs.get(entry.name)
+        if cached is not None:
+            return cached
+        header = self.header(entry)
+        codec = BlockCodec(header)
+        # non-block weights and modules streamed as units of their own are always plain
+        units = self.manifest.get("units", [])
+        expected = self.kind if entry.name and entry.name not in units else None
+        if codec.kind != expected or codec.region_bytes != entry.region_bytes:
+            raise StaleStoreError(
+                f"{header.path} is a {codec.kind or 'plain'} file of {codec.region_bytes} bytes in memory, but the "
+                f"store's {MANIFEST_NAME} says {expected or 'plain'} and {entry.region_bytes}: the store was modified "
+                f"after resharding; {repair_hint(self.path)}"
+            )
+        self._codecs[entry.name] = codec
+        return codec
+
     def verify_checksums(self, entries: Iterable[BlockEntry]) -> None:
         """Read the files of ``entries`` and check their data against their checksums, one file at a time.
 
@@ -247,6 +284,12 @@ class Store:
     @property
     def total_bytes(self) -> int:
         return sum(entry.data_size for entry in self.entries())
+
+    @property
+    def kind(self) -> str | None:
+        """The store kind: ``None`` (plain), ``"int8"``, ``"int4"`` or ``"lossless"`` (`tensorstream.encoding`)."""
+        kind = self.manifest.get("encoding")
+        return kind if isinstance(kind, str) else None
 
 
 def read_json(path: Path) -> Any:
@@ -323,10 +366,10 @@ def validate_manifest(manifest: Any, where: Path) -> None:
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FormatError(f"{where}: format_version {version!r} is not a positive integer; {_FIX}")
-    if version > FORMAT_VERSION:
+    if version > MAX_FORMAT_VERSION:
         raise FormatError(
             f"{where}: written by a newer tensorstream (store format {version}, this one reads up to "
-            f"{FORMAT_VERSION}); upgrade with `pip install -U tensorstream`."
+            f"{MAX_FORMAT_VERSION}); upgrade with `pip install -U tensorstream`."
         )
     for key in ("fingerprint", "model_class"):
         if not isinstance(manifest.get(key), str) or not manifest[key]:
@@ -348,6 +391,9 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         seen_files.add(parsed.file)
         seen_names.add(parsed.name)
         total += parsed.data_size
+    kind = manifest.get("encoding")
+    if kind is not None and kind not in ("int8", "int4", "lossless"):
+        raise FormatError(f"{where}: encoding {kind!r} is not a store kind this tensorstream reads; {_FIX}")
     tied = manifest.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise FormatError(f"{where}: 'tied' must map tensor names to tensor names; {_FIX}")
@@ -387,8 +433,13 @@ def _entry(entry: Any, label: str, where: Path) -> BlockEntry:
         raise FormatError(f"{where}: {label} has invalid data_size {size!r}; {_FIX}")
     if not isinstance(dtypes, list) or not all(isinstance(d, str) for d in dtypes):
         raise FormatError(f"{where}: {label} has invalid dtypes {dtypes!r}; {_FIX}")
+    memory = entry.get("memory_size", 0)
+    if not isinstance(memory, int) or isinstance(memory, bool) or not (memory == 0 or memory >= size):
+        raise FormatError(f"{where}: {label} has invalid memory_size {memory!r}; {_FIX}")
     check_relative_path(file, where, label)
-    return BlockEntry(name=name, file=str(file), data_size=size, checksum=checksum, dtypes=tuple(dtypes))
+    return BlockEntry(
+        name=name, file=str(file), data_size=size, checksum=checksum, dtypes=tuple(dtypes), memory_size=memory
+    )
 
 
 def check_relative_path(file: Any, where: Path, label: str) -> None:

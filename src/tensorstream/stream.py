@@ -15,12 +15,13 @@ import logging
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import Config, parse_dtype
-from .engine import Engine
+from .engine import Engine, bind_expanded, load_resident_blocks
 from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
@@ -64,7 +65,8 @@ def plan_for(store: Store, config: Config) -> Plan:
     if budget is None:
         budget = auto_budget_bytes(config.execution_device)
         logger.info("tensorstream: budget_gb not set; using %.2f GB (80%% of free memory)", budget / 1e9)
-    blocks = [(entry.name, entry.data_size) for entry in store.blocks]
+    # a block of a quantized or compressed store takes its expanded, compact and scratch bytes in memory
+    blocks = [(entry.name, entry.memory_size or entry.data_size) for entry in store.blocks]
     host_cache = round(config.host_cache_gb * 1e9)
     device = config.execution_device
     if host_cache and device.type != "cuda":
@@ -95,6 +97,11 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
                 "the store was built for a different model or configuration. Rerun `tensorstream reshard --force` "
                 "on the source."
             ) from None
+    resident = [name for name in plan.resident if store.codec(_entry(store, name)).encoded]
+    if resident:  # an encoded store's resident blocks: expanded here, as the engine expands the streamed ones
+        load_resident_blocks(
+            store, resident, {n: model.get_submodule(n) for n in resident}, config.execution_device, config.verify
+        )
     engine = Engine(store, plan, modules, config)
     attach_hooks(model, engine)
     _guard_casts(model, engine)
@@ -108,6 +115,10 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
         engine.backend.name,
     )
     return engine
+
+
+def _entry(store: Store, name: str) -> Any:
+    return next(entry for entry in store.blocks if entry.name == name)
 
 
 def _engine(model: nn.Module) -> Engine:
@@ -172,9 +183,12 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
     if getattr(model, ENGINE_ATTR, None) is not None:
         raise ConfigError(f"this {type(model).__name__} is already streaming; call tensorstream.detach(model) first.")
     find_blocks(model)  # fail early, before writing anything, on a model without blocks
-    store = Store.open(reshard_module(model, config.store_root, dtype=config.dtype), verify=config.verify)
+    store = Store.open(
+        reshard_module(model, config.store_root, dtype=config.dtype, kind=config.kind), verify=config.verify
+    )
     plan = plan_for(store, config)
-    streamed = set(plan.streamed)
+    # an encoded store's blocks all leave memory: the resident ones come back expanded from the store
+    streamed = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
     device, dtype = config.execution_device, parse_dtype(config.dtype)
     moved: dict[int, torch.Tensor] = {}
 
@@ -212,18 +226,12 @@ def detach(model: nn.Module) -> nn.Module:
     """
     engine = _engine(model)
     with engine.lock:
-        loaded = []
-        for block in engine.blocks:  # read everything first: a failure leaves the model streaming, unchanged
-            buffer = engine.read_block(block).to(engine.device)
-            engine._last_read = None
-            made: dict[tuple[int, int], nn.Parameter] = {}
-            for module, attr, _, start, end, dtype, shape in block.targets:
-                if (start, end) not in made:  # tensors tied inside the block stay tied
-                    made[(start, end)] = nn.Parameter(buffer[start:end].view(dtype).view(shape), requires_grad=False)
-                loaded.append((module, attr, made[(start, end)]))
+        # read everything first: a failure leaves the model streaming, unchanged. An encoded block is expanded on
+        # the device by the function the slots run, so the model computes with the weights the stream computed with.
+        loaded = [(block.targets, engine.read_block(block, engine.device)) for block in engine.blocks]
         engine.close()
-        for module, attr, param in loaded:
-            module._parameters[attr] = param
+        for targets, data in loaded:
+            bind_expanded(targets, data)
         _unguard_casts(model)
         remove_hooks(model, engine)
         delattr(model, ENGINE_ATTR)

@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
+from ..format import TensorInfo
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
@@ -162,16 +164,33 @@ def load_streaming(
     if preshard:
         store = check_preshard(folder, cls, hf_config, dtype, config.verify)
         store_path = store.path
+        if config.kind is not None and store.kind != config.kind:
+            raise ConfigError(
+                f"{store.path} is a {store.kind or 'plain'} store, published as it is, but {config.kind!r} was asked "
+                "for (Config quantize/compression or TENSORSTREAM_QUANTIZE/TENSORSTREAM_COMPRESSION). Drop that "
+                "setting to stream this store, or load the original checkpoint, which is resharded as asked."
+            )
     else:
         if config.budget_bytes is not None:  # a budget below the minimum fails now, not after a whole reshard
             check_budget_before_reshard(cls, hf_config, folder, dtype, config)
-        store_path = reshard(folder, config.store_root, dtype=dtype, model_class=cls, config=hf_config)
+        store_path = reshard(
+            folder,
+            config.store_root,
+            dtype=dtype,
+            quantize=config.quantize,
+            compression=config.compression,
+            model_class=cls,
+            config=hf_config,
+        )
         store = Store.open(store_path, verify=config.verify)
     plan = plan_for(store, config)
+    # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
+    # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
+    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
     if config.verify == "checksum":  # resident weights are read once, by transformers' loader: check them first
         store.verify_checksums(e for e in store.entries() if e.name not in plan.streamed)
     device = config.execution_device
-    device_map = _device_map(cls, hf_config, set(plan.streamed), _device_map_value(device))
+    device_map = _device_map(cls, hf_config, outside, _device_map_value(device))
     with (
         quiet_transformers(),
         tempfile.TemporaryDirectory(prefix="tensorstream-") as scratch,
@@ -192,7 +211,7 @@ def load_streaming(
             **kwargs,
         )
     _remove_accelerate_hooks(model)
-    _check_resident(model, plan.streamed, store)
+    _check_resident(model, tuple(outside), store)
     _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
@@ -381,11 +400,33 @@ def _model_folder(store: Store, hf_config: Any, folder: Path) -> Path:
     for entry in store.entries():
         link = folder / entry.file
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(store.file(entry))
-        weight_map.update(dict.fromkeys(store.header(entry).tensors, entry.file))
+        codec = store.codec(entry)
+        if codec.encoded:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
+            write_placeholder(link, codec.tensors)
+        else:
+            link.symlink_to(store.file(entry))
+        weight_map.update(dict.fromkeys(codec.tensors, entry.file))
     index = {"metadata": {"total_size": store.total_bytes}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
     return folder
+
+
+def write_placeholder(path: Path, tensors: Mapping[str, TensorInfo]) -> None:
+    """A safetensors file declaring ``tensors`` (names, dtypes, shapes) whose data is a hole: no byte is written.
+
+    transformers' loader sees the names of an encoded block's tensors in it and leaves them offloaded (the block is
+    on ``"disk"`` in the device map), so it never reads them; the engine or `load_resident_blocks` provides them.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, info in tensors.items():
+        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)  # sparse: the data section takes no disk space
 
 
 def _check_resident(model: Any, streamed: tuple[str, ...], store: Store) -> None:

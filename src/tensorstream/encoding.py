@@ -1,0 +1,459 @@
+"""Store kinds: how a block's tensors are encoded in its ``.ts`` file, and how they are expanded at run time.
+
+A *plain* store holds every tensor as the model holds it. Two other kinds hold fewer bytes per block, so a step
+that is bound by storage reads fewer bytes:
+
+* ``quantize="int8"`` / ``"int4"``: a streamed block's floating-point weight matrices (two or more dimensions,
+  the last a multiple of the group size) are stored group-wise quantized along their last dimension, with one scale
+  (int8: symmetric; int4: plus an integer zero point) per group of 128 (int8) or 64 (int4) values. Norms, biases,
+  small tensors and the non-block weights stay as they are. The quantized values and their parameters are chosen
+  with torchao's affine quantization primitives (``choose_qparams_affine``/``quantize_affine``) at reshard time.
+* ``compression="lossless"``: 16-bit floating-point tensors are split into their two byte planes; the high plane
+  (sign, exponent and the top mantissa bit: a few bits of entropy in trained weights) is compressed with zstd, the
+  low plane is kept as it is. Expanding gives back the exact bytes.
+
+Expansion is one function, `BlockCodec.decode`, used by the engine's slots (on the device for quantized stores on
+CUDA, on the reader thread for the CPU), by the blocks kept resident and by `tensorstream.detach`: every path
+computes with the same weights, bit for bit. Quantized values expand exactly: ``w = q * s`` (int8) and
+``w = (q - z) * s`` (int4) are an exact integer times the scale, rounded once to the weight's dtype, which is the
+same on every device and equal to torchao's ``dequantize_affine``.
+
+In the file (a valid safetensors file, format version 2), an encoded tensor ``name`` is stored as entries
+``name.__q__`` (int8 ``I8`` of the tensor's shape; int4 ``U8`` with two values per byte, the even index in the low
+nibble), ``name.__scale__`` and, for int4, ``name.__zero__`` (the weight's dtype, shape ``[..., last / group]``),
+or ``name.__hi__`` (the zstd frame of the high bytes) and ``name.__lo__`` (the low bytes). ``__metadata__["encoding"]``
+is a JSON object: ``{"kind": "int8", "tensors": {name: {"as": "int8", "dtype": "BF16", "shape": [...],
+"group": 128}}}``. Every other entry is a plain tensor. `BlockCodec.from_header` validates all of it: a store is
+untrusted input.
+
+Example:
+    ```python
+    >>> stored, meta = encode_tensors({"w": torch.randn(64, 256, dtype=torch.bfloat16)}, "int8")
+    >>> sorted(stored), json.loads(meta)["tensors"]["w"]["group"]
+    (['w.__q__', 'w.__scale__'], 128)
+    ```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
+from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
+
+__all__ = [
+    "COMPRESSIONS",
+    "ENCODING_KEY",
+    "QUANTIZE_SCHEMES",
+    "BlockCodec",
+    "encode_tensors",
+    "store_kind",
+]
+
+QUANTIZE_SCHEMES = ("int8", "int4")
+COMPRESSIONS = ("lossless",)
+#: The ``__metadata__`` key of an encoded ``.ts`` file.
+ENCODING_KEY = "encoding"
+#: Values per scale: int8 and int4 (the largest of these dividing the last dimension; 32 as a last resort).
+GROUPS = {"int8": (128, 64, 32), "int4": (64, 32)}
+#: Smaller weights are kept as they are (a few KB: not worth a scale per group).
+MIN_QUANTIZED_NUMEL = 1024
+ZSTD_LEVEL = 3
+_PARTS = {"int8": ("q", "scale"), "int4": ("q", "scale", "zero"), "lossless": ("hi", "lo")}
+_SCRATCH_ALIGNMENT = 4096
+
+
+def store_kind(quantize: str | None, compression: str | None) -> str | None:
+    """The store kind for these settings (``None``: plain), or `ConfigError` naming the argument to fix.
+
+    Example:
+        ```python
+        >>> store_kind("int8", None), store_kind(None, "lossless"), store_kind(None, None)
+        ('int8', 'lossless', None)
+        ```
+    """
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ConfigError(f"quantize={quantize!r} is not a scheme tensorstream stores; use one of {QUANTIZE_SCHEMES}.")
+    if compression not in (None, "none") and compression not in COMPRESSIONS:
+        raise ConfigError(f"compression={compression!r} is not supported; use 'lossless' or None.")
+    compression = None if compression == "none" else compression
+    if quantize is not None and compression is not None:
+        raise ConfigError(
+            f"quantize={quantize!r} and compression={compression!r} cannot be combined: quantized values hardly "
+            "compress further. Pick one."
+        )
+    return quantize or compression
+
+
+# -- reshard side ----------------------------------------------------------------------------------------------------
+
+
+def _part(name: str, part: str) -> str:
+    return f"{name}.__{part}__"
+
+
+def _group(kind: str, tensor: torch.Tensor) -> int | None:
+    """The group size ``tensor`` is quantized with under ``kind``, or None when it stays as it is."""
+    if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() < MIN_QUANTIZED_NUMEL:
+        return None
+    if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    return next((g for g in GROUPS[kind] if tensor.shape[-1] % g == 0), None)
+
+
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    # torchao logs a warning for each CUDA extension it cannot load on a machine without one, and its import makes
+    # torch log a deprecation notice about one of its enums: noise for someone resharding on a CPU
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
+
+
+def _torchao() -> Any:
+    try:
+        with _quiet_torchao():
+            from torchao.quantization import quant_primitives
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"quantized stores are built with torchao's quantization primitives, which cannot be imported ({err}); "
+            "install them with `pip install 'tensorstream[quantize]'`."
+        ) from None
+    return quant_primitives
+
+
+def _zstd() -> Any:
+    try:
+        import zstandard
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"lossless stores are compressed with zstd through the zstandard package, which cannot be imported "
+            f"({err}); install it with `pip install 'tensorstream[compression]'`."
+        ) from None
+    return zstandard
+
+
+def _quantize(tensor: torch.Tensor, kind: str, group: int) -> dict[str, torch.Tensor]:
+    ao = _torchao()
+    block = (1,) * (tensor.dim() - 1) + (group,)
+    w = tensor.detach().to("cpu").contiguous()
+    if kind == "int8":
+        scale, zero = ao.choose_qparams_affine(w, ao.MappingType.SYMMETRIC, block, torch.int8, scale_dtype=w.dtype)
+        q = ao.quantize_affine(w, block, scale, zero, torch.int8)
+        return {"q": q.to(torch.int8), "scale": scale.to(w.dtype).reshape(*w.shape[:-1], -1)}
+    scale, zero = ao.choose_qparams_affine(
+        w, ao.MappingType.ASYMMETRIC, block, torch.uint8, quant_min=0, quant_max=15, scale_dtype=w.dtype
+    )
+    q = ao.quantize_affine(w, block, scale, zero, torch.uint8, quant_min=0, quant_max=15).to(torch.uint8)
+    pairs = q.reshape(-1, 2)
+    packed = (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+    return {
+        "q": packed,
+        "scale": scale.to(w.dtype).reshape(*w.shape[:-1], -1),
+        # small integers (0..15): exact in every floating dtype, so ``q - z`` is exact in the weight's dtype
+        "zero": zero.to(w.dtype).reshape(*w.shape[:-1], -1),
+    }
+
+
+def _compress(tensor: torch.Tensor, level: int = ZSTD_LEVEL) -> dict[str, torch.Tensor]:
+    zstd = _zstd()
+    planes = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).view(-1, 2)
+    hi = planes[:, 1].contiguous()
+    frame = zstd.ZstdCompressor(level=level, write_content_size=True).compress(hi.numpy().data)
+    return {"hi": torch.frombuffer(bytearray(frame), dtype=torch.uint8), "lo": planes[:, 0].contiguous()}
+
+
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor], kind: str, *, dtype_of: Callable[[torch.Tensor], torch.dtype] | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The entries a ``.ts`` file of store kind ``kind`` holds for ``tensors``, and its ``encoding`` metadata.
+
+    Args:
+        tensors: name -> tensor, one block's tensors (any device; each is moved to CPU while it is encoded).
+        kind: ``"int8"``, ``"int4"`` or ``"lossless"``.
+
+    Returns:
+        (entries, metadata): the tensors to write with `tensorstream.save_to_ts` and the JSON string to store under
+        ``__metadata__["encoding"]``.
+    """
+    if kind not in (*QUANTIZE_SCHEMES, *COMPRESSIONS):
+        raise ConfigError(f"store kind {kind!r} is unknown; use one of {(*QUANTIZE_SCHEMES, *COMPRESSIONS)}.")
+    stored: dict[str, torch.Tensor] = {}
+    described: dict[str, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        entry: dict[str, Any] = {"as": kind, "dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape)}
+        if kind == "lossless":
+            parts = (
+                _compress(tensor)
+                if tensor.dtype in (torch.bfloat16, torch.float16) and tensor.numel() >= MIN_QUANTIZED_NUMEL
+                else None
+            )
+        else:
+            group = _group(kind, tensor)
+            parts = None if group is None else _quantize(tensor, kind, group)
+            entry["group"] = group
+        if parts is None:
+            stored[name] = tensor
+            continue
+        described[name] = entry
+        for part, value in parts.items():
+            stored[_part(name, part)] = value
+    return stored, json.dumps({"kind": kind, "tensors": described}, separators=(",", ":"))
+
+
+# -- run time --------------------------------------------------------------------------------------------------------
+
+
+def _align(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Expand one tensor: from the compact entries ``parts`` (name -> info) into ``out`` of the expanded buffer."""
+
+    name: str
+    kind: str  # "copy", "int8", "int4", "lossless"
+    out: TensorInfo
+    parts: dict[str, TensorInfo]
+    group: int = 0
+
+
+class BlockCodec:
+    """How one block's data section (its *compact* bytes) becomes the tensors the model binds (its *expanded* layout).
+
+    A block in flight takes one region laid out as ``[expanded | compact | scratch]``: the reader fills the compact
+    part, `decode` writes the expanded part (the views the parameters bind), and scratch holds intermediate values.
+    For a plain file, compact and expanded are the same bytes (``decode is None``, the region is the data section).
+
+    Attributes:
+        tensors: logical name -> `TensorInfo` in the expanded buffer (what the model binds).
+        expanded_bytes, compact_offset, scratch_offset, region_bytes: the region's layout, in bytes.
+        kind: ``None`` (plain), ``"int8"``, ``"int4"`` or ``"lossless"``.
+        host_decode: expansion runs on the CPU (zstd), so on a GPU the expanded bytes are what is copied.
+    """
+
+    def __init__(self, header: TsHeader) -> None:
+        self.header = header
+        raw = header.metadata.get(ENCODING_KEY)
+        self.kind: str | None = None
+        self.steps: list[_Step] = []
+        if raw is None:
+            self.tensors = dict(header.tensors)
+            self.expanded_bytes = header.data_size
+            self.compact_offset = 0
+            self.scratch_offset = _align(header.data_size, _SCRATCH_ALIGNMENT)
+            self.scratch_bytes = 0
+            self.region_bytes = self.scratch_offset
+            self.host_decode = False
+            return
+        self._parse(raw)
+
+    @property
+    def encoded(self) -> bool:
+        return self.kind is not None
+
+    def _fail(self, what: str) -> FormatError:
+        return FormatError(f"{self.header.path}: {what}; the file is damaged or was not written by tensorstream.")
+
+    def _parse(self, raw: str) -> None:
+        header = self.header
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise self._fail("__metadata__['encoding'] is not valid JSON") from None
+        if not isinstance(meta, dict) or meta.get("kind") not in _PARTS or not isinstance(meta.get("tensors"), dict):
+            raise self._fail("__metadata__['encoding'] names no known store kind")
+        kind = meta["kind"]
+        self.kind = kind
+        self.host_decode = kind == "lossless"
+        described: dict[str, Any] = meta["tensors"]
+        claimed: set[str] = set()
+        encoded: dict[str, tuple[str, tuple[int, ...], dict[str, TensorInfo], int]] = {}
+        scratch = 0
+        for name, entry in described.items():
+            if not isinstance(entry, dict) or entry.get("as") != kind:
+                raise self._fail(f"encoding of {name!r} is not a {kind} entry")
+            dtype, shape = entry.get("dtype"), entry.get("shape")
+            if (
+                dtype not in DTYPES
+                or not isinstance(shape, list)
+                or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 40 for d in shape)
+            ):
+                raise self._fail(f"encoding of {name!r} has an invalid dtype or shape")
+            if name in header.tensors:
+                raise self._fail(f"{name!r} is both a plain entry and an encoded one")
+            parts = {}
+            for part in _PARTS[kind]:
+                info = header.tensors.get(_part(name, part))
+                if info is None:
+                    raise self._fail(f"{_part(name, part)!r} is missing")
+                parts[part] = info
+                claimed.add(_part(name, part))
+            numel = math.prod(shape)
+            group = self._check_parts(name, kind, entry, DTYPES[dtype], tuple(shape), numel, parts)
+            scratch = max(scratch, numel // 2 if kind == "int4" else numel if kind == "lossless" else 0)
+            encoded[name] = (dtype, tuple(shape), parts, group)
+        suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
+        for name in header.tensors:
+            if name not in claimed and name.endswith(suffixes):
+                raise self._fail(f"{name!r} belongs to no encoded tensor")
+        # the expanded layout: logical tensors in the data order of their first entry, each 64-byte aligned
+        first: dict[str, int] = {}
+        for name, info in header.tensors.items():
+            owner = name.rsplit(".__", 1)[0] if name in claimed else name
+            first[owner] = min(first.get(owner, info.start), info.start)
+        offset = 0
+        self.tensors = {}
+        for name in sorted(first, key=first.__getitem__):
+            if name in encoded:
+                dtype, shape, parts, group = encoded[name]
+            else:
+                plain = header.tensors[name]
+                dtype, shape, parts, group = plain.dtype, plain.shape, {"data": plain}, 0
+            offset = _align(offset, TENSOR_ALIGNMENT)
+            info = TensorInfo(dtype, shape, offset, offset + math.prod(shape) * DTYPES[dtype].itemsize)
+            self.tensors[name] = info
+            self.steps.append(_Step(name, kind if name in encoded else "copy", info, parts, group))
+            offset = info.end
+        self.expanded_bytes = offset
+        self.compact_offset = _align(offset, _SCRATCH_ALIGNMENT)
+        self.scratch_offset = _align(self.compact_offset + header.data_size, _SCRATCH_ALIGNMENT)
+        self.scratch_bytes = scratch
+        self.region_bytes = _align(self.scratch_offset + scratch, _SCRATCH_ALIGNMENT)
+
+    def _check_parts(
+        self,
+        name: str,
+        kind: str,
+        entry: dict[str, Any],
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        numel: int,
+        parts: dict[str, TensorInfo],
+    ) -> int:
+        def expect(part: str, code: str, part_shape: tuple[int, ...]) -> None:
+            info = parts[part]
+            if info.dtype != code or info.shape != part_shape:
+                raise self._fail(
+                    f"{_part(name, part)!r} is {info.dtype}{list(info.shape)}, expected {code}{list(part_shape)}"
+                )
+
+        weight_code = DTYPE_CODES[dtype]
+        if kind == "lossless":
+            if dtype not in (torch.bfloat16, torch.float16):
+                raise self._fail(f"{name!r} is {weight_code}: only 16-bit floats are stored as byte planes")
+            expect("lo", "U8", (numel,))
+            if parts["hi"].dtype != "U8" or len(parts["hi"].shape) != 1:
+                raise self._fail(f"{_part(name, 'hi')!r} must be a U8 vector (a zstd frame)")
+            return 0
+        group = entry.get("group")
+        if not isinstance(group, int) or isinstance(group, bool) or group not in GROUPS[kind] or shape[-1] % group:
+            raise self._fail(f"{name!r} has group {group!r}, which does not divide its last dimension {shape[-1]}")
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise self._fail(f"{name!r} is {weight_code}: only 16- and 32-bit floats are quantized")
+        groups = (*shape[:-1], shape[-1] // group)
+        expect("scale", weight_code, groups)
+        if kind == "int8":
+            expect("q", "I8", shape)
+        else:
+            expect("q", "U8", (numel // 2,))
+            expect("zero", weight_code, groups)
+        return group
+
+    # -- expansion ---------------------------------------------------------------------------------------------
+
+    def decode(self, compact: torch.Tensor, expanded: torch.Tensor, scratch: torch.Tensor) -> None:
+        """Expand ``compact`` (the data section, uint8) into ``expanded`` (uint8, ``expanded_bytes`` long).
+
+        All three are ``uint8`` tensors on one device (the CPU for a ``host_decode`` codec); ``scratch`` holds
+        ``scratch_bytes``. Nothing is allocated but small views.
+
+        Raises:
+            `CorruptFileError`: a zstd frame does not expand to exactly its tensor's bytes.
+        """
+        for step in self.steps:
+            out = expanded[step.out.start : step.out.end]
+            if step.kind == "copy":
+                src = step.parts["data"]
+                out.copy_(compact[src.start : src.end])
+                continue
+            weight = out.view(step.out.torch_dtype).view(step.out.shape)
+            if step.kind == "lossless":
+                self._expand_planes(step, compact, out, scratch)
+                continue
+            q, scale = step.parts["q"], step.parts["scale"]
+            scales = compact[scale.start : scale.end].view(scale.torch_dtype).view(*scale.shape, 1)
+            grouped = weight.view(*step.out.shape[:-1], step.out.shape[-1] // step.group, step.group)
+            if step.kind == "int8":
+                grouped.copy_(compact[q.start : q.end].view(torch.int8).view(grouped.shape))  # exact: |q| <= 127
+            else:
+                packed = compact[q.start : q.end]
+                half = scratch[: packed.numel()]
+                pairs = weight.view(-1, 2)
+                torch.bitwise_and(packed, 15, out=half)
+                pairs[:, 0].copy_(half)
+                torch.bitwise_right_shift(packed, 4, out=half)
+                pairs[:, 1].copy_(half)
+                zero = step.parts["zero"]
+                grouped.sub_(compact[zero.start : zero.end].view(zero.torch_dtype).view(*zero.shape, 1))  # exact
+            grouped.mul_(scales)  # one rounding of an exact product: the same bits on every device
+
+    def _expand_planes(self, step: _Step, compact: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> None:
+        hi_info, lo_info = step.parts["hi"], step.parts["lo"]
+        numel = lo_info.nbytes
+        hi = scratch[:numel]
+        frame = compact[hi_info.start : hi_info.end].numpy().data
+        reader = _zstd().ZstdDecompressor().stream_reader(frame, read_across_frames=False)
+        target = hi.numpy().data
+        got = 0
+        while got < numel:
+            n = reader.readinto(target[got:])
+            if not n:
+                break
+            got += n
+        if got != numel or reader.read(1):
+            raise CorruptFileError(
+                f"{self.header.path}: the compressed high bytes of {step.name!r} do not expand to its {numel} values: "
+                "the file is damaged."
+            )
+        planes = out.view(-1, 2)
+        planes[:, 1].copy_(hi)
+        planes[:, 0].copy_(compact[lo_info.start : lo_info.end])
+
+    def expand(self, compact: torch.Tensor) -> torch.Tensor:
+        """The expanded bytes of ``compact`` in a new buffer on ``compact``'s device (for a block kept in memory).
+
+        Example:
+            ```python
+            >>> data = BlockCodec(header).expand(buffer)          # uint8, expanded_bytes long
+            ```
+        """
+        if self.kind is None:
+            return compact[: self.header.data_size]
+        device = torch.device("cpu") if self.host_decode else compact.device
+        region = torch.empty(self.region_bytes, dtype=torch.uint8, device=device)
+        region[self.compact_offset : self.compact_offset + self.header.data_size].copy_(
+            compact[: self.header.data_size]
+        )
+        self.decode(
+            region[self.compact_offset : self.compact_offset + self.header.data_size],
+            region[: self.expanded_bytes],
+            region[self.scratch_offset :],
+        )
+        return region[: self.expanded_bytes].to(compact.device)
