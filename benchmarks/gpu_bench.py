@@ -13,7 +13,7 @@ to the GPU for its layer) on the streamed model instead, and writes ``gpu_kv_cac
 2. the case the offloaded cache is for, a batch whose cache would not fit: batch 16 with a 2000-token prompt
    (KV cache 4.2 GB in bf16 at 131 KB per token and sequence) on a GPU capped, with
    ``torch.cuda.set_per_process_memory_fraction``, at what the streamed model holds plus ``--kv-headroom-gb``
-   (2.5 GB): the offloaded cache must complete with the resident model's tokens (computed before the cap), and
+   (3 GB): the offloaded cache must complete with the resident model's tokens (computed before the cap), and
    the dynamic cache is expected to run out of memory (reported, not asserted: the headroom is an estimate).
 
 Written without a GPU at hand; it has not run yet.
@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--kv-cache", action="store_true", help="measure the offloaded KV cache instead (see above)")
-    parser.add_argument("--kv-headroom-gb", type=float, default=2.5)
+    parser.add_argument("--kv-headroom-gb", type=float, default=3.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("transformers", "accelerate", "httpx"):
