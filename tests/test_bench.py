@@ -177,3 +177,59 @@ def test_cold_condition_unmaps_the_zero_copy_mode_so_the_cache_drop_is_real(
         caches=("cold", "warm"), max_threads=1, backends=("mmap",), resident=False,
     )  # fmt: skip
     assert seen == [False, True]  # cold: unmapped after each block, as for a store larger than RAM; warm: kept
+
+
+def test_bench_measures_each_kv_cache_and_checks_its_tokens_against_resident(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``kv_caches``: one row per cache implementation, its KV bytes, and its tokens checked against resident's.
+
+    The offloaded cache itself runs on CUDA only (tests/test_kv_cache.py, scripts/gpu_check.sh); the static cache
+    exercises the same rows, ratios and checks on a CPU.
+    """
+    from transformers import AutoConfig
+
+    from tensorstream.plan import kv_cache_bytes
+
+    result = run_bench(
+        model_dirs["llama"], workdir=tmp_path, budget_fraction=0.7, device="cpu", batches=(1, 3), tokens=4, runs=1,
+        caches=("warm",), max_threads=1, kv_caches=("dynamic", "static"),
+    )  # fmt: skip
+    assert result["settings"]["kv_caches"] == ["dynamic", "static"]
+    rows = [r for r in result["results"] if r["system"] == "tensorstream"]
+    pairs = [(1, "dynamic"), (1, "static"), (3, "dynamic"), (3, "static")]
+    assert [(r["batch"], r["kv_cache"]) for r in rows] == pairs
+    config = AutoConfig.from_pretrained(model_dirs["llama"])
+    for row in rows:
+        assert row["same_as_resident"] is True  # streamed tokens == resident tokens, same prompt, same cache
+        length = result["settings"]["prompt_tokens"] + 4
+        assert row["kv_cache_bytes"] == kv_cache_bytes(config, batch_size=row["batch"], sequence_length=length)
+    resident = {(r["batch"], r["kv_cache"]) for r in result["results"] if r["system"] == "resident"}
+    assert resident == set(pairs)
+    static = [e for e in result["ratios"] if e["kv_cache"] == "static"]
+    assert len(static) == 2 and all("tokens_per_s_over_resident" in e for e in static)
+    table = format_table(result)
+    assert table.count("KV static") == 6 and table.count("same as resident: True") == 4
+    write_json(result, tmp_path / "bench.json")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["kv_cache"] for r in data["results"] if r["system"] == "tensorstream"] == [r["kv_cache"] for r in rows]
+
+
+def test_bench_offloaded_kv_cache_where_transformers_cannot_run_it_fails_before_measuring(
+    model_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers 5 synchronises the offloaded cache with CUDA streams: on a CPU, a clear error, not a crash."""
+    from tensorstream.bench import KV_CACHES
+    from tensorstream.cli import _parser, main
+
+    bench_parser = _parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    (kv_option,) = [a for a in bench_parser._actions if a.dest == "kv_cache"]
+    assert tuple(kv_option.choices or ()) == KV_CACHES
+    argv = [
+        "bench", str(model_dirs["llama"]), "--device", "cpu", "--kv-cache", "dynamic", "--kv-cache", "offloaded",
+        "--workdir", str(tmp_path), "--out", str(tmp_path / "bench.json"),
+    ]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "offloaded KV cache does not run on cpu" in err and "--device cuda" in err
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "bench.json").exists()  # nothing measured

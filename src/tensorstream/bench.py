@@ -16,7 +16,11 @@ the result:
 5. **assisted generation** (``assistant=``): greedy decoding with prompt lookup (``"prompt-lookup"``) or a small
    resident draft model, on the same store, warm: tokens per weight pass (new tokens ÷ forwards of the streamed
    model) and tokens/s against plain greedy, and whether its tokens equal the resident model's under the same
-   settings.
+   settings;
+6. **KV caches** (``kv_caches``): tensorstream and the resident model decode with each of transformers' cache
+   implementations asked for (``"offloaded"``: the KV cache in host RAM, brought to the device layer by layer,
+   for batches whose cache would not fit next to the budget; CUDA only), and each streamed row's tokens are
+   compared with the resident model's under the same cache.
 
 Memory: for every row the peaks of the anonymous and file-backed RSS (``RssAnon``, ``RssFile``, sampled every
 2 ms) are reported separately; the budget bounds the anonymous part. With the zero-copy ``mmap`` backend the
@@ -59,6 +63,10 @@ STANDARD_MODEL = dict(
     vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     initializer_range=0.2,
 )  # fmt: skip
+PROMPT_TOKENS = 16
+# transformers' cache_implementation values measured by ``kv_caches``: "offloaded" keeps each layer's KV cache in
+# host RAM and brings it to the device for its layer (CUDA only in transformers 5: it synchronises with CUDA streams)
+KV_CACHES = ("dynamic", "offloaded", "static", "offloaded_static")
 
 
 def build_standard_model(folder: Path, *, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> Path:
@@ -124,16 +132,26 @@ def _cold_steps(model: Any, files: Sequence[Path]) -> Iterator[None]:
 class _Measure:
     s_per_token: float
     runs: list[float]
+    output: torch.Tensor | None = None  # the last generation's tokens (compared with the resident model's)
 
 
 def _decode(
-    model: Any, batch: int, tokens: int, runs: int, cold_files: Sequence[Path] | None, device: torch.device
+    model: Any,
+    batch: int,
+    tokens: int,
+    runs: int,
+    cold_files: Sequence[Path] | None,
+    device: torch.device,
+    kv_cache: str = "dynamic",
 ) -> _Measure:
     vocab = int(getattr(model.config, "vocab_size", 1000))
     generator = torch.Generator().manual_seed(batch)
-    ids = torch.randint(3, max(vocab - 1, 4), (batch, 16), generator=generator).to(device)
-    args = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
+    ids = torch.randint(3, max(vocab - 1, 4), (batch, PROMPT_TOKENS), generator=generator).to(device)
+    args: dict[str, Any] = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False, "pad_token_id": 0}
+    if kv_cache != "dynamic":  # transformers' default; left unset so the default rows run exactly as before
+        args["cache_implementation"] = kv_cache
     medians = []
+    out = None
     with torch.inference_mode():
         if cold_files is None:  # warm: one untimed pass fills the page cache
             model.generate(ids, **{**args, "max_new_tokens": 2, "min_new_tokens": 2})
@@ -142,11 +160,11 @@ def _decode(
             if cold_files is not None:
                 drop_page_cache(cold_files)
                 with _cold_steps(model, cold_files):
-                    model.generate(ids, streamer=timer, **args)
+                    out = model.generate(ids, streamer=timer, **args)
             else:
-                model.generate(ids, streamer=timer, **args)
+                out = model.generate(ids, streamer=timer, **args)
             medians.append(statistics.median(timer.decode_steps()))
-    return _Measure(statistics.median(medians), medians)
+    return _Measure(statistics.median(medians), medians, None if out is None else out.cpu())
 
 
 class _MemorySampler:
@@ -185,7 +203,7 @@ class _MemorySampler:
 def _prompt(model: Any, batch: int, device: torch.device) -> torch.Tensor:
     vocab = int(getattr(model.config, "vocab_size", 1000))
     generator = torch.Generator().manual_seed(batch)
-    return torch.randint(3, max(vocab - 1, 4), (batch, 16), generator=generator).to(device)
+    return torch.randint(3, max(vocab - 1, 4), (batch, PROMPT_TOKENS), generator=generator).to(device)
 
 
 def _assisted(
@@ -279,6 +297,7 @@ def run_bench(
     backends: Sequence[str] = (),
     assistant: str | None = None,
     kinds: Sequence[str] = (),
+    kv_caches: Sequence[str] = ("dynamic",),
 ) -> dict[str, Any]:
     """Measure the disk, tensorstream, and optionally accelerate and the resident model; return every figure.
 
@@ -306,6 +325,14 @@ def run_bench(
         kinds: also measure these store kinds (``"int8"``, ``"int4"``, ``"lossless"``; see docs/quantization.md),
             each resharded from the same source, with the first backend, in every cache condition; rows are named
             ``ts <kind>`` and compared with the plain store's (bytes read per step and tokens/s).
+        kv_caches: transformers' KV cache implementations to decode tensorstream and the resident model with, each
+            in the same run (`KV_CACHES`; default: the dynamic cache). ``"offloaded"`` keeps the cache in host RAM
+            and moves each layer's part to the device for its layer: the cache no longer has to fit next to the
+            budget. transformers runs it on CUDA only; on another device this raises `ConfigError` before
+            anything is measured. Every tensorstream row records its ``kv_cache`` and ``kv_cache_bytes`` (what
+            the cache holds at the end of a generation, `tensorstream.plan.kv_cache_bytes`), and, when the
+            resident model was measured, ``same_as_resident``: whether its tokens equal the resident model's with
+            the same cache.
 
     Returns:
         A JSON-serialisable dict: ``machine``, ``model``, ``budget``, ``disk``, ``results`` (one row per system,
@@ -320,7 +347,7 @@ def run_bench(
     from transformers import AutoModelForCausalLM
 
     from . import stats as ts_stats
-    from .plan import auto_budget_bytes
+    from .plan import auto_budget_bytes, kv_cache_bytes
     from .reshard import reshard
     from .store import MANIFEST_NAME, Store
 
@@ -339,6 +366,7 @@ def run_bench(
     for cache in caches:
         if cache not in ("cold", "warm"):
             raise ConfigError(f"caches={list(caches)}: each must be 'cold' or 'warm'.")
+    _check_kv_caches(kv_caches, run_device)
     storage = base.store_root if config is not None else work / "stores"
     given_store = (Path(source) / MANIFEST_NAME).is_file()
     if given_store:  # a store (or preshard snapshot): benchmark it as it is, not the source it was built from
@@ -381,6 +409,7 @@ def run_bench(
     disk = max(disk_runs, key=lambda run: run["gb_per_s"]) if disk_runs else None
 
     results: list[dict[str, Any]] = []
+    outputs: list[tuple[dict[str, Any], torch.Tensor | None]] = []  # (tensorstream row, its tokens)
     plan_info: dict[str, Any] = {}
     measured = [
         (kind, backend, cache)
@@ -422,11 +451,12 @@ def run_bench(
                 "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed), "slots": plan.num_slots,
                 "storage_bytes_per_step": step_bytes, "backend": engine.backend.name, "describe": plan.describe(),
             }  # fmt: skip
-        for batch in batches:
+        for batch, kv_cache in [(batch, kv_cache) for batch in batches for kv_cache in kv_caches]:
             stats = ts_stats(model)
             stats.reset()
             started = time.perf_counter()
-            measure = _decode(model, batch, tokens, runs, kind_files if cache == "cold" else None, run_device)
+            cold = kind_files if cache == "cold" else None
+            measure = _decode(model, batch, tokens, runs, cold, run_device, kv_cache)
             elapsed = time.perf_counter() - started
             _, peak = _rss()
             sampler._sample()
@@ -440,8 +470,12 @@ def run_bench(
                 "read_gb_per_s": stats.read_gb_per_s, "sync_loads": stats.sync_loads,
                 "peak_rss_above_baseline": peak - baseline, "backend": engine.backend.name,
                 "peak_anon_rss_above_baseline": sampler.peak_anon - sampler.baseline_anon,
-                "peak_file_rss": sampler.peak_file,
+                "peak_file_rss": sampler.peak_file, "kv_cache": kv_cache,
+                "kv_cache_bytes": kv_cache_bytes(model.config, batch_size=batch,
+                                                 sequence_length=PROMPT_TOKENS + tokens, dtype=model.dtype),
             })  # fmt: skip
+            if kind in (None, "lossless"):  # a quantized store computes with other weights by design
+                outputs.append((results[-1], measure.output))
         if assistant and cache == "warm" and kind is None:
             results += _assisted(model, assistant, source, tokens, runs, run_device, say)
         sampler.close()
@@ -477,12 +511,17 @@ def run_bench(
         say("fully resident model")
         model = AutoModelForCausalLM.from_pretrained(source)
         model = model.to(run_device)
-        for batch in batches:
-            measure = _decode(model, batch, tokens, runs, None, run_device)
+        for batch, kv_cache in [(batch, kv_cache) for batch in batches for kv_cache in kv_caches]:
+            measure = _decode(model, batch, tokens, runs, None, run_device, kv_cache)
             results.append({
                 "system": "resident", "cache": "warm", "batch": batch, "s_per_token": measure.s_per_token,
-                "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs,
+                "tokens_per_s": batch / measure.s_per_token, "runs": measure.runs, "kv_cache": kv_cache,
             })  # fmt: skip
+            for row, out in outputs:  # the same prompt and settings: the streamed tokens must be these
+                if (row["batch"], row["kv_cache"]) == (batch, kv_cache):
+                    row["same_as_resident"] = bool(
+                        out is not None and measure.output is not None and torch.equal(out, measure.output)
+                    )
         del model
         gc.collect()
 
@@ -496,18 +535,43 @@ def run_bench(
         "budget": {"bytes": budget, "fraction": budget / model_bytes, **plan_info},
         "disk": None if disk is None else {"best_gb_per_s": disk["gb_per_s"], "best": disk, "runs": disk_runs},
         "settings": {"batches": list(batches), "tokens": tokens, "runs": runs, "caches": list(caches),
-                     "backends": list(backends or (base.backend,)), "assistant": assistant, "kinds": list(kinds)},
+                     "backends": list(backends or (base.backend,)), "assistant": assistant, "kinds": list(kinds),
+                     "kv_caches": list(kv_caches), "prompt_tokens": PROMPT_TOKENS},
         "results": results,
     }  # fmt: skip
     result["ratios"], result["targets"] = _ratios(result)
     return result
 
 
-def _row(result: dict[str, Any], system: str, cache: str, batch: int) -> dict[str, Any] | None:
+def _row(
+    result: dict[str, Any], system: str, cache: str, batch: int, kv_cache: str = "dynamic"
+) -> dict[str, Any] | None:
     for row in result["results"]:
-        if (row["system"], row["cache"], row["batch"]) == (system, cache, batch):
+        if (row["system"], row["cache"], row["batch"], row.get("kv_cache", "dynamic")) == (system, cache, batch,
+                                                                                           kv_cache):  # fmt: skip
             return row
     return None
+
+
+def _check_kv_caches(kv_caches: Sequence[str], device: torch.device) -> None:
+    """`ConfigError` for an unknown KV cache name, or an offloaded one that transformers cannot run on ``device``."""
+    unknown = [name for name in kv_caches if name not in KV_CACHES]
+    if unknown or not kv_caches:
+        raise ConfigError(f"kv_caches={list(kv_caches)}: each must be one of {', '.join(KV_CACHES)}.")
+    offloaded = [name for name in kv_caches if name.startswith("offloaded")]
+    if not offloaded:
+        return
+    from transformers import DynamicCache
+
+    try:  # one layer's update, as generate would do it: transformers 5 synchronises it with CUDA streams
+        probe = torch.zeros(1, 1, 1, 1, device=device)
+        DynamicCache(offloading=True).update(probe, probe.clone(), 0)
+    except Exception as err:  # what fails depends on the torch build: AssertionError, RuntimeError
+        raise ConfigError(
+            f"--kv-cache {offloaded[0]}: transformers' offloaded KV cache does not run on {device} "
+            f"({type(err).__name__}: {err}). It moves the cache from an accelerator to host RAM; on a CPU the cache "
+            "is in host RAM already, so measure it on a GPU (e.g. --device cuda)."
+        ) from None
 
 
 def _check_budget(store: Any, budget: int, prefetch: int) -> None:
@@ -536,8 +600,10 @@ def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
     for row in result["results"]:
         if row["system"] != "tensorstream":
             continue
-        entry: dict[str, Any] = {"cache": row["cache"], "batch": row["batch"], "backend": row.get("backend", "")}
-        resident = _row(result, "resident", "warm", row["batch"])
+        kv_cache = row.get("kv_cache", "dynamic")
+        entry: dict[str, Any] = {"cache": row["cache"], "batch": row["batch"], "backend": row.get("backend", ""),
+                                 "kv_cache": kv_cache}  # fmt: skip
+        resident = _row(result, "resident", "warm", row["batch"], kv_cache)
         compute = resident["s_per_token"] if resident else 0.0
         if row["cache"] == "cold" and disk:
             bound = max(compute, storage / (disk * 1e9))
@@ -552,7 +618,7 @@ def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
         ratios.append(entry)
     targets: dict[str, Any] = {}
     for entry in ratios:
-        if entry["batch"] != 1:
+        if entry["batch"] != 1 or entry["kv_cache"] != "dynamic":
             continue
         if entry["cache"] == "cold":
             if entry.get("s_per_token_over_bound") is not None:
@@ -571,7 +637,8 @@ def _ratios(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any
         ("cold", "gb_per_s_over_disk", ("cold_0.95x_disk", 0.95)),
         ("cold", "tokens_per_s_over_accelerate", ("cold_1.0x_accelerate", 1.0)),
     ):
-        values = [e[key] for e in ratios if e["batch"] == 1 and e["cache"] == cache and e.get(key) is not None]
+        values = [e[key] for e in ratios if e["batch"] == 1 and e["cache"] == cache and e.get(key) is not None
+                  and e["kv_cache"] == "dynamic"]  # fmt: skip
         if values:
             targets[check[0]] = max(values) >= check[1]
     _kind_ratios(result, ratios, targets)
@@ -650,9 +717,11 @@ def format_table(result: dict[str, Any]) -> str:
         anon = f"{row['peak_anon_rss_above_baseline'] / 1e9:.2f}" if "peak_anon_rss_above_baseline" in row else "-"
         file = f"{row['peak_file_rss'] / 1e9:.2f}" if "peak_file_rss" in row else "-"
         per_pass = f"{row['tokens_per_pass']:.2f}" if "tokens_per_pass" in row else "-"
+        kv = f" KV {row['kv_cache']}" if row.get("kv_cache", "dynamic") != "dynamic" else ""
         lines.append(
             f"{row['system']:<13}{row['cache']:<6}{row['batch']:>6}{row['s_per_token']:>10.3f}"
             f"{row['tokens_per_s']:>10.2f}{gbps:>8}{wait:>8}{anon:>9}{file:>9}{per_pass:>9}  {row.get('backend', '')}"
+            + kv
             + (f" same as resident: {row['same_as_resident']}" if row.get("same_as_resident") is not None else "")
         )
     lines += ["", "ratios (tensorstream):"]
@@ -674,7 +743,8 @@ def format_table(result: dict[str, Any]) -> str:
             if entry.get(key) is not None:
                 parts.append(f"{label} {entry[key]:.2f}")
         backend = f", {entry['backend']}" if entry.get("backend") else ""
-        lines.append(f"  {entry['cache']}, batch {entry['batch']}{backend}: " + ("; ".join(parts) or "-"))
+        kv = f", KV {entry['kv_cache']}" if entry.get("kv_cache", "dynamic") != "dynamic" else ""
+        lines.append(f"  {entry['cache']}, batch {entry['batch']}{backend}{kv}: " + ("; ".join(parts) or "-"))
     if result["targets"]:
         lines += ["", "targets: " + ", ".join(f"{k}={v}" for k, v in result["targets"].items())]
     return "\n".join(lines)
@@ -690,7 +760,11 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'tensorstream[bench]'.") from None
     rows = result["results"]
-    labels = [f"{r['system']}\n{r['cache']}, b={r['batch']}" for r in rows]
+    labels = [
+        f"{r['system']}\n{r['cache']}, b={r['batch']}"
+        + (f"\nKV {r['kv_cache']}" if r.get("kv_cache", "dynamic") != "dynamic" else "")
+        for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.1), 4))
     colors = {"tensorstream": "#2a9d8f", "accelerate": "#e76f51", "resident": "#264653"}
     ax.bar(

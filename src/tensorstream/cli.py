@@ -347,6 +347,13 @@ def _add_bench(sub: Subparsers) -> None:
         "--assistant",
         help="also measure assisted generation (warm, batch 1): 'prompt-lookup' or a draft model folder / Hub id",
     )
+    p.add_argument(
+        "--kv-cache",
+        choices=("dynamic", "offloaded", "static", "offloaded_static"),
+        action="append",
+        help="transformers KV cache implementation(s) to decode with, one after the other in this run; repeat for "
+        "several, e.g. --kv-cache dynamic --kv-cache offloaded (KV cache in host RAM; CUDA only) (dynamic)",
+    )
     p.add_argument("--workdir", help="where the standard model and stores are kept (<storage_path>/bench)")
     p.add_argument("--out", default="tensorstream-bench.json", help="JSON output file (tensorstream-bench.json)")
     p.add_argument("--plot", help="also write a PNG bar chart here (needs matplotlib)")
@@ -372,6 +379,7 @@ def _bench(args: argparse.Namespace) -> int:
         resident=not args.no_resident,
         backends=tuple(args.backend or ()),
         assistant=args.assistant,
+        kv_caches=tuple(args.kv_cache or ("dynamic",)),
         progress=None if args.json else (lambda line: print(f"... {line}", file=sys.stderr, flush=True)),
     )
     write_json(result, args.out)

@@ -38,13 +38,14 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import BudgetError, UnsupportedModelError
 
-__all__ = ["Plan", "auto_budget_bytes", "find_blocks", "make_plan"]
+__all__ = ["Plan", "auto_budget_bytes", "find_blocks", "kv_cache_bytes", "make_plan"]
 
 logger = logging.getLogger(__name__)
 SLOT_ALIGNMENT = 4096
@@ -432,6 +433,45 @@ def auto_budget_bytes(device: torch.device) -> int:
     if cgroup is not None:
         available = min(available, cgroup)
     return int(available * AUTO_BUDGET_FRACTION)
+
+
+def kv_cache_bytes(config: Any, *, batch_size: int, sequence_length: int, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the key/value cache a decoder holds for ``batch_size`` sequences of ``sequence_length`` tokens.
+
+    Per token and sequence: ``2 (keys and values) * layers * key/value heads * head dim * dtype bytes``. The
+    budget (``budget_gb``) covers weights only: the KV cache, like the activations, lives next to it on the
+    device, so ``budget + kv_cache_bytes(...)`` must fit in device memory, or the cache must move to host RAM
+    (transformers' ``cache_implementation="offloaded"``, see the Performance page).
+
+    Args:
+        config: a transformers model config (``model.config``); the text config of a multimodal model is used.
+        batch_size: sequences decoded together.
+        sequence_length: prompt plus generated tokens per sequence.
+        dtype: the cache's dtype (default: the config's ``dtype``, else float32); the cache takes the dtype of
+            the model's activations.
+
+    Returns:
+        The size in bytes, for full attention in every layer: an upper bound for models whose sliding-window
+        layers keep only the window. Other cache layouts (latent attention, linear attention) differ.
+
+    Example:
+        ```python
+        >>> from transformers import AutoConfig
+        >>> config = AutoConfig.from_pretrained("meta-llama/Llama-3.1-8B")  # 32 layers, 8 KV heads of 128
+        >>> kv_cache_bytes(config, batch_size=16, sequence_length=8192, dtype=torch.bfloat16) / 1e9
+        17.179869184
+        ```
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    if dtype is None:
+        dtype = getattr(text, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    per_token = 2 * int(text.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+    return per_token * batch_size * sequence_length
 
 
 def _meminfo_available() -> int:
