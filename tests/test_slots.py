@@ -248,3 +248,57 @@ def test_streaming_through_the_cuda_state_machine(
     assert tensorstream.stats(model).sync_loads == 0
     if cache:
         assert tensorstream.stats(model).cache_loads > 0
+
+
+@pytest.mark.parametrize(("kind", "direct"), [("int4", False), ("int4", True), ("lossless", False)])
+def test_encoded_stores_through_the_cuda_state_machine(
+    model_dirs: dict[str, Path], storage: Path, monkeypatch: pytest.MonkeyPatch, kind: str, direct: bool
+) -> None:
+    """Quantized blocks expand on the copy stream after their copy; lossless ones in staging before it (fake CUDA).
+
+    ``direct``: reads land in device memory (the KvikIO path) and are expanded there.
+    """
+    import importlib
+
+    engine_module = importlib.import_module("tensorstream.engine")
+    pools: list[tuple[CudaSlots, FakeCuda]] = []
+
+    def fake_pool(device: torch.device, arena_bytes: int, *, direct: bool = False) -> CudaSlots:
+        pools.append(make_fake(arena_bytes, direct or direct_reads))
+        return pools[-1][0]
+
+    direct_reads = direct
+    monkeypatch.setattr(engine_module, "make_slots", fake_pool)
+    if direct:  # KvikIO reads into device tensors; the fake device memory is host memory, read with preadv
+        from tensorstream.backends.posix import PosixBackend
+
+        read_into = PosixBackend.read_into
+
+        def read_tensor(self: PosixBackend, handle: int, offset: int, out: Any) -> int:
+            return read_into(
+                self, handle, offset, out.numpy().data.cast("B") if isinstance(out, torch.Tensor) else out
+            )
+
+        monkeypatch.setattr(PosixBackend, "read_into", read_tensor)
+    settings = {"compression": kind} if kind == "lossless" else {"quantize": kind}
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **settings)
+    model = streaming(
+        model_dirs["llama"],
+        storage,
+        budget_gb=budgets(storage, 2)["stream_all"],
+        prefetch=2,
+        backend="posix",
+        dtype="bf16",
+        **settings,
+    )
+    ids = torch.randint(3, 250, (2, 7))
+    with torch.inference_mode():
+        logits = model(ids).logits
+        assert torch.equal(model(ids).logits, logits)
+    slots, api = pools[-1]
+    assert slots.direct == direct
+    main = threading.current_thread().name
+    assert not [e for e in api.log if e[0] == "sync" and e[2] == main], "the model thread synchronised"
+    reference = tensorstream.detach(model)
+    with torch.inference_mode():
+        assert torch.equal(reference(ids).logits, logits)

@@ -377,14 +377,14 @@ def run_bench(
             )
         store = Store.open(source, verify="header")
     else:
-        store = Store.open(reshard(source, storage, progress=False))
+        store = Store.open(reshard(source, storage, dtype=base.dtype, progress=False))
     kind_stores: dict[str | None, Any] = {None: store}
     for extra in kinds:
         say(f"{extra} store (resharding once)")
         quantize, compression = (extra, None) if extra in QUANTIZE_SCHEMES else (None, extra)
         store_kind(quantize, compression)  # ConfigError for an unknown kind
         kind_stores[extra] = Store.open(
-            reshard(source, storage, quantize=quantize, compression=compression, progress=False)
+            reshard(source, storage, dtype=base.dtype, quantize=quantize, compression=compression, progress=False)
         )
     files = [store.file(entry) for entry in store.entries()]
     model_bytes = store.total_bytes
@@ -494,7 +494,11 @@ def run_bench(
                 if run_device.type == "cuda":
                     max_memory = {run_device.index or 0: budget, "cpu": 0}
                 model = AutoModelForCausalLM.from_pretrained(
-                    source, device_map="auto", max_memory=max_memory, offload_folder=offload
+                    source,
+                    device_map="auto",
+                    max_memory=max_memory,
+                    offload_folder=offload,
+                    dtype=base.dtype or "auto",
                 )
                 cold = [*checkpoint_files, *Path(offload).glob("*")] if cache == "cold" else None
                 for batch in batches:
@@ -509,7 +513,7 @@ def run_bench(
     fits = model_bytes <= 0.8 * auto_budget_bytes(run_device)
     if resident and fits:
         say("fully resident model")
-        model = AutoModelForCausalLM.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=base.dtype or "auto")  # as the stores hold it
         model = model.to(run_device)
         for batch, kv_cache in [(batch, kv_cache) for batch in batches for kv_cache in kv_caches]:
             measure = _decode(model, batch, tokens, runs, None, run_device, kv_cache)
@@ -667,8 +671,8 @@ def _kind_ratios(result: dict[str, Any], ratios: list[dict[str, Any]], targets: 
         if row["system"] == "tensorstream" or kind in (None, "plain"):
             continue
         plain = [
-            r for r in result["results"] if r["system"] == "tensorstream" and (r["cache"], r["batch"]) == (
-                row["cache"], row["batch"])
+            r for r in result["results"] if r["system"] == "tensorstream" and (r["cache"], r["batch"], r.get(
+                "kv_cache")) == (row["cache"], row["batch"], row.get("kv_cache"))
         ]  # fmt: skip
         if not plain:
             continue
@@ -678,12 +682,13 @@ def _kind_ratios(result: dict[str, Any], ratios: list[dict[str, Any]], targets: 
         plain_bytes = base.get("bytes_per_step")
         entry = {
             "store": kind, "cache": row["cache"], "batch": row["batch"], "backend": row.get("backend", ""),
+            "kv_cache": row.get("kv_cache", "dynamic"),
             "bytes_per_step_over_plain": row["bytes_per_step"] / plain_bytes if plain_bytes else None,
             "tokens_per_s_over_plain": row["tokens_per_s"] / base["tokens_per_s"],
             "tokens_per_s_over_best_plain": row["tokens_per_s"] / best["tokens_per_s"],
         }  # fmt: skip
         ratios.append(entry)
-        if row["batch"] != 1 or kind not in KIND_TARGETS:
+        if row["batch"] != 1 or kind not in KIND_TARGETS or entry["kv_cache"] != "dynamic":
             continue
         max_bytes, min_cold = KIND_TARGETS[kind]
         if max_bytes is not None and entry["bytes_per_step_over_plain"] is not None:

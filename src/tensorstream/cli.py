@@ -354,6 +354,18 @@ def _add_bench(sub: Subparsers) -> None:
         help="transformers KV cache implementation(s) to decode with, one after the other in this run; repeat for "
         "several, e.g. --kv-cache dynamic --kv-cache offloaded (KV cache in host RAM; CUDA only) (dynamic)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        action="append",
+        help="also measure a quantized store of the same model (rows 'ts int8', 'ts int4'); repeat for several",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("lossless",),
+        action="append",
+        help="also measure a losslessly compressed store of the same model (rows 'ts lossless')",
+    )
     p.add_argument("--workdir", help="where the standard model and stores are kept (<storage_path>/bench)")
     p.add_argument("--out", default="tensorstream-bench.json", help="JSON output file (tensorstream-bench.json)")
     p.add_argument("--plot", help="also write a PNG bar chart here (needs matplotlib)")
@@ -380,6 +392,7 @@ def _bench(args: argparse.Namespace) -> int:
         backends=tuple(args.backend or ()),
         assistant=args.assistant,
         kv_caches=tuple(args.kv_cache or ("dynamic",)),
+        kinds=(*(args.quantize or ()), *(args.compression or ())),
         progress=None if args.json else (lambda line: print(f"... {line}", file=sys.stderr, flush=True)),
     )
     write_json(result, args.out)

@@ -616,6 +616,7 @@ def _write_store(
     entries: list[dict[str, Any]] = []
     weight_map: dict[str, str] = {}
     reused = 0
+    encoded = 0
     with bar:
         for done, block in enumerate(["", *blocks]):
             rel = f"blocks/{block}{TS_SUFFIX}" if block else NON_BLOCK_FILE
@@ -630,6 +631,7 @@ def _write_store(
                 if encoding is not None:
                     tensors, meta = encode_tensors(tensors, encoding)
                     metadata = {ENCODING_KEY: meta}
+                    encoded += len(json.loads(meta)["tensors"])
                 header = save_to_ts(tensors, path, metadata, block=block)
                 del tensors
                 bar.update(nbytes)
@@ -649,6 +651,15 @@ def _write_store(
                 entry["memory_size"] = BlockCodec(header).region_bytes
             entries.append(entry)
             weight_map.update(dict.fromkeys(header.tensors, rel))
+    if kind is not None and not encoded and not reused:
+        what = "no 16-bit floating-point weight" if kind == "lossless" else "no weight matrix it can quantize"
+        logger.warning(
+            "tensorstream: the %s store of %s holds %s in its blocks: it is as large as a plain store. %s",
+            kind,
+            class_name,
+            what,
+            "Reshard with dtype='bf16' (or fp16) to compress it." if kind == "lossless" else "",
+        )
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(staging / "config.json"))

@@ -20,7 +20,9 @@ def store_sizes(storage: Path) -> tuple[int, list[int]]:
     store = Store.open(path)
     units = set(store.manifest.get("units", []))
     extra = sum(b.data_size for b in store.blocks if b.name in units)
-    return store.non_block.data_size + extra, [b.data_size for b in store.blocks if b.name not in units]
+    # a block of a quantized or compressed store takes its expanded, compact and scratch bytes in memory
+    sizes = [b.memory_size or b.data_size for b in store.blocks if b.name not in units]
+    return store.non_block.data_size + extra, sizes
 
 
 def budgets(storage: Path, prefetch: int = 2) -> dict[str, float]:

@@ -1,0 +1,335 @@
+"""Store kinds (docs/quantization.md): quantized stores bit-exact to their own reference, lossless stores to the model.
+
+A quantized store computes with other weights than the checkpoint's, by design; what must hold exactly is that
+the stream, the blocks kept resident and ``tensorstream.detach`` all compute with the same weights (one expansion
+function), and that those weights are what torchao's ``dequantize_affine`` gives for the stored values. A lossless
+store must give back the checkpoint's exact bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tensorstream
+from helpers.attacks import rewrite_header
+from helpers.models import budgets, streaming
+from tensorstream.encoding import BlockCodec, encode_tensors, store_kind
+from tensorstream.errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError, StaleStoreError
+from tensorstream.format import aligned_empty, load_ts, read_data, read_ts_header, save_to_ts
+from tensorstream.store import MANIFEST_NAME, Store
+
+KINDS = ["int8", "int4", "lossless"]
+
+
+def kind_config(kind: str) -> dict[str, str]:
+    return {"compression": kind} if kind == "lossless" else {"quantize": kind}
+
+
+def expand_file(path: Path) -> tuple[BlockCodec, torch.Tensor]:
+    header = read_ts_header(path)
+    codec = BlockCodec(header)
+    buffer = aligned_empty(header.data_size)
+    read_data(header.path, header, buffer)
+    return codec, codec.expand(buffer)
+
+
+def tensor(codec: BlockCodec, data: torch.Tensor, name: str) -> torch.Tensor:
+    info = codec.tensors[name]
+    return data[info.start : info.end].view(info.torch_dtype).view(info.shape)
+
+
+@pytest.fixture
+def weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "attn.weight": torch.randn(96, 256, dtype=torch.bfloat16) * 0.02,
+        "attn.bias": torch.randn(96, dtype=torch.bfloat16),
+        "experts.weight": torch.randn(4, 48, 128, dtype=torch.float16),
+        "fp32.weight": torch.randn(64, 192, dtype=torch.float32),
+        "odd.weight": torch.randn(64, 100, dtype=torch.bfloat16),  # no group divides 100: kept as it is
+        "steps": torch.arange(10),
+    }
+
+
+# -- the encoding itself ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_values_expand_exactly_as_torchao_dequantizes_them(
+    tmp_path: Path, weights: dict[str, torch.Tensor], kind: str
+) -> None:
+    from torchao.quantization.quant_primitives import dequantize_affine
+
+    stored, meta = encode_tensors(weights, kind)
+    described = json.loads(meta)["tensors"]
+    assert set(described) == {"attn.weight", "experts.weight", "fp32.weight"}  # 1-D, odd and integer stay
+    path = tmp_path / "b.ts"
+    save_to_ts(stored, path, {"encoding": meta}, block="b")
+    codec, data = expand_file(path)
+    raw = load_ts(path)
+    for name, original in weights.items():
+        got = tensor(codec, data, name)
+        assert got.dtype == original.dtype and got.shape == original.shape
+        if name not in described:
+            assert torch.equal(got, original), name
+            continue
+        group = described[name]["group"]
+        block = (1,) * (original.dim() - 1) + (group,)
+        q, scale = raw[f"{name}.__q__"], raw[f"{name}.__scale__"]
+        if kind == "int8":
+            expected = dequantize_affine(q, block, scale, None, torch.int8, output_dtype=original.dtype)
+        else:
+            values = torch.stack([q & 15, q >> 4], dim=1).reshape(original.shape)
+            zero = raw[f"{name}.__zero__"].to(torch.int32)
+            expected = dequantize_affine(values, block, scale, zero, torch.uint8, 0, 15, output_dtype=original.dtype)
+        assert torch.equal(got, expected), name
+        error = ((got.float() - original.float()).norm() / original.float().norm()).item()
+        assert error < (0.02 if kind == "int8" else 0.15), (name, error)
+
+
+def test_lossless_gives_back_the_exact_bytes(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+    weights["nan.weight"] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40] * 300, dtype=torch.bfloat16)
+    stored, meta = encode_tensors(weights, "lossless")
+    assert set(json.loads(meta)["tensors"]) == {"attn.weight", "experts.weight", "odd.weight", "nan.weight"}
+    path = tmp_path / "b.ts"
+    header = save_to_ts(stored, path, {"encoding": meta}, block="b")
+    codec, data = expand_file(path)
+    for name, original in weights.items():
+        got = tensor(codec, data, name)
+        assert torch.equal(got.reshape(-1).view(torch.uint8), original.reshape(-1).view(torch.uint8)), name
+    assert header.data_size < codec.expanded_bytes  # the random bf16 weights' high bytes compress
+    assert header.metadata["format_version"] == "2"
+
+
+def test_store_kind_settings() -> None:
+    assert store_kind(None, None) is None and store_kind("int4", None) == "int4"
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        tensorstream.Config(quantize="int8", compression="lossless")
+    with pytest.raises(ConfigError, match="not a scheme"):
+        tensorstream.Config(quantize="int3")
+    config = tensorstream.Config.from_env({"TENSORSTREAM_QUANTIZE": "int4", "TENSORSTREAM_COMPRESSION": "none"})
+    assert (config.quantize, config.compression, config.kind) == ("int4", None, "int4")
+
+
+def test_missing_codec_packages_name_the_extra(monkeypatch: pytest.MonkeyPatch, weights: dict[str, Any]) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(BackendUnavailableError, match=r"tensorstream\[quantize\]"):
+        encode_tensors(weights, "int8")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(BackendUnavailableError, match=r"tensorstream\[compression\]"):
+        encode_tensors(weights, "lossless")
+
+
+# -- hostile files: a store is untrusted input ------------------------------------------------------------------------
+
+
+def _encoded(tmp_path: Path, weights: dict[str, torch.Tensor], kind: str) -> Path:
+    stored, meta = encode_tensors(weights, kind)
+    path = tmp_path / f"{kind}.ts"
+    save_to_ts(stored, path, {"encoding": meta}, block="b")
+    return path
+
+
+def _edit_encoding(path: Path, change: Any) -> None:
+    def mutate(header: dict[str, Any]) -> None:
+        meta = json.loads(header["__metadata__"]["encoding"])
+        change(meta)
+        header["__metadata__"]["encoding"] = json.dumps(meta)
+
+    rewrite_header(path, mutate)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [
+        ("int8", lambda m: m.update(kind="int5"), "no known store kind"),
+        ("int8", lambda m: m["tensors"]["attn.weight"].update(group=100), "does not divide"),
+        ("int8", lambda m: m["tensors"]["attn.weight"].update(shape=[96, 128]), "expected"),
+        ("int4", lambda m: m["tensors"]["attn.weight"].update(dtype="F32"), "expected"),
+        ("int8", lambda m: m["tensors"].pop("attn.weight"), "belongs to no encoded tensor"),
+        ("int8", lambda m: m["tensors"].update(ghost=m["tensors"]["attn.weight"]), "is missing"),
+        ("lossless", lambda m: m["tensors"]["attn.weight"].update(dtype="F32"), "16-bit"),
+    ],
+)
+def test_inconsistent_encodings_are_format_errors(
+    tmp_path: Path, weights: dict[str, torch.Tensor], kind: str, change: Any, message: str
+) -> None:
+    path = _encoded(tmp_path, weights, kind)
+    _edit_encoding(path, change)
+    with pytest.raises(FormatError, match=message) as caught:
+        BlockCodec(read_ts_header(path))
+    assert str(path) in str(caught.value)
+
+
+def test_version_and_encoding_must_agree(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+    path = _encoded(tmp_path, weights, "int8")
+    rewrite_header(path, lambda h: h["__metadata__"].update(format_version="1"))  # an old reader would misread it
+    with pytest.raises(FormatError, match="does not match its encoding"):
+        read_ts_header(path)
+
+
+def test_a_zstd_frame_of_the_wrong_size_is_corrupt(tmp_path: Path) -> None:
+    """A frame that expands to more (or fewer) values than its tensor has: an error, never a partial tensor."""
+    import zstandard
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64, dtype=torch.bfloat16)
+    stored, meta = encode_tensors({"w": weight}, "lossless")
+    frame = zstandard.ZstdCompressor().compress(bytes(64 * 64 + 1))  # one byte too many
+    stored["w.__hi__"] = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+    path = tmp_path / "b.ts"
+    save_to_ts(stored, path, {"encoding": meta}, block="b")
+    with pytest.raises(CorruptFileError, match="do not expand"):
+        expand_file(path)
+
+
+# -- streaming: the same weights everywhere ---------------------------------------------------------------------------
+
+
+def _outputs(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        args = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+        return model(ids).logits, model.generate(ids, **args)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["stream_all", "some_resident"])
+def test_streamed_equals_its_detached_reference(
+    model_dirs: dict[str, Path], storage: Path, family: str, kind: str, layout: str
+) -> None:
+    source = model_dirs[family]  # float32 checkpoints, resharded to bf16 (what lossless compression is for)
+    tensorstream.reshard(source, storage, progress=False, dtype="bf16", **kind_config(kind))
+    budget = budgets(storage, 1)[layout]
+    model = streaming(
+        source, storage, budget_gb=budget, prefetch=1, backend="posix", dtype="bf16", **kind_config(kind)
+    )
+    engine = model._tensorstream_engine
+    assert engine.store.kind == kind and engine.plan.streamed
+    assert bool(engine.plan.resident) == (layout == "some_resident")
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    logits, tokens = _outputs(model, ids)
+    again = _outputs(model, ids)  # every block read and expanded again: the same bits
+    assert torch.equal(again[0], logits) and torch.equal(again[1], tokens)
+    stats = tensorstream.stats(model)
+    assert stats.bytes_read > 0
+    reference = tensorstream.detach(model)
+    ref_logits, ref_tokens = _outputs(reference, ids)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        original_logits = original(ids).logits
+    if kind == "lossless":
+        assert torch.equal(logits, original_logits)
+        for name, param in original.state_dict().items():
+            assert torch.equal(reference.state_dict()[name], param), name
+    else:  # other weights by design, close to the original ones
+        assert not torch.equal(logits, original_logits)
+        assert (logits.float() - original_logits.float()).abs().max() < (0.1 if kind == "int8" else 0.5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "lossless"])
+def test_offload_builds_the_store_kind_and_keeps_the_reference(
+    model_dirs: dict[str, Path], storage: Path, kind: str
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"], dtype=torch.bfloat16)
+    config = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=0.002, prefetch=1, **kind_config(kind))
+    ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        original = model(ids).logits
+    tensorstream.offload(model, config)
+    assert model._tensorstream_engine.store.kind == kind
+    with torch.inference_mode():
+        streamed = model(ids).logits
+    reference = tensorstream.detach(model)
+    with torch.inference_mode():
+        assert torch.equal(reference(ids).logits, streamed)
+    assert torch.equal(streamed, original) == (kind == "lossless")
+
+
+def test_each_kind_is_its_own_store_and_plain_fingerprints_do_not_move(
+    model_dirs: dict[str, Path], storage: Path
+) -> None:
+    plain = tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16")
+    stores = {
+        kind: tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **kind_config(kind))
+        for kind in KINDS
+    }
+    assert len({plain, *stores.values()}) == 4
+    manifest = json.loads((plain / MANIFEST_NAME).read_text())
+    assert "encoding" not in manifest and manifest["format_version"] == 1
+    for kind, path in stores.items():
+        store = Store.open(path)
+        assert store.kind == kind and store.non_block.memory_size == 0
+        assert all(store.codec(entry).encoded for entry in store.blocks)
+        assert sum(e.data_size for e in store.blocks) < sum(e.data_size for e in Store.open(plain).blocks)
+        again = tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **kind_config(kind))
+        assert again == path
+
+
+def test_a_manifest_that_lies_about_the_kind_or_memory_is_refused(model_dirs: dict[str, Path], storage: Path) -> None:
+    path = tensorstream.reshard(model_dirs["llama"], storage, progress=False, quantize="int8")
+    manifest_path = path / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["blocks"][0]["memory_size"] = manifest["blocks"][0]["data_size"]  # would make the arena too small
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StaleStoreError, match="in memory"):
+        Store.open(path)
+    manifest["blocks"][0]["memory_size"] = 0
+    manifest["encoding"] = "lossless"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StaleStoreError, match=r"--quantize|--compression"):
+        Store.open(path)
+
+
+def test_a_preshard_store_of_another_kind_than_asked_is_a_config_error(
+    model_dirs: dict[str, Path], storage: Path
+) -> None:
+    path = tensorstream.reshard(model_dirs["llama"], storage, progress=False, quantize="int8")
+    config = tensorstream.Config(device="cpu", storage_path=storage, quantize="int4")
+    with pytest.raises(ConfigError, match="int8 store"):
+        AutoModelForCausalLM.from_pretrained(path, device_map="tensorstream", tensorstream_config=config)
+    model = AutoModelForCausalLM.from_pretrained(  # without the setting, the store streams as it was published
+        path, device_map="tensorstream", tensorstream_config=tensorstream.Config(device="cpu", budget_gb=0.002)
+    )
+    assert model._tensorstream_engine.store.kind == "int8"
+
+
+def test_bench_measures_each_kind_beside_the_plain_store(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from tensorstream.bench import format_table, run_bench
+
+    result = run_bench(
+        model_dirs["llama"], workdir=tmp_path, budget_fraction=0.7, device="cpu", batches=(1,), tokens=3, runs=1,
+        caches=("warm",), max_threads=1, kinds=("int8", "lossless"),
+        config=tensorstream.Config(storage_path=tmp_path / "stores", dtype="bf16"),
+    )  # fmt: skip
+    rows = {r["system"]: r for r in result["results"]}
+    assert {"tensorstream", "ts int8", "ts lossless", "resident"} <= set(rows)
+    assert rows["ts int8"]["bytes_per_step"] < rows["ts lossless"]["bytes_per_step"] < rows["tensorstream"][
+        "bytes_per_step"]  # fmt: skip
+    assert rows["ts lossless"]["same_as_resident"] is True and "same_as_resident" not in rows["ts int8"]
+    kinds = {e["store"]: e for e in result["ratios"] if "store" in e}
+    assert kinds["int8"]["bytes_per_step_over_plain"] < 0.55 and "warm_int8_no_worse_than_plain" in result["targets"]
+    assert "int8 store, warm, batch 1: bytes/step / plain" in format_table(result)
+
+
+def test_cli_reshard_and_inspect_name_the_kind(
+    model_dirs: dict[str, Path], storage: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensorstream.cli import main
+
+    assert main(["reshard", str(model_dirs["llama"]), str(storage), "--quantize", "int4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "int4"
+    assert main(["inspect", out["store"]]) == 0
+    assert "int4 store" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # one kind per store
+        main(["reshard", str(model_dirs["llama"]), "--quantize", "int8", "--compression", "lossless"])
