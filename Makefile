@@ -14,6 +14,8 @@ MIN_PY := $(MIN_VENV)/bin/python
 SMOKE ?= tests/test_streaming.py::test_logits_and_generation_bit_identical \
 	tests/test_reshard.py::test_round_trip_every_tensor_equal tests/test_cli.py::test_reshard_inspect_verify \
 	tests/test_package.py tests/test_first_minutes.py::test_pull_offline_is_exit_3_with_the_right_diagnosis \
+	tests/test_quantization.py::test_streamed_equals_its_detached_reference \
+	tests/test_quantization.py::test_quantized_values_expand_exactly_as_torchao_dequantizes_them \
 	-k "not (qwen2 or gpt2)"
 
 .PHONY: install test mindeps demo bench quality style docs clean help
@@ -44,11 +46,12 @@ mindeps:
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_PY) -m pip install --quiet --upgrade pip
 	$(MIN_PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(MIN_PY) -m pip install --quiet $$($(PYTHON) scripts/min_requirements.py --skip torch) \
+	$(MIN_PY) -m pip install --quiet \
+		$$($(PYTHON) scripts/min_requirements.py --skip torch --extra quantize --extra compression) \
 		"pytest>=8" "hypothesis>=6.100" "psutil>=5.9"
 	$(MIN_PY) -m pip install --quiet --no-deps -e .
 	$(MIN_PY) -m pip check
-	$(MIN_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|safetensors|huggingface.hub|tqdm) "
+	$(MIN_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|safetensors|huggingface.hub|tqdm|torchao|zstandard) "
 	$(MIN_PY) -m pytest -q -p no:cacheprovider $(SMOKE)
 
 demo: $(STAMP)

@@ -1,0 +1,116 @@
+"""Expand-then-matmul against PyTorch's quantized matmul kernels, at decode shapes: which should a store use?
+
+A quantized store can either expand each block's weights into the compute dtype (what tensorstream does: one
+function, the same weights on every device, a plain resident model as the bit-exact reference) or compute with
+the compact weights through a quantized matmul where PyTorch has one (``torch.ops.aten._weight_int8pack_mm`` on
+CPU, per output channel only; ``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm`` on CUDA, group-wise). This
+times, for a ``rows x cols`` weight and a batch of activations on ``--device``:
+
+* ``bf16 matmul``: the resident model's cost;
+* ``copy bf16``: what streaming a plain block costs on top when the bytes are in memory (a copy into the slot);
+* ``expand int8`` / ``expand int4``: `BlockCodec.decode`'s work for the same weight;
+* ``int8pack_mm`` / ``int4pack_mm``: the quantized kernels, when this torch has them on this device.
+
+Usage::
+
+    python benchmarks/quantized_matmul.py --device cpu --out benchmarks/results/quantized-matmul-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tensorstream.encoding import BlockCodec, encode_tensors
+from tensorstream.format import aligned_empty, read_data, save_to_ts
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeat`` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    weight = (torch.randn(args.rows, args.cols) * 0.02).to(torch.bfloat16)
+    x = torch.randn(args.batch, args.cols, dtype=torch.bfloat16, device=device)
+    w = weight.to(device)
+    out = torch.empty_like(w)
+    figures: dict[str, float] = {
+        "bf16 matmul": timed(lambda: x @ w.T, device, args.repeat),
+        "copy bf16": timed(lambda: out.copy_(w), device, args.repeat),
+    }
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("int8", "int4"):
+            stored, meta = encode_tensors({"w": weight}, kind)
+            header = save_to_ts(stored, Path(tmp) / f"{kind}.ts", {"encoding": meta}, block="b")
+            codec = BlockCodec(header)
+            compact = aligned_empty(header.data_size)
+            read_data(header.path, header, compact)
+            region = torch.empty(codec.region_bytes, dtype=torch.uint8, device=device)
+            data = region[codec.compact_offset : codec.compact_offset + header.data_size]
+            data.copy_(compact)
+            expanded, scratch = region[: codec.expanded_bytes], region[codec.scratch_offset :]
+            figures[f"expand {kind}"] = timed(lambda: codec.decode(data, expanded, scratch), device, args.repeat)  # noqa: B023
+    q = torch.randint(-127, 128, (args.rows, args.cols), dtype=torch.int8, device=device)
+    scales = torch.rand(args.rows, dtype=torch.bfloat16, device=device)
+    try:
+        figures["int8pack_mm"] = timed(lambda: torch.ops.aten._weight_int8pack_mm(x, q, scales), device, args.repeat)
+    except (RuntimeError, NotImplementedError) as err:
+        print(f"int8pack_mm: not available here ({str(err).splitlines()[0]})")
+    try:
+        values = torch.randint(0, 16, (args.rows, args.cols), dtype=torch.int32, device=device)
+        group = 64
+        zeros = torch.rand(args.cols // group, args.rows, 2, dtype=torch.bfloat16, device=device)
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+            kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8), 8
+            )
+            kernel = torch.ops.aten._weight_int4pack_mm
+        figures["int4pack_mm"] = timed(lambda: kernel(x, packed, group, zeros), device, args.repeat)
+    except (RuntimeError, NotImplementedError) as err:
+        print(f"int4pack_mm: not available here ({str(err).splitlines()[0]})")
+    for name, ms in figures.items():
+        print(f"{name:<14} {ms:8.3f} ms")
+    if args.out:
+        info = {
+            "device": str(device),
+            "torch": torch.__version__,
+            "shape": [args.rows, args.cols],
+            "batch": args.batch,
+        }
+        Path(args.out).write_text(json.dumps({**info, "ms": figures}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
