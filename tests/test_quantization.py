@@ -333,3 +333,24 @@ def test_cli_reshard_and_inspect_name_the_kind(
     assert "int4 store" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # one kind per store
         main(["reshard", str(model_dirs["llama"]), "--quantize", "int8", "--compression", "lossless"])
+
+
+@pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules:UserWarning")
+def test_save_pretrained_of_a_quantized_stream_writes_the_weights_it_computes_with(
+    model_dirs: dict[str, Path], storage: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    model = streaming(
+        model_dirs["llama"], storage, budget_gb=0.002, prefetch=1, backend="posix", dtype="bf16", quantize="int8"
+    )
+    model.save_pretrained(tmp_path / "saved")
+    saved: dict[str, torch.Tensor] = {}
+    for file in (tmp_path / "saved").glob("*.safetensors"):
+        saved.update(load_file(file))
+    reference = tensorstream.detach(model).state_dict()
+    assert not any("__" in name for name in saved)
+    for name, value in reference.items():
+        if name in saved:
+            assert torch.equal(saved[name], value), name
+    assert any(name.endswith("mlp.up_proj.weight") for name in saved)

@@ -150,6 +150,7 @@ class Engine:
             streamed_blocks=len(plan.streamed),
             num_slots=plan.num_slots,
             backend=self.backend.name,
+            store_kind=store.kind or "plain",
         )
         entries = {entry.name: entry for entry in store.blocks}
         tied = store.manifest.get("tied", {})

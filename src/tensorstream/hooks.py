@@ -42,14 +42,13 @@ class BlockWeights(Mapping[str, torch.Tensor]):
         self._block = block
         tied = engine.store.manifest.get("tied", {})
         prefix = f"{name}."
-        self._keys = {full[len(prefix) :]: full for full in block.header.tensors}
-        self._keys.update(
-            {t[len(prefix) :]: s for t, s in tied.items() if t.startswith(prefix) and s in block.header.tensors}
-        )
+        tensors = block.codec.tensors  # as the model binds them (expanded, for a quantized or compressed store)
+        self._keys = {full[len(prefix) :]: full for full in tensors}
+        self._keys.update({t[len(prefix) :]: s for t, s in tied.items() if t.startswith(prefix) and s in tensors})
 
     def __getitem__(self, key: str) -> torch.Tensor:
         full = self._keys[key]
-        info = self._block.header.tensors[full]
+        info = self._block.codec.tensors[full]
         data = self._engine.read_block(self._block)  # the engine's checks: same file, checksum if configured
         return data[info.start : info.end].view(info.torch_dtype).view(info.shape).clone()
 

@@ -27,6 +27,8 @@ class StreamStats:
         blocks_run: streamed block forwards.
         cache_loads: block loads served from the pinned host cache tier instead of storage.
         resident_blocks, streamed_blocks, num_slots, backend: the plan and backend in use.
+        store_kind: ``"plain"``, ``"int8"``, ``"int4"`` or ``"lossless"`` (docs/quantization.md); ``bytes_read``
+            counts the bytes of the store's files, compact for the last three.
         rss_anon_bytes, rss_file_bytes: this process's anonymous and file-backed resident memory now (properties,
             read from ``/proc/self/status``). The budget bounds the anonymous part. File-backed pages are the page
             cache's: with ``backend="mmap"`` on CPU the streamed weights are mapped views of them, which the
@@ -45,6 +47,7 @@ class StreamStats:
     streamed_blocks: int = 0
     num_slots: int = 0
     backend: str = ""
+    store_kind: str = "plain"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -83,6 +86,7 @@ class StreamStats:
             "streamed_blocks",
             "num_slots",
             "backend",
+            "store_kind",
         )
         memory = process_memory()
         return {
@@ -97,7 +101,8 @@ class StreamStats:
             f"StreamStats(read {self.bytes_read / 1e9:.3f} GB in {self.blocks_loaded} block loads at "
             f"{self.read_gb_per_s:.2f} GB/s, {self.prefetch_hits} prefetch hits, {self.sync_loads} sync loads, "
             f"waited {self.wait_seconds:.3f} s over {self.blocks_run} block forwards; {self.resident_blocks} "
-            f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend}; "
+            f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend}"
+            f"{'' if self.store_kind == 'plain' else f', {self.store_kind} store'}; "
             f"RSS {self.rss_anon_bytes / 1e9:.3f} GB anonymous + {self.rss_file_bytes / 1e9:.3f} GB file-backed)"
         )
 
