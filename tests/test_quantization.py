@@ -202,19 +202,26 @@ def _outputs(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("layout", ["stream_all", "some_resident"])
+@pytest.mark.parametrize(
+    ("layout", "backend"), [("stream_all", "posix"), ("some_resident", "posix"), ("stream_all", "mmap")]
+)
 def test_streamed_equals_its_detached_reference(
-    model_dirs: dict[str, Path], storage: Path, family: str, kind: str, layout: str
+    model_dirs: dict[str, Path], storage: Path, family: str, kind: str, layout: str, backend: str
 ) -> None:
+    """``backend="mmap"``: blocks expanded straight from mappings of their files, the arena without compact bytes."""
     source = model_dirs[family]  # float32 checkpoints, resharded to bf16 (what lossless compression is for)
-    tensorstream.reshard(source, storage, progress=False, dtype="bf16", **kind_config(kind))
+    path = tensorstream.reshard(source, storage, progress=False, dtype="bf16", **kind_config(kind))
     budget = budgets(storage, 1)[layout]
+    if backend == "mmap":  # the same number of blocks in flight takes less memory: no compact bytes
+        store = Store.open(path)
+        codec = store.codec(store.blocks[0])
+        budget -= 2 * (codec.region_bytes - codec.mapped_region_bytes) / 1e9
     model = streaming(
-        source, storage, budget_gb=budget, prefetch=1, backend="posix", dtype="bf16", **kind_config(kind)
+        source, storage, budget_gb=budget, prefetch=1, backend=backend, dtype="bf16", **kind_config(kind)
     )
     engine = model._tensorstream_engine
-    assert engine.store.kind == kind and engine.plan.streamed
-    assert bool(engine.plan.resident) == (layout == "some_resident")
+    assert engine.store.kind == kind and engine.plan.streamed and engine.expand_mapped == (backend == "mmap")
+    assert bool(engine.plan.resident) == (layout == "some_resident") and engine.plan.num_slots == 2
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(1))
     logits, tokens = _outputs(model, ids)
     again = _outputs(model, ids)  # every block read and expanded again: the same bits

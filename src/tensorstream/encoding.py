@@ -240,6 +240,10 @@ class BlockCodec:
     part, `decode` writes the expanded part (the views the parameters bind), and scratch holds intermediate values.
     For a plain file, compact and expanded are the same bytes (``decode is None``, the region is the data section).
 
+    On the CPU with the ``mmap`` backend, the compact bytes are read from a mapping of the file instead (page cache,
+    not the budget's memory): the region is then ``[expanded | scratch]`` (``mapped_scratch_offset``,
+    ``mapped_region_bytes``).
+
     Attributes:
         tensors: logical name -> `TensorInfo` in the expanded buffer (what the model binds).
         expanded_bytes, compact_offset, scratch_offset, region_bytes: the region's layout, in bytes.
@@ -259,6 +263,7 @@ class BlockCodec:
             self.scratch_offset = _align(header.data_size, _SCRATCH_ALIGNMENT)
             self.scratch_bytes = 0
             self.region_bytes = self.scratch_offset
+            self.mapped_scratch_offset = self.mapped_region_bytes = self.scratch_offset
             self.host_decode = False
             return
         self._parse(raw)
@@ -336,6 +341,9 @@ class BlockCodec:
         self.scratch_offset = _align(self.compact_offset + header.data_size, _SCRATCH_ALIGNMENT)
         self.scratch_bytes = scratch
         self.region_bytes = _align(self.scratch_offset + scratch, _SCRATCH_ALIGNMENT)
+        # expanded straight from a mapping of the file (CPU): the region holds no compact bytes
+        self.mapped_scratch_offset = self.compact_offset
+        self.mapped_region_bytes = _align(self.mapped_scratch_offset + scratch, _SCRATCH_ALIGNMENT)
 
     def _check_parts(
         self,

@@ -123,14 +123,7 @@ class Engine:
         self.plan = plan
         self.device = config.execution_device
         direct_io = config.direct_io
-        backend = choose_backend(config.backend, self.device, store.total_bytes, direct_io=direct_io)
-        if store.kind == "lossless" and self.device.type == "cuda" and backend in ("auto", "kvikio"):
-            if backend == "kvikio":
-                raise ConfigError(
-                    "backend='kvikio' reads straight into GPU memory, but a lossless store's blocks are expanded on "
-                    "the CPU (zstd); use backend='posix' (or 'auto') with this store."
-                )
-            backend = "posix"
+        backend = backend_name(config, store)
         if direct_io is None and backend in ("auto", "posix"):
             from .backends.posix import choose_direct_io
 
@@ -182,9 +175,12 @@ class Engine:
         direct = bool(getattr(self.backend, "reads_device_memory", False))
         #: zero-copy: parameters are views of the backend's mapping of each file (CPU and ``backend="mmap"``);
         #: the arena then holds no memory, it only counts the blocks in flight, and a read populates mapped pages.
-        #: An encoded store's blocks are expanded into the arena, so they are never bound as mapped pages.
-        self.mapped = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False)) and store.kind is None
-        if self.mapped:
+        maps = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False))
+        self.mapped = maps and store.kind is None
+        #: An encoded store's blocks are expanded into the arena, so they are never bound as mapped pages; on CPU
+        #: with the mmap backend they are expanded straight from the mapping (the compact bytes are page cache).
+        self.expand_mapped = maps and store.kind is not None
+        if self.mapped or self.expand_mapped:
             self.backend.keep_mapped = _keep_mapped(store.total_bytes)  # type: ignore[attr-defined]
         self.slots: Any = (
             MappedSlots(plan.arena_bytes) if self.mapped else make_slots(self.device, plan.arena_bytes, direct=direct)
@@ -408,7 +404,7 @@ class Engine:
     def _issue(self, b: int) -> _Load | None:
         """Start reading block ``b`` into a new region of the arena; None when the arena has no room for it now."""
         block = self.blocks[b]
-        slot = self.slots.allocate(block.codec.region_bytes)
+        slot = self.slots.allocate(block_memory(block.codec, self.expand_mapped))
         if slot is None:
             return None
         if block.cached is not None:
@@ -487,7 +483,7 @@ class Engine:
         try:
             if start == 0:
                 self.slots.prepare_read(load.slot)
-            if self.mapped:
+            if self.mapped or self.expand_mapped:
                 n = self.backend.populate(block.handle, block.header.data_offset + start, end - start)  # type: ignore[attr-defined]
             else:
                 at = block.codec.compact_offset  # an encoded block is read behind the room it expands into
@@ -521,7 +517,7 @@ class Engine:
                 if self.verify_checksum or (self.verify_first_read and not block.verified):
                     view = (
                         self._mapped_data(block).numpy().data
-                        if self.mapped
+                        if self.mapped or self.expand_mapped
                         else self.slots.host_view(load.slot, size, block.codec.compact_offset)
                     )
                     actual = data_checksum(view)
@@ -532,7 +528,11 @@ class Engine:
                             f"{repair_hint(self.store.path, sentence=True)}"
                         )
                     block.verified = True
-                self.slots.finish_read(load.slot, size, codec=_codec(block))
+                if self.expand_mapped:
+                    self.slots.expand_from(load.slot, block.codec, self._mapped_data(block))
+                    self.backend.evict(block.handle, block.header.data_offset, size)  # type: ignore[attr-defined]
+                else:
+                    self.slots.finish_read(load.slot, size, codec=_codec(block))
                 with self.stats._lock:
                     self.stats.blocks_loaded += 1
         except BaseException as err:
@@ -657,6 +657,39 @@ def bind_expanded(targets: list[Any], data: torch.Tensor) -> None:
                 data[start:end].view(dtype).view(shape), requires_grad=placeholder.requires_grad
             )
         module._parameters[attr] = made[(start, end)]
+
+
+def backend_name(config: Config, store: Store) -> str:
+    """The backend the engine uses for ``store`` under ``config`` (``"auto"`` resolved where it can be, cheaply).
+
+    A lossless store's blocks are expanded on the CPU (zstd), so on CUDA they are read into host memory: ``"auto"``
+    is the POSIX backend and ``"kvikio"`` (reads into GPU memory) a `ConfigError`.
+    """
+    device = config.execution_device
+    backend = choose_backend(
+        config.backend, device, store.total_bytes, direct_io=config.direct_io, encoded=store.kind is not None
+    )
+    if store.kind == "lossless" and device.type == "cuda" and backend in ("auto", "kvikio"):
+        if backend == "kvikio":
+            raise ConfigError(
+                "backend='kvikio' reads straight into GPU memory, but a lossless store's blocks are expanded on the "
+                "CPU (zstd); use backend='posix' (or 'auto') with this store."
+            )
+        backend = "posix"
+    return backend
+
+
+def block_memory(codec: BlockCodec, expand_mapped: bool) -> int:
+    """Bytes one load of the block takes in the arena: its data for a plain block, else its region (see
+    `BlockCodec`), without the compact bytes when they are expanded straight from a mapping."""
+    if not codec.encoded:
+        return codec.header.data_size
+    return codec.mapped_region_bytes if expand_mapped else codec.region_bytes
+
+
+def expands_from_mapping(config: Config, store: Store) -> bool:
+    """Whether the engine expands ``store``'s blocks straight from mappings of its files (encoded store, CPU, mmap)."""
+    return store.kind is not None and config.execution_device.type == "cpu" and backend_name(config, store) == "mmap"
 
 
 def _codec(block: _Block) -> BlockCodec | None:

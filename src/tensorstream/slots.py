@@ -212,6 +212,16 @@ class HostSlots(Arena):
         if codec is not None:
             _expand(codec, self.buffer, region, nbytes)
 
+    def expand_from(self, region: Region, codec: BlockCodec, compact: torch.Tensor) -> None:
+        """Expand ``compact`` (a mapping of the block's data section) into ``region``, laid out
+        ``[expanded | scratch]``: the CPU zero-copy read of an encoded store (see `BlockCodec`)."""
+        base = region.start
+        codec.decode(
+            compact,
+            self.buffer[base : base + codec.expanded_bytes],
+            self.buffer[base + codec.mapped_scratch_offset : region.end],
+        )
+
     def before_compute(self, region: Region) -> None:
         pass
 

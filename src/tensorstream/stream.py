@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import Config, parse_dtype
-from .engine import Engine, bind_expanded, load_resident_blocks
+from .engine import Engine, bind_expanded, block_memory, expands_from_mapping, load_resident_blocks
 from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
@@ -65,8 +65,10 @@ def plan_for(store: Store, config: Config) -> Plan:
     if budget is None:
         budget = auto_budget_bytes(config.execution_device)
         logger.info("tensorstream: budget_gb not set; using %.2f GB (80%% of free memory)", budget / 1e9)
-    # a block of a quantized or compressed store takes its expanded, compact and scratch bytes in memory
-    blocks = [(entry.name, entry.memory_size or entry.data_size) for entry in store.blocks]
+    # a block of a quantized or compressed store takes its expanded, compact and scratch bytes in memory (without the
+    # compact ones when the CPU expands it straight from a mapping of its file)
+    mapped = expands_from_mapping(config, store)
+    blocks = [(entry.name, block_memory(store.codec(entry), mapped)) for entry in store.blocks]
     host_cache = round(config.host_cache_gb * 1e9)
     device = config.execution_device
     if host_cache and device.type != "cuda":

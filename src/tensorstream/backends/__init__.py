@@ -69,7 +69,9 @@ def get_backend(name: str, device: torch.device, *, direct_io: bool | None = Non
     return backend
 
 
-def choose_backend(name: str, device: torch.device, store_bytes: int, *, direct_io: bool | None = None) -> str:
+def choose_backend(
+    name: str, device: torch.device, store_bytes: int, *, direct_io: bool | None = None, encoded: bool = False
+) -> str:
     """What ``backend=name`` means for a store of ``store_bytes`` on ``device``: ``"auto"`` resolved for CPU.
 
     On a CPU device, ``"auto"`` is ``"mmap"`` (zero-copy: parameters are views of the page cache) when the store
@@ -77,6 +79,11 @@ def choose_backend(name: str, device: torch.device, store_bytes: int, *, direct_
     can populate mappings (``MADV_POPULATE_READ``, Linux >= 5.14); otherwise (a store larger than RAM is read
     cold every pass, and buffered or ``O_DIRECT`` reads into the slots are the disk's speed) it stays ``"auto"``,
     which `get_backend` makes the POSIX backend. Any other name, device, or ``direct_io=True`` is returned as is.
+
+    For an ``encoded`` store (quantized or compressed: its blocks are expanded, never bound as mapped pages),
+    ``"auto"`` on CPU is ``"mmap"`` whatever the store's size: blocks are expanded straight from the mapping, so
+    their compact bytes are page cache (dropped after use unless the store fits in memory) and the arena holds
+    only what the model binds.
 
     Example:
         ```python
@@ -88,7 +95,7 @@ def choose_backend(name: str, device: torch.device, store_bytes: int, *, direct_
         return name
     from .mmap import populate_supported
 
-    if store_bytes <= 0.8 * memory_available() and populate_supported():
+    if (encoded or store_bytes <= 0.8 * memory_available()) and populate_supported():
         return "mmap"
     return name
 
