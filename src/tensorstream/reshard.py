@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import default_storage_path, parse_dtype
-from .encoding import ENCODING_KEY, BlockCodec, encode_tensors, store_kind
+from .encoding import ENCODING_KEY, BlockCodec, encode_tensors, quiet_torchao, store_kind
 from .errors import (
     ConfigError,
     FormatError,
@@ -218,7 +218,8 @@ def quiet_transformers() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     accelerate_logger.setLevel(logging.ERROR)
     try:
-        yield
+        with quiet_torchao():  # transformers imports torchao's quantizer when it is installed: CUDA-only noise
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         accelerate_logger.setLevel(accelerate_level)
@@ -588,7 +589,6 @@ def _write_store(
     kind: str | None = None,
 ) -> None:
     units = find_units(model)
-    unit_kinds = dict(units)
     blocks = [name for name, _ in units]
     block_set = set(blocks)
     owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["", *blocks]}
@@ -621,8 +621,9 @@ def _write_store(
         for done, block in enumerate(["", *blocks]):
             rel = f"blocks/{block}{TS_SUFFIX}" if block else NON_BLOCK_FILE
             path = staging / rel
-            # non-block weights, and modules streamed as units of their own (a head, a tower), stay as they are
-            encoding = kind if block and unit_kinds[block] != "module" else None
+            # non-block weights stay as they are; every streamed unit is encoded (a head streamed on its own too:
+            # at a small budget it is read every step like the blocks)
+            encoding = kind if block else None
             header = _reusable(path, block, encoding)
             nbytes = sum(_nbytes(t) for t in owned[block].values())
             if header is None:

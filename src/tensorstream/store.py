@@ -246,9 +246,7 @@ class Store:
             return cached
         header = self.header(entry)
         codec = BlockCodec(header)
-        # non-block weights and modules streamed as units of their own are always plain
-        units = self.manifest.get("units", [])
-        expected = self.kind if entry.name and entry.name not in units else None
+        expected = self.kind if entry.name else None  # non-block weights are always plain
         if codec.kind != expected or codec.region_bytes != entry.region_bytes:
             raise StaleStoreError(
                 f"{header.path} is a {codec.kind or 'plain'} file of {codec.region_bytes} bytes in memory, but the "
