@@ -198,3 +198,18 @@ def test_reshard_peak_rss_is_bounded_by_about_one_block(tmp_path: Path) -> None:
     bound = figures["largest_block_bytes"] + figures["non_block_bytes"] + 64e6
     assert extra <= bound, figures
     assert extra < 0.6 * figures["model_bytes"], figures
+
+
+def test_a_tensor_the_checkpoint_lacks_and_init_draws_at_random_is_a_typed_error(
+    model_dirs: dict[str, Path], storage: Path
+) -> None:
+    """A head the checkpoint lacks is random in a resident load too: named, never stored as if it were a weight.
+
+    (A tensor transformers rebuilds deterministically, Marian's sinusoidal tables, is stored: test_architectures.)
+    """
+    import transformers
+
+    with pytest.raises(tensorstream.UnsupportedModelError, match=r"score\.weight .*at random"):
+        tensorstream.reshard(
+            model_dirs["llama"], storage, model_class=transformers.LlamaForSequenceClassification, progress=False
+        )

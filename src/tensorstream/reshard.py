@@ -437,7 +437,12 @@ def reshard(
             loader = _offload_loader(model, folder)
 
             def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-                return tensor.detach() if tensor.device.type != "meta" else loader[name]
+                if tensor.device.type != "meta":
+                    return tensor.detach()
+                try:
+                    return loader[name]
+                except KeyError:  # not in the checkpoint (Marian's sinusoidal tables): as transformers builds it
+                    return initialised_tensor(model, name, tensor)
 
             source_info = {
                 "source": str(source),
@@ -535,6 +540,64 @@ def describe_conversion(conversion: Any) -> list[Any]:
         list(conversion.target_patterns),
         getattr(conversion, "scope_prefix", None),
     ]
+
+
+def initialised_tensor(model: nn.Module, name: str, placeholder: torch.Tensor) -> torch.Tensor:
+    """The value transformers gives ``name``, a tensor the checkpoint lacks, when it builds the model resident.
+
+    Some tensors are rebuilt at init and left out of the checkpoint (Marian's sinusoidal position tables, listed in
+    ``_keys_to_ignore_on_save``): a resident ``from_pretrained`` initialises them with the model's own
+    ``_init_weights``, while the disk-offloaded build the reshard reads from leaves them on the meta device. The
+    owning module's init (that of the nearest `PreTrainedModel` around it) is run twice on a fresh CPU tensor,
+    under two different seeds and from two different fillings: a value that comes out the same both times is what
+    the resident model holds, and is stored.
+
+    Raises:
+        `UnsupportedModelError`: the tensor's init is random (or leaves it untouched), so no store can hold what a
+            resident load would give; the message names the tensor.
+
+    Example:
+        ```python
+        >>> initialised_tensor(marian, "model.encoder.embed_positions.weight", placeholder).shape
+        torch.Size([512, 32])
+        ```
+    """
+    from .errors import UnsupportedModelError
+
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    owner: Any = model
+    parts = module_path.split(".") if module_path else []
+    for i in range(len(parts) + 1):  # the innermost sub-model's init handles its own modules (composite models)
+        candidate = model.get_submodule(".".join(parts[:i]))
+        if callable(getattr(candidate, "_init_weights", None)):
+            owner = candidate
+    is_parameter = attr in module._parameters
+    values = []
+    for seed, fill in ((0, 0.0), (1, 1.0)):
+        fresh = torch.full(placeholder.shape, fill, dtype=placeholder.dtype)
+        tensor = nn.Parameter(fresh, requires_grad=placeholder.requires_grad) if is_parameter else fresh
+        slots = module._parameters if is_parameter else module._buffers
+        slots[attr] = tensor
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                owner._init_weights(module)
+        except Exception as err:
+            raise UnsupportedModelError(
+                f"{name} is not in the checkpoint, and initialising it as transformers does failed ({err}); "
+                "reshard a checkpoint that holds it (save_pretrained of the loaded model)."
+            ) from err
+        finally:
+            slots[attr] = placeholder
+        values.append(tensor.detach())
+    if not torch.equal(values[0], values[1]):
+        raise UnsupportedModelError(
+            f"{name} is not in the checkpoint and transformers initialises it at random: a resident load would give "
+            "other values each time, so no store can hold them. Use a checkpoint that holds it (save_pretrained of "
+            "the model after loading it once), or load this model without device_map='tensorstream'."
+        )
+    return values[0]
 
 
 def _offload_loader(model: nn.Module, folder: Path) -> Mapping[str, torch.Tensor]:
