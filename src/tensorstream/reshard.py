@@ -577,7 +577,7 @@ def initialised_tensor(model: nn.Module, name: str, placeholder: torch.Tensor) -
     for seed, fill in ((0, 0.0), (1, 1.0)):
         fresh = torch.full(placeholder.shape, fill, dtype=placeholder.dtype)
         tensor = nn.Parameter(fresh, requires_grad=placeholder.requires_grad) if is_parameter else fresh
-        slots = module._parameters if is_parameter else module._buffers
+        slots: dict[str, Any] = module._parameters if is_parameter else module._buffers
         slots[attr] = tensor
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
