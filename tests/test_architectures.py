@@ -176,6 +176,12 @@ FAMILIES = {
         {**ENCODER, "image_size": 32, "patch_size": 8, "num_labels": 3},
         "image",
     ),
+    "cvt": Family(  # the last stage is most of the model: it streams layer by layer (its layers are the units)
+        "AutoModelForImageClassification",
+        "cvt",
+        {"embed_dim": [8, 16, 32], "num_heads": [1, 2, 4], "depth": [1, 2, 4], "num_labels": 3},
+        "image",
+    ),
     "clip_vision": Family(
         "AutoModel", "clip_vision_model", {**ENCODER, "image_size": 32, "patch_size": 8, "projection_dim": 16}, "image"
     ),

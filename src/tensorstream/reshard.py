@@ -52,7 +52,7 @@ from .errors import (
     TensorStreamError,
 )
 from .format import FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
-from .plan import find_units
+from .plan import find_units, resident_parts
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -707,6 +707,8 @@ def _write_store(
         "blocks": entries[1:],
         # large modules outside the repeated stacks, streamed as units of their own (kept resident first)
         "units": [name for name, kind in units if kind == "module"],
+        # the largest parts outside the units, with why each is not streamed (shown by Plan.describe)
+        "resident_parts": [list(part) for part in resident_parts(model, units)],
     }
     _write_json(staging / MANIFEST_NAME, manifest)
 
