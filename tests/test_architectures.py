@@ -98,6 +98,11 @@ FAMILIES = {
             "decoder_sparse_step": 2,  # layers 1 and 3 are mixtures of experts, 0 and 2 dense: uneven blocks
         },
     ),
+    "granitemoe": Family(  # torch._grouped_mm experts: CPU bits depend on the weights' address modulo 64
+        "AutoModelForCausalLM",
+        "granitemoe",
+        {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
     "jamba": Family(  # hybrid: attention and Mamba decoder layers (two classes) alternate in one stack
         "AutoModelForCausalLM",
         "jamba",

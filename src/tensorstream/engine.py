@@ -54,7 +54,7 @@ from torch import nn
 from .backends import Backend, choose_backend, get_backend
 from .config import Config
 from .errors import CorruptFileError, StaleStoreError, StreamingError, TooManyOpenFilesError
-from .format import TsHeader, aligned_empty, data_checksum, read_data, verify_buffer
+from .format import TsHeader, aligned_empty, aligned_runs, data_checksum, read_data, verify_buffer
 from .plan import Plan
 from .slots import MappedSlots, make_slots
 from .stats import StreamStats
@@ -99,6 +99,9 @@ class _Block:
         #: (submodule, attribute, meta placeholder, tensor start, tensor end, dtype, shape) per parameter.
         self.targets = targets
         self.cached: torch.Tensor | None = None
+        #: (start, end, shift) runs a device copy moves to 64-byte aligned places (`tensorstream.format.aligned_runs`)
+        self.runs = aligned_runs(header)
+        self.shifted = any(shift for _, _, shift in self.runs)
         #: Whether this process has checked the block's data checksum once (see the module docstring).
         self.verified = False
         #: (device, inode, size, mtime) of the file when the engine opened it; `Engine.read_block` re-checks it.
@@ -178,6 +181,9 @@ class Engine:
             MappedSlots(plan.arena_bytes) if self.mapped else make_slots(self.device, plan.arena_bytes, direct=direct)
         )
         self._resources.slots = self.slots
+        #: off the CPU, tensors are bound at 64-byte aligned places (each run moved down by its shift), as a
+        #: device-resident model holds them; on the CPU at the file's phases, as memory-mapped resident tensors are
+        self.realign = self.device.type != "cpu"
         self._load_host_cache(plan.cached)
         self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
         self.request = -(-self.request // 4096) * 4096
@@ -321,8 +327,11 @@ class Engine:
             # exactly as the resident model holds them: a parameter that requires grad makes some models take
             # other kernels (Longformer, LED, FSMT: logits differ in the last bit otherwise)
             views = [
-                nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=placeholder.requires_grad)
-                for _, _, placeholder, start, end, dtype, shape in block.targets
+                nn.Parameter(
+                    buf[start - shift : end - shift].view(dtype).view(shape), requires_grad=placeholder.requires_grad
+                )
+                for _, _, placeholder, start, end, dtype, shape, phase in block.targets
+                for shift in [phase if self.realign else 0]
             ]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
@@ -401,10 +410,17 @@ class Engine:
             return load
         align = self.backend.alignment
         size = -(-block.header.data_size // align) * align
-        starts = list(range(0, size, self.request)) or [0]
-        load = _Load(b, slot, len(starts))
+        if self.slots.direct and block.shifted:  # reads land in device memory: each run at its aligned place
+            chunks = [
+                (start, min(start + self.request, end), shift)
+                for run_start, end, shift in block.runs
+                for start in range(run_start, end, self.request)
+            ]
+        else:
+            chunks = [(start, min(start + self.request, size), 0) for start in range(0, size, self.request) or [0]]
+        load = _Load(b, slot, len(chunks))
         self.pipeline[b] = load
-        self._submit(load, [(self._read, load, block, start, min(start + self.request, size)) for start in starts])
+        self._submit(load, [(self._read, load, block, *chunk) for chunk in chunks])
         return load
 
     def _submit(self, load: _Load, tasks: list[tuple[Any, ...]]) -> None:
@@ -456,7 +472,8 @@ class Engine:
     def _copy_cached(self, load: _Load, block: _Block) -> None:
         try:
             self.slots.prepare_read(load.slot)
-            self.slots.finish_read(load.slot, block.header.data_size, source=block.cached)
+            runs = block.runs if self.realign else None
+            self.slots.finish_read(load.slot, block.header.data_size, source=block.cached, runs=runs)
             with self.stats._lock:
                 self.stats.cache_loads += 1
         except BaseException as err:
@@ -464,16 +481,16 @@ class Engine:
         finally:
             load.done.set()
 
-    def _read(self, load: _Load, block: _Block, start: int, end: int) -> None:
+    def _read(self, load: _Load, block: _Block, start: int, end: int, shift: int) -> None:
         error: BaseException | None = None
         self._busy(+1)
         try:
-            if start == 0:
+            if start == block.runs[0][0] or start == 0:
                 self.slots.prepare_read(load.slot)
             if self.mapped:
                 n = self.backend.populate(block.handle, block.header.data_offset + start, end - start)  # type: ignore[attr-defined]
             else:
-                target = self.slots.read_target(load.slot)[start:end]
+                target = self.slots.read_target(load.slot)[start - shift : end - shift]
                 n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
             expected = min(end, block.header.data_size) - start
             if n < expected:
@@ -501,9 +518,12 @@ class Engine:
             if load.error is None:
                 size = block.header.data_size
                 if self.verify_checksum or (self.verify_first_read and not block.verified):
-                    view = (
-                        self._mapped_data(block).numpy().data if self.mapped else self.slots.host_view(load.slot, size)
-                    )
+                    if self.mapped:
+                        view = self._mapped_data(block).numpy().data
+                    elif self.slots.direct and block.shifted:
+                        view = self._file_layout(load.slot, block)
+                    else:
+                        view = self.slots.host_view(load.slot, size)
                     actual = data_checksum(view)
                     if actual != block.entry.checksum:
                         raise CorruptFileError(
@@ -512,13 +532,21 @@ class Engine:
                             f"{repair_hint(self.store.path, sentence=True)}"
                         )
                     block.verified = True
-                self.slots.finish_read(load.slot, size)
+                self.slots.finish_read(load.slot, size, runs=block.runs if self.realign else None)
                 with self.stats._lock:
                     self.stats.blocks_loaded += 1
         except BaseException as err:
             load.error = err
         finally:
             load.done.set()
+
+    def _file_layout(self, slot: Any, block: _Block) -> memoryview:
+        """The data section as the file holds it, from a direct read that put each run at its aligned place."""
+        host = torch.zeros(block.header.data_size, dtype=torch.uint8)  # fillers are zeros
+        device = self.slots.device_buffer(slot)
+        for start, end, shift in block.runs:
+            host[start:end].copy_(device[start - shift : end - shift])
+        return host.numpy().data.cast("B")
 
     def _busy(self, delta: int) -> None:
         now = time.perf_counter()
@@ -604,7 +632,7 @@ def _identity(info: os.stat_result) -> tuple[int, ...]:
 
 
 def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, str], store: Store) -> list[Any]:
-    """(submodule, attribute, placeholder, start, end, dtype, shape) for each parameter of block ``name``."""
+    """(submodule, attribute, placeholder, start, end, dtype, shape, phase) for each parameter of block ``name``."""
     file = header.path
     targets = []
     for local, param in module.named_parameters(remove_duplicate=False):
@@ -622,5 +650,5 @@ def _targets(name: str, module: nn.Module, header: TsHeader, tied: Mapping[str, 
             )
         submodule_name, _, attr = local.rpartition(".")
         submodule = module.get_submodule(submodule_name)
-        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape))
+        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape, info.phase))
     return targets

@@ -51,7 +51,7 @@ from .errors import (
     StorageFullError,
     TensorStreamError,
 )
-from .format import FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
+from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .plan import find_units, resident_parts
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
@@ -449,7 +449,17 @@ def reshard(
                 "folder": str(folder),
                 "weight_conversions": weight_conversions(model),
             }
-            _write_store(staging, model, get_tensor, fingerprint, cls.__name__, dtype, source_info, progress)
+            _write_store(
+                staging,
+                model,
+                get_tensor,
+                fingerprint,
+                cls.__name__,
+                dtype,
+                source_info,
+                progress,
+                phase_of=_source_phases(loader),
+            )
             for name in ("generation_config.json",):
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, staging / name)
@@ -498,9 +508,25 @@ def reshard_module(
             tensor = tensor.detach()
             return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
+        def phase_of(name: str, tensor: torch.Tensor) -> int:  # where the model's own tensor sits
+            original = state[name]
+            same = original.device.type == "cpu" and original.dtype == tensor.dtype
+            return original.data_ptr() % TENSOR_ALIGNMENT if same else 0
+
+        state = model.state_dict(keep_vars=True)
         source_info = {"source": f"in-memory {type(model).__name__}"}
         with staging_folder(root, fingerprint, source_info["source"], needed_bytes) as staging:
-            _write_store(staging, model, get_tensor, fingerprint, type(model).__name__, dtype, source_info, progress)
+            _write_store(
+                staging,
+                model,
+                get_tensor,
+                fingerprint,
+                type(model).__name__,
+                dtype,
+                source_info,
+                progress,
+                phase_of=phase_of,
+            )
             _publish(staging, final)
     return final
 
@@ -600,6 +626,36 @@ def initialised_tensor(model: nn.Module, name: str, placeholder: torch.Tensor) -
     return values[0]
 
 
+def _source_phases(loader: Mapping[str, torch.Tensor]) -> Callable[[str, torch.Tensor], int]:
+    """Where a resident CPU load puts each tensor, modulo 64: its address phase in the mapped source file.
+
+    transformers binds a tensor it reads from a safetensors file unchanged (same dtype, any name) as a view of the
+    file's memory map, so its address modulo 64 is its offset in the file modulo 64; some CPU kernels give other bits
+    for other alignments (``torch._grouped_mm``, oneDNN convolutions). A tensor transformers converted (fused,
+    cast, or read from a ``.bin`` file) is a fresh allocation, 64-byte aligned: phase 0.
+    """
+    index = getattr(loader, "index", None) or {}
+    headers: dict[str, TsHeader | None] = {}
+
+    def phase_of(name: str, tensor: torch.Tensor) -> int:
+        entry = index.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("safetensors_file"), str):
+            return 0
+        file = entry["safetensors_file"]
+        if file not in headers:
+            try:
+                headers[file] = read_ts_header(file, require_ts=False)
+            except (TensorStreamError, OSError):
+                headers[file] = None
+        header = headers[file]
+        info = None if header is None else header.tensors.get(entry.get("weight_name", name))
+        if header is None or info is None or info.torch_dtype != tensor.dtype:
+            return 0
+        return (header.data_offset + info.start) % TENSOR_ALIGNMENT
+
+    return phase_of
+
+
 def _offload_loader(model: nn.Module, folder: Path) -> Mapping[str, torch.Tensor]:
     for module in model.modules():
         weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
@@ -629,6 +685,8 @@ def _write_store(
     dtype: torch.dtype | None,
     source_info: dict[str, Any],
     progress: bool,
+    *,
+    phase_of: Callable[[str, torch.Tensor], int] | None = None,
 ) -> None:
     units = find_units(model)
     blocks = [name for name, _ in units]
@@ -666,7 +724,9 @@ def _write_store(
             nbytes = sum(_nbytes(t) for t in owned[block].values())
             if header is None:
                 tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
-                header = save_to_ts(tensors, path, block=block)
+                phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
+                phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
+                header = save_to_ts(tensors, path, block=block, phases=phases)
                 del tensors
                 bar.update(nbytes)
             else:  # written by an interrupted run: not part of this run's throughput

@@ -58,6 +58,7 @@ __all__ = [
     "HostSlots",
     "MappedSlots",
     "Region",
+    "copy_runs",
     "make_slots",
 ]
 
@@ -194,7 +195,9 @@ class HostSlots(Arena):
     def host_view(self, region: Region, nbytes: int) -> memoryview:
         return self.view[region.start : region.start + nbytes]
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None, runs: Any = None) -> None:
+        # ``runs`` (see `tensorstream.format.aligned_runs`) is for device copies: on CPU, tensors keep the file's
+        # phases, as the resident model's memory-mapped tensors do
         if source is not None:  # a block from the host cache tier
             self.buffer[region.start : region.start + nbytes].copy_(source[:nbytes])
 
@@ -247,15 +250,15 @@ class CudaSlots(Arena):
         assert self.view is not None
         return self.view[region.start : region.start + nbytes]
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None, runs: Any = None) -> None:
         if self.direct and source is None:
-            return
+            return  # the engine read each run to its aligned place (`Engine._issue`)
         src = self.staging[region.start : region.end] if source is None else source  # type: ignore[index]
         stream = self.copy_stream
         with self.api.device(self.device), self.api.stream(stream):
             for event in region.device_waits:  # the computes that last read this memory have finished
                 stream.wait_event(event)
-            self.buffer[region.start : region.start + nbytes].copy_(src[:nbytes], non_blocking=True)
+            copy_runs(self.buffer, region.start, src, nbytes, runs, non_blocking=True)
             event = self.api.Event()
             event.record(stream)
         region.copied = event
@@ -286,7 +289,7 @@ class GenericSlots(Arena):
         super().__init__(region_bytes(arena_bytes))
         self.host = HostSlots(self.size)
         self.buffer = torch.empty(self.size, dtype=torch.uint8, device=device)
-        self.sources: dict[int, tuple[int, torch.Tensor | None]] = {}
+        self.sources: dict[int, tuple[int, torch.Tensor | None, Any]] = {}
 
     def prepare_read(self, region: Region) -> None:
         pass
@@ -297,13 +300,13 @@ class GenericSlots(Arena):
     def host_view(self, region: Region, nbytes: int) -> memoryview:
         return self.host.host_view(region, nbytes)
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
-        self.sources[id(region)] = (nbytes, source)
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None, runs: Any = None) -> None:
+        self.sources[id(region)] = (nbytes, source, runs)
 
     def before_compute(self, region: Region) -> None:
-        n, source = self.sources.pop(id(region), (0, None))
+        n, source, runs = self.sources.pop(id(region), (0, None, None))
         src = self.host.buffer[region.start : region.end] if source is None else source
-        self.buffer[region.start : region.start + n].copy_(src[:n])
+        copy_runs(self.buffer, region.start, src, n, runs)
 
     def device_buffer(self, region: Region) -> torch.Tensor:
         return self.buffer[region.start : region.end]
@@ -331,7 +334,7 @@ class MappedSlots(Arena):
     def prepare_read(self, region: Region) -> None:
         pass
 
-    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None) -> None:
+    def finish_read(self, region: Region, nbytes: int, source: torch.Tensor | None = None, runs: Any = None) -> None:
         pass
 
     def before_compute(self, region: Region) -> None:
@@ -339,6 +342,21 @@ class MappedSlots(Arena):
 
     def close(self) -> None:
         pass
+
+
+def copy_runs(
+    buffer: torch.Tensor, base: int, src: torch.Tensor, nbytes: int, runs: Any, *, non_blocking: bool = False
+) -> None:
+    """Copy a block's ``nbytes`` from ``src`` into ``buffer`` at ``base``, each run moved down by its shift.
+
+    ``runs`` (`tensorstream.format.aligned_runs`) puts every tensor of a format-2 block at a multiple of 64 on the
+    device, as a device-resident model holds it; ``None`` or no shift: one copy of the whole block.
+    """
+    if not runs or not any(shift for _, _, shift in runs):
+        buffer[base : base + nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
+        return
+    for start, end, shift in runs:
+        buffer[base + start - shift : base + end - shift].copy_(src[start:end], non_blocking=non_blocking)
 
 
 def make_slots(device: torch.device, arena_bytes: int, *, direct: bool = False) -> Any:

@@ -26,6 +26,7 @@ from .errors import ConfigError, NotStreamingError, StaleStoreError, Unsupported
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
 from .reshard import reshard_module
+from .slots import copy_runs
 from .stats import StreamStats
 from .store import Store
 
@@ -235,12 +236,18 @@ def detach(model: nn.Module) -> nn.Module:
     with engine.lock:
         loaded = []
         for block in engine.blocks:  # read everything first: a failure leaves the model streaming, unchanged
-            buffer = engine.read_block(block).to(engine.device)
+            host = engine.read_block(block)
             engine._last_read = None
+            buffer = host
+            if engine.realign:  # on a device, each tensor at a 64-byte aligned place, as the engine binds them
+                buffer = torch.empty(host.numel(), dtype=torch.uint8, device=engine.device)
+                copy_runs(buffer, 0, host, block.header.data_size, block.runs)
             made: dict[tuple[int, int], nn.Parameter] = {}
-            for module, attr, _, start, end, dtype, shape in block.targets:
+            for module, attr, _, start, end, dtype, shape, phase in block.targets:
+                shift = phase if engine.realign else 0
                 if (start, end) not in made:  # tensors tied inside the block stay tied
-                    made[(start, end)] = nn.Parameter(buffer[start:end].view(dtype).view(shape), requires_grad=False)
+                    view = buffer[start - shift : end - shift].view(dtype).view(shape)
+                    made[(start, end)] = nn.Parameter(view, requires_grad=False)
                 loaded.append((module, attr, made[(start, end)]))
         engine.close()
         for module, attr, param in loaded:
