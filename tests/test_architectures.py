@@ -616,6 +616,9 @@ REGISTRY_SUBSET = {
     "funnel": ("masked-lm", "blocks inside a list of lists (containers are never called)"),
     "albert": ("masked-lm", "no repeated stack: large modules stream as units"),
     "rembert": ("masked-lm", "an untied output head larger than the blocks streams as a unit"),
+    "marian": ("seq2seq-lm", "tensors left out of the checkpoint, rebuilt by init: taken from transformers' init"),
+    "granitemoe": ("causal-lm", "torch._grouped_mm bits depend on the weight address mod 64: phases kept (format 2)"),
+    "pp_lcnet": ("image-classification", "convolution bits depend on the weight address mod 64: phases kept"),
 }
 
 

@@ -4,13 +4,15 @@ A ``.ts`` file is a valid safetensors file (any safetensors reader opens it) wit
 
 * the data section starts at a multiple of :data:`DATA_ALIGNMENT` (4096) bytes: the JSON header is padded
   with spaces, which the safetensors format allows;
-* every tensor starts at a multiple of :data:`TENSOR_ALIGNMENT` (64) bytes inside the data section.
+* every tensor starts at its *phase* modulo :data:`TENSOR_ALIGNMENT` (64) inside the data section: 0, or the
+  address phase the tensor had where the store was made from (format 2: a resident CPU model's tensors are
+  views of the memory-mapped checkpoint, and some CPU kernels give other bits at other alignments).
   Tensors whose size is a multiple of 64 bytes come first, in the order given; the rest follow, largest
   item size first; where a gap is still needed, a filler tensor named ``__tensorstream_pad__.<n>`` (``U8``,
   zeros) fills it, because safetensors forbids holes. tensorstream's readers skip fillers;
 * ``__metadata__`` holds ``format`` (``"tensorstream"``), ``format_version``, ``block`` (the module path the
-  file holds, ``""`` for non-block weights) and ``checksum`` (``crc32:<8 hex digits>`` of the whole data
-  section).
+  file holds, ``""`` for non-block weights), ``checksum`` (``crc32:<8 hex digits>`` of the whole data
+  section) and, when a tensor has a non-zero phase, ``phases`` (JSON: tensor name -> phase).
 
 So a block is read with one large request (``O_DIRECT`` or cuFile friendly) into one buffer, and every tensor
 is an aligned view of that buffer. ``docs/format.md`` is the full specification.
