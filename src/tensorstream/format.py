@@ -370,8 +370,12 @@ def parse_ts_header(raw: bytes, *, path: Path, file_size: int, require_ts: bool 
             raise FormatError(f"{path}: data section starts at byte {data_offset}, not a multiple of 4096; {_REPAIR}")
         phases = _parse_phases(metadata.get("phases"), dict(entries), path)
         aligned_end = 0
+        pads = 0
         for name, info in entries:
             if name.startswith(PAD_PREFIX):
+                if name != f"{PAD_PREFIX}{pads}" or info.dtype != "U8":  # as written: numbered in data order
+                    raise FormatError(f"{path}: filler {name!r} is not the U8 filler {PAD_PREFIX}{pads}; {_REPAIR}")
+                pads += 1
                 continue
             phase = phases.get(name, 0)
             if info.start % TENSOR_ALIGNMENT != phase or info.start - phase < aligned_end:
