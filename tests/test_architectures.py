@@ -98,6 +98,11 @@ FAMILIES = {
             "decoder_sparse_step": 2,  # layers 1 and 3 are mixtures of experts, 0 and 2 dense: uneven blocks
         },
     ),
+    "granitemoe": Family(  # torch._grouped_mm experts: CPU bits depend on the weights' address modulo 64
+        "AutoModelForCausalLM",
+        "granitemoe",
+        {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
     "jamba": Family(  # hybrid: attention and Mamba decoder layers (two classes) alternate in one stack
         "AutoModelForCausalLM",
         "jamba",
@@ -151,10 +156,35 @@ FAMILIES = {
         },
         "seq2seq",
     ),
+    "marian": Family(  # sinusoidal position tables rebuilt at init, left out of the checkpoint
+        "AutoModelForSeq2SeqLM",
+        "marian",
+        {
+            "d_model": 32,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 128,
+            "decoder_start_token_id": 0,
+            "forced_eos_token_id": None,
+            **SPECIAL,
+        },
+        "seq2seq",
+    ),
     "vit": Family(
         "AutoModelForImageClassification",
         "vit",
         {**ENCODER, "image_size": 32, "patch_size": 8, "num_labels": 3},
+        "image",
+    ),
+    "cvt": Family(  # the last stage is most of the model: it streams layer by layer (its layers are the units)
+        "AutoModelForImageClassification",
+        "cvt",
+        {"embed_dim": [8, 16, 32], "num_heads": [1, 2, 4], "depth": [1, 2, 4], "num_labels": 3},
         "image",
     ),
     "clip_vision": Family(
@@ -586,6 +616,9 @@ REGISTRY_SUBSET = {
     "funnel": ("masked-lm", "blocks inside a list of lists (containers are never called)"),
     "albert": ("masked-lm", "no repeated stack: large modules stream as units"),
     "rembert": ("masked-lm", "an untied output head larger than the blocks streams as a unit"),
+    "marian": ("seq2seq-lm", "tensors left out of the checkpoint, rebuilt by init: taken from transformers' init"),
+    "granitemoe": ("causal-lm", "torch._grouped_mm bits depend on the weight address mod 64: phases kept (format 2)"),
+    "pp_lcnet": ("image-classification", "convolution bits depend on the weight address mod 64: phases kept"),
 }
 
 

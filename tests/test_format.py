@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -10,7 +11,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tensorstream
-from tensorstream.format import DATA_ALIGNMENT, PAD_PREFIX, TENSOR_ALIGNMENT, read_data, tensor_views, verify_buffer
+from tensorstream import FormatError, load_ts, read_ts_header, save_to_ts
+from tensorstream.format import (
+    DATA_ALIGNMENT,
+    FORMAT_VERSION,
+    PAD_PREFIX,
+    TENSOR_ALIGNMENT,
+    aligned_runs,
+    read_data,
+    tensor_views,
+    verify_buffer,
+)
 
 TENSORS = {
     "a.weight": torch.randn(3, 5),
@@ -163,3 +174,75 @@ def test_plain_safetensors_is_not_a_ts_file(tmp_path: Path) -> None:
     with pytest.raises(tensorstream.FormatError):
         tensorstream.read_ts_header(tmp_path / "x.safetensors")
     assert tensorstream.read_ts_header(tmp_path / "x.safetensors", require_ts=False).tensors["x"].shape == (3,)
+
+
+def test_phases_place_each_tensor_where_the_source_had_it_modulo_64(tmp_path: Path) -> None:
+    """Format 2: a tensor's offset modulo 64 is its recorded phase, and any safetensors reader still opens the file."""
+    tensors = {"a": torch.arange(16.0), "b": torch.arange(6.0), "c": torch.ones(16, dtype=torch.float64)}
+    header = save_to_ts(tensors, tmp_path / "p.ts", phases={"a": 8, "b": 4})
+    parsed = read_ts_header(tmp_path / "p.ts")
+    assert parsed.metadata["format_version"] == str(FORMAT_VERSION) and parsed.data_offset % 4096 == 0
+    assert {name: info.start % 64 for name, info in parsed.tensors.items()} == {"a": 8, "b": 4, "c": 0}
+    assert {name: info.phase for name, info in parsed.tensors.items()} == {"a": 8, "b": 4, "c": 0}
+    assert parsed.tensors == header.tensors
+    loaded = load_file(tmp_path / "p.ts")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    # a device copy moves each run down by its phase: every tensor 64-byte aligned, none overlapping
+    places = []
+    for start, end, shift in aligned_runs(parsed):
+        assert (start - shift) % 64 == 0
+        places.append((start - shift, end - shift))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(places))
+
+
+@pytest.mark.parametrize(
+    "phases",
+    ['{"a":3}', '{"zz":8}', '{"a":64}', "[8]", '{"a":8,"b":"x"}'],
+)
+def test_bad_phases_are_refused(tmp_path: Path, phases: str) -> None:
+    from helpers.attacks import rewrite_header
+
+    save_to_ts({"a": torch.arange(16.0), "b": torch.arange(16.0)}, tmp_path / "p.ts", phases={"a": 8})
+    rewrite_header(tmp_path / "p.ts", lambda h: h["__metadata__"].__setitem__("phases", phases))
+    with pytest.raises(FormatError, match="phase"):
+        read_ts_header(tmp_path / "p.ts")
+
+
+def test_a_tensor_off_its_phase_is_refused(tmp_path: Path) -> None:
+    from helpers.attacks import rewrite_header
+
+    save_to_ts({"a": torch.arange(16.0), "b": torch.arange(16.0)}, tmp_path / "p.ts", phases={"a": 8})
+    rewrite_header(tmp_path / "p.ts", lambda h: h["__metadata__"].pop("phases"))  # a now sits off its phase 0
+    with pytest.raises(FormatError, match="phase 0 modulo 64"):
+        read_ts_header(tmp_path / "p.ts")
+
+
+def test_format_1_files_still_read(tmp_path: Path) -> None:
+    from helpers.attacks import rewrite_header
+
+    save_to_ts({"a": torch.arange(16.0)}, tmp_path / "v1.ts")
+    rewrite_header(tmp_path / "v1.ts", lambda h: h["__metadata__"].__setitem__("format_version", "1"))
+    header = read_ts_header(tmp_path / "v1.ts")
+    assert header.tensors["a"].phase == 0 and torch.equal(load_ts(tmp_path / "v1.ts")["a"], torch.arange(16.0))
+
+
+def test_device_copies_put_every_tensor_at_a_64_byte_aligned_place(tmp_path: Path) -> None:
+    """Off the CPU the pool moves each run down by its phase (as a device-resident model holds tensors aligned)."""
+    from tensorstream.slots import GenericSlots
+
+    tensors = {"a": torch.arange(16.0), "b": torch.arange(6.0), "c": torch.ones(16, dtype=torch.float64)}
+    header = save_to_ts(tensors, tmp_path / "p.ts", phases={"a": 8, "b": 4})
+    host = load_ts(tmp_path / "p.ts")  # views at the file's phases
+    assert host["a"].data_ptr() % 64 == 8
+    pool = GenericSlots(torch.device("cpu"), header.data_size)  # the generic device pool, run on the CPU
+    region = pool.allocate(header.data_size)
+    assert region is not None
+    buffer = torch.empty(header.data_size, dtype=torch.uint8)
+    read_data(header.path, header, buffer)
+    pool.finish_read(region, header.data_size, source=buffer, runs=aligned_runs(header))
+    pool.before_compute(region)
+    device = pool.device_buffer(region)
+    for name, info in header.tensors.items():
+        view = device[info.start - info.phase : info.end - info.phase].view(info.torch_dtype).view(info.shape)
+        assert view.data_ptr() % 64 == 0 and torch.equal(view, tensors[name]), name
+    assert all(torch.equal(tensor_views(buffer, header)[k], v) for k, v in tensors.items())

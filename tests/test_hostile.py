@@ -74,7 +74,14 @@ def _budget(store: Path, which: str) -> float:
 
 def _rename(store: Path, file: str, old: str, new: str) -> None:
     assert len(old) == len(new)
-    rewrite_header(store / file, lambda h: h.__setitem__(new, h.pop(old)))
+
+    def rename(header: dict[str, Any]) -> None:  # consistently: the tensor and its recorded phase (format 2)
+        header[new] = header.pop(old)
+        meta = header.get("__metadata__", {})
+        if "phases" in meta:
+            meta["phases"] = meta["phases"].replace(json.dumps(old), json.dumps(new))
+
+    rewrite_header(store / file, rename)
     edit_json(store / INDEX_NAME, lambda i: i["weight_map"].__setitem__(new, i["weight_map"].pop(old)))
 
 

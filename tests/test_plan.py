@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
+import tensorstream
 from tensorstream import BudgetError, UnsupportedModelError
 from tensorstream.plan import find_blocks, log_plan, make_plan
 
@@ -175,3 +179,57 @@ def test_lower_bound_from_bandwidths() -> None:
     disk, h2d = 1.0, 10.0
     expected = 4 * 4 * MB / 1e9 / disk + 4 * 4 * MB / 1e9 / h2d
     assert plan.lower_bound_seconds(disk, h2d) == pytest.approx(expected)
+
+
+def test_describe_names_the_non_block_parts_and_why_they_stay_resident(
+    model_dirs: dict[str, Path], storage: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Large non-block parts are visible in the logged plan: each by name, size and the reason it is not streamed."""
+    from helpers.models import budgets, streaming
+
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False)
+    with caplog.at_level(logging.INFO, logger="tensorstream.plan"):
+        model = streaming(model_dirs["llama"], storage, budget_gb=budgets(storage)["stream_all"])
+    plan = model._tensorstream_engine.plan
+    parts = {name: why for name, _, why in plan.non_block_parts}
+    assert parts["model.embed_tokens"] == "holds the first parameter (model.device reads it)"
+    assert "lm_head" in parts and "model.norm" in parts
+    assert sum(size for _, size, _ in plan.non_block_parts) <= plan.non_block_bytes
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "not streamed: model.embed_tokens" in logged and "holds the first parameter" in logged
+
+
+def test_describe_names_resident_module_units() -> None:
+    plan = make_plan(
+        10 * MB, [("head", 8 * MB), *blocks(4)], 10 * MB + 8 * MB + 3 * 4 * MB, 2, prefer_resident=["head"]
+    )
+    plan = dataclasses.replace(plan, units=("head",), non_block_parts=(("model.norm", 10 * MB, "tiny"),))
+    text = plan.describe()
+    assert "not streamed: model.norm 0.0105 GB, tiny" in text
+    assert "module unit kept resident before blocks: head (0.00839 GB)" in text
+
+
+def test_a_block_larger_than_all_the_others_streams_layer_by_layer() -> None:
+    """CvT's last stage is most of the model: its own stack of layers (an nn.Sequential) is streamed instead."""
+
+    class Stage(nn.Module):
+        def __init__(self, width: int, depth: int) -> None:
+            super().__init__()
+            self.embedding = nn.Linear(width, width)
+            self.cls_token = nn.Parameter(torch.zeros(width))
+            self.layers = nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
+
+    net = nn.Module()
+    net.stem = nn.Linear(4, 4)
+    net.stages = nn.ModuleList([Stage(4, 1), Stage(8, 1), Stage(32, 4)])
+    # the stage's embedding, as large as a layer, is a module unit of its own; its cls_token is non-block
+    assert find_blocks(net) == [
+        "stages.0",
+        "stages.1",
+        "stages.2.embedding",
+        *(f"stages.2.layers.{i}" for i in range(4)),
+    ]
+    even = nn.Module()
+    even.stem = nn.Linear(4, 4)
+    even.stages = nn.ModuleList([Stage(8, 2), Stage(8, 2)])  # no block is larger than the others together
+    assert find_blocks(even) == ["stages.0", "stages.1"]

@@ -29,7 +29,7 @@ import tensorstream
 from helpers.attacks import edit_json, rewrite_header
 from helpers.models import budgets, streaming
 from tensorstream.cli import main as cli
-from tensorstream.format import read_ts_header
+from tensorstream.format import FORMAT_VERSION, read_ts_header
 from tensorstream.store import INDEX_NAME, MANIFEST_NAME, Store
 
 NON_BLOCK = "non_block.ts.safetensors"
@@ -197,13 +197,15 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], type[Exception], str, str]] = {
         "checksum, block name",
     ),
     "newer .ts format": (
-        lambda s: rewrite_header(s / BLOCK.format(2), lambda h: h["__metadata__"].update(format_version="2")),
+        lambda s: rewrite_header(
+            s / BLOCK.format(2), lambda h: h["__metadata__"].update(format_version=str(FORMAT_VERSION + 1))
+        ),
         tensorstream.FormatError,
         "2",
         "pip install -U tensorstream",
     ),
     "newer manifest": (
-        lambda s: edit_json(s / MANIFEST_NAME, lambda m: m.update(format_version=2)),
+        lambda s: edit_json(s / MANIFEST_NAME, lambda m: m.update(format_version=FORMAT_VERSION + 1)),
         tensorstream.FormatError,
         MANIFEST_NAME,
         "pip install -U tensorstream",

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tensorstream
-from tensorstream.format import DATA_ALIGNMENT, TENSOR_ALIGNMENT
+from tensorstream.format import DATA_ALIGNMENT, FORMAT_VERSION, TENSOR_ALIGNMENT
 from tensorstream.store import MANIFEST_NAME, Store
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -59,7 +59,7 @@ def test_store_layout_and_manifest(model_dirs: dict[str, Path], storage: Path) -
     store = Store.open(path)
     assert [b.name for b in store.blocks] == [f"model.layers.{i}" for i in range(6)]
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    assert manifest["format_version"] == 1 and manifest["model_class"] == "LlamaForCausalLM"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["model_class"] == "LlamaForCausalLM"
     assert manifest["fingerprint"] == path.name and manifest["total_bytes"] == store.total_bytes
     assert all(set(b) >= {"name", "file", "data_size", "checksum", "dtypes"} for b in manifest["blocks"])
     assert (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file()
@@ -68,12 +68,17 @@ def test_store_layout_and_manifest(model_dirs: dict[str, Path], storage: Path) -
     assert not [p for p in storage.iterdir() if p.name.endswith(".partial")]
 
 
-def test_every_tensor_offset_is_aligned(model_dirs: dict[str, Path], storage: Path) -> None:
+def test_every_tensor_offset_keeps_the_source_phase(model_dirs: dict[str, Path], storage: Path) -> None:
+    """Each tensor sits at the offset modulo 64 it has in the source file: where a resident CPU load maps it."""
     store = Store.open(tensorstream.reshard(model_dirs["gpt2"], storage, progress=False))
+    source = tensorstream.read_ts_header(model_dirs["gpt2"] / "model.safetensors", require_ts=False)
+    phases = {name: (source.data_offset + info.start) % TENSOR_ALIGNMENT for name, info in source.tensors.items()}
+    assert any(phases.values())  # safetensors aligns its header to 8 bytes only
     for entry in store.entries():
         header = store.header(entry)
         assert header.data_offset % DATA_ALIGNMENT == 0
-        assert all(info.start % TENSOR_ALIGNMENT == 0 for info in header.tensors.values())
+        for name, info in header.tensors.items():
+            assert info.start % TENSOR_ALIGNMENT == info.phase == phases.get(name, 0), name
 
 
 def test_second_call_does_nothing_and_says_so(
@@ -133,11 +138,11 @@ def test_interrupted_reshard_resumes(
     real_save = reshard_module.save_to_ts
     written: list[str] = []
 
-    def failing_save(tensors, path, metadata=None, *, block=""):  # type: ignore[no-untyped-def]
+    def failing_save(tensors, path, metadata=None, *, block="", phases=None):  # type: ignore[no-untyped-def]
         if len(written) == 3:
             raise KeyboardInterrupt  # as if the process were stopped after three files
         written.append(block)
-        return real_save(tensors, path, metadata, block=block)
+        return real_save(tensors, path, metadata, block=block, phases=phases)
 
     monkeypatch.setattr(reshard_module, "save_to_ts", failing_save)
     with pytest.raises(KeyboardInterrupt):
@@ -198,3 +203,18 @@ def test_reshard_peak_rss_is_bounded_by_about_one_block(tmp_path: Path) -> None:
     bound = figures["largest_block_bytes"] + figures["non_block_bytes"] + 64e6
     assert extra <= bound, figures
     assert extra < 0.6 * figures["model_bytes"], figures
+
+
+def test_a_tensor_the_checkpoint_lacks_and_init_draws_at_random_is_a_typed_error(
+    model_dirs: dict[str, Path], storage: Path
+) -> None:
+    """A head the checkpoint lacks is random in a resident load too: named, never stored as if it were a weight.
+
+    (A tensor transformers rebuilds deterministically, Marian's sinusoidal tables, is stored: test_architectures.)
+    """
+    import transformers
+
+    with pytest.raises(tensorstream.UnsupportedModelError, match=r"score\.weight .*at random"):
+        tensorstream.reshard(
+            model_dirs["llama"], storage, model_class=transformers.LlamaForSequenceClassification, progress=False
+        )

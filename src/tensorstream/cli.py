@@ -197,7 +197,7 @@ def _rows(store_path: Path, checksum: bool) -> tuple[Any, list[dict[str, Any]]]:
     for entry in store.entries():
         header = store.header(entry)
         aligned = header.data_offset % DATA_ALIGNMENT == 0 and all(
-            info.start % TENSOR_ALIGNMENT == 0 for info in header.tensors.values()
+            info.start % TENSOR_ALIGNMENT == info.phase for info in header.tensors.values()
         )
         error = _check_data(store, entry) if checksum else None
         rows.append(

@@ -40,7 +40,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,13 +180,15 @@ def _compress(tensor: torch.Tensor, level: int = ZSTD_LEVEL) -> dict[str, torch.
 
 
 def encode_tensors(
-    tensors: Mapping[str, torch.Tensor], kind: str, *, dtype_of: Callable[[torch.Tensor], torch.dtype] | None = None
+    tensors: Mapping[str, torch.Tensor], kind: str, *, phases: Mapping[str, int] | None = None
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The entries a ``.ts`` file of store kind ``kind`` holds for ``tensors``, and its ``encoding`` metadata.
 
     Args:
         tensors: name -> tensor, one block's tensors (any device; each is moved to CPU while it is encoded).
         kind: ``"int8"``, ``"int4"`` or ``"lossless"``.
+        phases: name -> the address phase (mod 64) the tensor had in its source (`tensorstream.save_to_ts`); an
+            encoded tensor's is recorded in the encoding, so that the CPU expands it at that phase.
 
     Returns:
         (entries, metadata): the tensors to write with `tensorstream.save_to_ts` and the JSON string to store under
@@ -211,6 +213,9 @@ def encode_tensors(
         if parts is None:
             stored[name] = tensor
             continue
+        phase = (phases or {}).get(name, 0)
+        if phase:
+            entry["phase"] = phase
         described[name] = entry
         for part, value in parts.items():
             stored[_part(name, part)] = value
@@ -253,8 +258,11 @@ class BlockCodec:
         host_decode: expansion runs on the CPU (zstd), so on a GPU the expanded bytes are what is copied.
     """
 
-    def __init__(self, header: TsHeader) -> None:
+    def __init__(self, header: TsHeader, *, phased: bool = True) -> None:
         self.header = header
+        #: tensors at their source address phases (the CPU's layout) or all 64-byte aligned (a device's); both
+        #: layouts take the same bytes
+        self.phased = phased
         raw = header.metadata.get(ENCODING_KEY)
         self.kind: str | None = None
         self.steps: list[_Step] = []
@@ -290,7 +298,7 @@ class BlockCodec:
         self.host_decode = kind == "lossless"
         described: dict[str, Any] = meta["tensors"]
         claimed: set[str] = set()
-        encoded: dict[str, tuple[str, tuple[int, ...], dict[str, TensorInfo], int]] = {}
+        encoded: dict[str, tuple[str, tuple[int, ...], dict[str, TensorInfo], int, int]] = {}
         scratch = 0
         for name, entry in described.items():
             if not isinstance(entry, dict) or entry.get("as") != kind:
@@ -305,6 +313,10 @@ class BlockCodec:
                 raise self._fail(f"encoding of {name!r} has an invalid dtype or shape")
             if name in header.tensors:
                 raise self._fail(f"{name!r} is both a plain entry and an encoded one")
+            phase = entry.get("phase", 0)
+            itemsize = DTYPES[dtype].itemsize
+            if type(phase) is not int or not 0 <= phase < TENSOR_ALIGNMENT or phase % itemsize:
+                raise self._fail(f"encoding of {name!r} has phase {phase!r}, not a multiple of {itemsize} below 64")
             parts = {}
             for part in _PARTS[kind]:
                 info = header.tensors.get(_part(name, part))
@@ -315,7 +327,7 @@ class BlockCodec:
             numel = math.prod(shape)
             group = self._check_parts(name, kind, entry, DTYPES[dtype], tuple(shape), numel, parts)
             scratch = max(scratch, numel // 2 if kind == "int4" else numel if kind == "lossless" else 0)
-            encoded[name] = (dtype, tuple(shape), parts, group)
+            encoded[name] = (dtype, tuple(shape), parts, group, phase)
         suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
         for name in header.tensors:
             if name not in claimed and name.endswith(suffixes):
@@ -329,15 +341,16 @@ class BlockCodec:
         self.tensors = {}
         for name in sorted(first, key=first.__getitem__):
             if name in encoded:
-                dtype, shape, parts, group = encoded[name]
+                dtype, shape, parts, group, phase = encoded[name]
             else:
                 plain = header.tensors[name]
-                dtype, shape, parts, group = plain.dtype, plain.shape, {"data": plain}, 0
-            offset = _align(offset, TENSOR_ALIGNMENT)
-            info = TensorInfo(dtype, shape, offset, offset + math.prod(shape) * DTYPES[dtype].itemsize)
+                dtype, shape, parts, group, phase = plain.dtype, plain.shape, {"data": plain}, 0, plain.phase
+            nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+            start = offset + (phase if self.phased else 0)
+            info = TensorInfo(dtype, shape, start, start + nbytes, start % TENSOR_ALIGNMENT)
             self.tensors[name] = info
             self.steps.append(_Step(name, kind if name in encoded else "copy", info, parts, group))
-            offset = info.end
+            offset = _align(offset + (TENSOR_ALIGNMENT if phase else 0) + nbytes, TENSOR_ALIGNMENT)
         self.expanded_bytes = offset
         self.compact_offset = _align(offset, _SCRATCH_ALIGNMENT)
         self.scratch_offset = _align(self.compact_offset + header.data_size, _SCRATCH_ALIGNMENT)

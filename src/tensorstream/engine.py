@@ -55,9 +55,9 @@ from .backends import Backend, choose_backend, get_backend
 from .config import Config
 from .encoding import BlockCodec
 from .errors import ConfigError, CorruptFileError, StaleStoreError, StreamingError, TooManyOpenFilesError
-from .format import aligned_empty, data_checksum, read_data, verify_buffer
+from .format import aligned_empty, aligned_runs, data_checksum, read_data, verify_buffer
 from .plan import Plan
-from .slots import MappedSlots, make_slots
+from .slots import MappedSlots, copy_runs, make_slots
 from .stats import StreamStats
 from .store import BlockEntry, Store, repair_hint
 
@@ -102,6 +102,10 @@ class _Block:
         #: (submodule, attribute, meta placeholder, start, end, dtype, shape) per parameter (expanded layout).
         self.targets = targets
         self.cached: torch.Tensor | None = None
+        #: (start, end, shift) runs a device copy moves to 64-byte aligned places (`tensorstream.format.aligned_runs`);
+        #: an encoded block is expanded into its device layout instead (one run, no shift)
+        self.runs = [(0, codec.header.data_size, 0)] if codec.encoded else aligned_runs(codec.header)
+        self.shifted = any(shift for _, _, shift in self.runs)
         #: Whether this process has checked the block's data checksum once (see the module docstring).
         self.verified = False
         #: (device, inode, size, mtime) of the file when the engine opened it; `Engine.read_block` re-checks it.
@@ -166,7 +170,7 @@ class Engine:
     ) -> None:
         for name in plan.streamed:
             entry = entries[name]
-            codec = store.codec(entry)
+            codec = device_codec(store, entry, self.device)
             targets = _targets(name, modules[name], codec, tied, store)
             handle = _open_block(self.backend, store.file(entry), len(plan.streamed))
             self._resources.handles.append(handle)
@@ -186,6 +190,9 @@ class Engine:
             MappedSlots(plan.arena_bytes) if self.mapped else make_slots(self.device, plan.arena_bytes, direct=direct)
         )
         self._resources.slots = self.slots
+        #: off the CPU, tensors are bound at 64-byte aligned places (each run moved down by its shift), as a
+        #: device-resident model holds them; on the CPU at the file's phases, as memory-mapped resident tensors are
+        self.realign = self.device.type != "cpu"
         self._load_host_cache(plan.cached)
         self.request = min(max(MIN_REQUEST, plan.slot_bytes // max(config.io_threads, 1)), MAX_REQUEST)
         self.request = -(-self.request // 4096) * 4096
@@ -251,7 +258,14 @@ class Engine:
         if self.verify_first_read:
             verify_buffer(block.header, buffer)
         if device is not None:
-            return block.codec.expand(buffer.to(device))
+            if block.codec.encoded:
+                return block.codec.expand(buffer.to(device))
+            if not self.realign:
+                return buffer.to(device)
+            # off the CPU, each tensor at a 64-byte aligned place, as the engine binds them (`bind_expanded`)
+            placed = torch.empty(buffer.numel(), dtype=torch.uint8, device=device)
+            copy_runs(placed, 0, buffer, block.header.data_size, block.runs)
+            return placed
         buffer = block.codec.expand(buffer)
         self._last_read = (block, buffer)
         return buffer
@@ -334,8 +348,11 @@ class Engine:
             # exactly as the resident model holds them: a parameter that requires grad makes some models take
             # other kernels (Longformer, LED, FSMT: logits differ in the last bit otherwise)
             views = [
-                nn.Parameter(buf[start:end].view(dtype).view(shape), requires_grad=placeholder.requires_grad)
-                for _, _, placeholder, start, end, dtype, shape in block.targets
+                nn.Parameter(
+                    buf[start - shift : end - shift].view(dtype).view(shape), requires_grad=placeholder.requires_grad
+                )
+                for _, _, placeholder, start, end, dtype, shape, phase in block.targets
+                for shift in [phase if self.realign else 0]
             ]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
@@ -414,10 +431,17 @@ class Engine:
             return load
         align = self.backend.alignment
         size = -(-block.header.data_size // align) * align
-        starts = list(range(0, size, self.request)) or [0]
-        load = _Load(b, slot, len(starts))
+        if self.slots.direct and block.shifted:  # reads land in device memory: each run at its aligned place
+            chunks = [
+                (start, min(start + self.request, end), shift)
+                for run_start, end, shift in block.runs
+                for start in range(run_start, end, self.request)
+            ]
+        else:
+            chunks = [(start, min(start + self.request, size), 0) for start in range(0, size, self.request) or [0]]
+        load = _Load(b, slot, len(chunks))
         self.pipeline[b] = load
-        self._submit(load, [(self._read, load, block, start, min(start + self.request, size)) for start in starts])
+        self._submit(load, [(self._read, load, block, *chunk) for chunk in chunks])
         return load
 
     def _submit(self, load: _Load, tasks: list[tuple[Any, ...]]) -> None:
@@ -469,7 +493,10 @@ class Engine:
     def _copy_cached(self, load: _Load, block: _Block) -> None:
         try:
             self.slots.prepare_read(load.slot)
-            self.slots.finish_read(load.slot, block.header.data_size, source=block.cached, codec=_codec(block))
+            runs = block.runs if self.realign else None
+            self.slots.finish_read(
+                load.slot, block.header.data_size, source=block.cached, codec=_codec(block), runs=runs
+            )
             with self.stats._lock:
                 self.stats.cache_loads += 1
         except BaseException as err:
@@ -477,17 +504,17 @@ class Engine:
         finally:
             load.done.set()
 
-    def _read(self, load: _Load, block: _Block, start: int, end: int) -> None:
+    def _read(self, load: _Load, block: _Block, start: int, end: int, shift: int) -> None:
         error: BaseException | None = None
         self._busy(+1)
         try:
-            if start == 0:
+            if start == block.runs[0][0] or start == 0:
                 self.slots.prepare_read(load.slot)
             if self.mapped or self.expand_mapped:
                 n = self.backend.populate(block.handle, block.header.data_offset + start, end - start)  # type: ignore[attr-defined]
             else:
                 at = block.codec.compact_offset  # an encoded block is read behind the room it expands into
-                target = self.slots.read_target(load.slot)[at + start : at + end]
+                target = self.slots.read_target(load.slot)[at + start - shift : at + end - shift]
                 n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
             expected = min(end, block.header.data_size) - start
             if n < expected:
@@ -515,11 +542,12 @@ class Engine:
             if load.error is None:
                 size = block.header.data_size
                 if self.verify_checksum or (self.verify_first_read and not block.verified):
-                    view = (
-                        self._mapped_data(block).numpy().data
-                        if self.mapped or self.expand_mapped
-                        else self.slots.host_view(load.slot, size, block.codec.compact_offset)
-                    )
+                    if self.mapped or self.expand_mapped:
+                        view = self._mapped_data(block).numpy().data
+                    elif self.slots.direct and block.shifted:
+                        view = self._file_layout(load.slot, block)
+                    else:
+                        view = self.slots.host_view(load.slot, size, block.codec.compact_offset)
                     actual = data_checksum(view)
                     if actual != block.entry.checksum:
                         raise CorruptFileError(
@@ -532,13 +560,22 @@ class Engine:
                     self.slots.expand_from(load.slot, block.codec, self._mapped_data(block))
                     self.backend.evict(block.handle, block.header.data_offset, size)  # type: ignore[attr-defined]
                 else:
-                    self.slots.finish_read(load.slot, size, codec=_codec(block))
+                    runs = block.runs if self.realign else None
+                    self.slots.finish_read(load.slot, size, codec=_codec(block), runs=runs)
                 with self.stats._lock:
                     self.stats.blocks_loaded += 1
         except BaseException as err:
             load.error = err
         finally:
             load.done.set()
+
+    def _file_layout(self, slot: Any, block: _Block) -> memoryview:
+        """The data section as the file holds it, from a direct read that put each run at its aligned place."""
+        host = torch.zeros(block.header.data_size, dtype=torch.uint8)  # fillers are zeros
+        device = self.slots.device_buffer(slot)
+        for start, end, shift in block.runs:
+            host[start:end].copy_(device[start - shift : end - shift])
+        return host.numpy().data.cast("B")
 
     def _busy(self, delta: int) -> None:
         now = time.perf_counter()
@@ -639,7 +676,7 @@ def load_resident_blocks(
     tied = store.manifest.get("tied", {})
     for name in names:
         entry = entries[name]
-        codec = store.codec(entry)
+        codec = device_codec(store, entry, device)
         targets = _targets(name, modules[name], codec, tied, store)
         buffer = aligned_empty(codec.header.data_size)
         read_data(store.file(entry), codec.header, buffer)
@@ -648,13 +685,15 @@ def load_resident_blocks(
         bind_expanded(targets, codec.expand(buffer.to(device)))
 
 
-def bind_expanded(targets: list[Any], data: torch.Tensor) -> None:
-    """Bind every target parameter to a view of ``data`` (a block's expanded bytes); tied tensors stay tied."""
+def bind_expanded(targets: list[Any], data: torch.Tensor, realigned: bool = False) -> None:
+    """Bind every target parameter to a view of ``data`` (a block's bytes as `Engine.read_block` gives them, each
+    tensor moved down by its phase when ``realigned``); tied tensors stay tied."""
     made: dict[tuple[int, int], nn.Parameter] = {}
-    for module, attr, placeholder, start, end, dtype, shape in targets:
+    for module, attr, placeholder, start, end, dtype, shape, phase in targets:
+        shift = phase if realigned else 0
         if (start, end) not in made:
             made[(start, end)] = nn.Parameter(
-                data[start:end].view(dtype).view(shape), requires_grad=placeholder.requires_grad
+                data[start - shift : end - shift].view(dtype).view(shape), requires_grad=placeholder.requires_grad
             )
         module._parameters[attr] = made[(start, end)]
 
@@ -679,6 +718,16 @@ def backend_name(config: Config, store: Store) -> str:
     return backend
 
 
+def device_codec(store: Store, entry: BlockEntry, device: torch.device) -> BlockCodec:
+    """``entry``'s codec, laying an encoded block out for ``device``: each tensor at its source address phase on the
+    CPU (as the memory-mapped resident model holds it), 64-byte aligned elsewhere (as a device copy is). Both
+    layouts take the same bytes, so the plan made from `Store.codec` holds either."""
+    codec = store.codec(entry)
+    if device.type == "cpu" or not codec.encoded:
+        return codec
+    return BlockCodec(codec.header, phased=False)
+
+
 def block_memory(codec: BlockCodec, expand_mapped: bool) -> int:
     """Bytes one load of the block takes in the arena: its data for a plain block, else its region (see
     `BlockCodec`), without the compact bytes when they are expanded straight from a mapping."""
@@ -698,7 +747,11 @@ def _codec(block: _Block) -> BlockCodec | None:
 
 
 def _targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping[str, str], store: Store) -> list[Any]:
-    """(submodule, attribute, placeholder, start, end, dtype, shape) for each parameter of block ``name``."""
+    """(submodule, attribute, placeholder, start, end, dtype, shape, phase) for each parameter of block ``name``.
+
+    ``phase`` is the shift a device copy removes (`tensorstream.format.aligned_runs`): the file's for a plain block,
+    0 for an encoded one (its codec lays the tensors out for the device already).
+    """
     file = codec.header.path
     targets = []
     for local, param in module.named_parameters(remove_duplicate=False):
@@ -716,5 +769,6 @@ def _targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping[str,
             )
         submodule_name, _, attr = local.rpartition(".")
         submodule = module.get_submodule(submodule_name)
-        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape))
+        phase = 0 if codec.encoded else info.phase
+        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape, phase))
     return targets

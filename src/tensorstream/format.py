@@ -4,13 +4,15 @@ A ``.ts`` file is a valid safetensors file (any safetensors reader opens it) wit
 
 * the data section starts at a multiple of :data:`DATA_ALIGNMENT` (4096) bytes: the JSON header is padded
   with spaces, which the safetensors format allows;
-* every tensor starts at a multiple of :data:`TENSOR_ALIGNMENT` (64) bytes inside the data section.
+* every tensor starts at its *phase* modulo :data:`TENSOR_ALIGNMENT` (64) inside the data section: 0, or the
+  address phase the tensor had where the store was made from (format 2: a resident CPU model's tensors are
+  views of the memory-mapped checkpoint, and some CPU kernels give other bits at other alignments).
   Tensors whose size is a multiple of 64 bytes come first, in the order given; the rest follow, largest
   item size first; where a gap is still needed, a filler tensor named ``__tensorstream_pad__.<n>`` (``U8``,
   zeros) fills it, because safetensors forbids holes. tensorstream's readers skip fillers;
 * ``__metadata__`` holds ``format`` (``"tensorstream"``), ``format_version``, ``block`` (the module path the
-  file holds, ``""`` for non-block weights) and ``checksum`` (``crc32:<8 hex digits>`` of the whole data
-  section).
+  file holds, ``""`` for non-block weights), ``checksum`` (``crc32:<8 hex digits>`` of the whole data
+  section) and, when a tensor has a non-zero phase, ``phases`` (JSON: tensor name -> phase).
 
 So a block is read with one large request (``O_DIRECT`` or cuFile friendly) into one buffer, and every tensor
 is an aligned view of that buffer. ``docs/format.md`` is the full specification.
@@ -23,7 +25,7 @@ import os
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,13 +47,13 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tensorstream"
-#: The version of a plain ``.ts`` file (and of a plain store's manifest).
-FORMAT_VERSION = 1
-#: The version of a file whose ``__metadata__`` holds an ``encoding`` (a quantized or compressed store; see
-#: `tensorstream.encoding`): a tensorstream that reads only version 1 refuses it instead of misreading it.
+#: The version this tensorstream writes: 2 adds per-tensor address phases (``phases``) and encoded blocks
+#: (``encoding``: a quantized or compressed store, see `tensorstream.encoding`) to version 1.
+FORMAT_VERSION = 2
+#: The lowest version a file with an ``encoding`` may have (a version 1 reader would misread it).
 ENCODED_FORMAT_VERSION = 2
 #: The newest version this tensorstream reads.
-MAX_FORMAT_VERSION = ENCODED_FORMAT_VERSION
+MAX_FORMAT_VERSION = FORMAT_VERSION
 DATA_ALIGNMENT = 4096
 TENSOR_ALIGNMENT = 64
 #: The safetensors cap on the JSON header; anything larger is rejected before it is read.
@@ -93,6 +95,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    #: ``start % 64``: the address phase the tensor had where the store was made from (format 2, see `save_to_ts`).
+    phase: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -154,17 +158,26 @@ def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data.cast("B")
 
 
-def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...], int, int]]:
-    """(name, dtype code, shape, start, end) for tensors and fillers, in data order, every start aligned."""
+def _layout(
+    tensors: Mapping[str, torch.Tensor], phases: Mapping[str, int]
+) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """(name, dtype code, shape, start, end) for tensors and fillers, in data order.
+
+    Every tensor starts at its phase modulo 64 (0 unless ``phases`` says otherwise), and ``start - phase`` (the
+    64-byte aligned place a device copy moves it to) is past the previous tensor's aligned place.
+    """
     first = [name for name, t in tensors.items() if (t.numel() * t.element_size()) % TENSOR_ALIGNMENT == 0]
     rest = [name for name in tensors if name not in set(first)]
     rest.sort(key=lambda name: -tensors[name].element_size())  # stable: keeps order among equal item sizes
     layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
     offset = 0
+    aligned_end = 0
     pads = 0
     for name in first + rest:
         t = tensors[name]
-        gap = _align(offset, TENSOR_ALIGNMENT) - offset
+        phase = phases.get(name, 0)
+        start = max(_align(offset - phase, TENSOR_ALIGNMENT), _align(aligned_end, TENSOR_ALIGNMENT)) + phase
+        gap = start - offset
         if gap:
             layout.append((f"{PAD_PREFIX}{pads}", "U8", (gap,), offset, offset + gap))
             pads += 1
@@ -172,6 +185,7 @@ def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[i
         nbytes = t.numel() * t.element_size()
         layout.append((name, DTYPE_CODES[t.dtype], tuple(t.shape), offset, offset + nbytes))
         offset += nbytes
+        aligned_end = offset - phase
     return layout
 
 
@@ -181,6 +195,7 @@ def save_to_ts(
     metadata: Mapping[str, str] | None = None,
     *,
     block: str = "",
+    phases: Mapping[str, int] | None = None,
 ) -> TsHeader:
     """Write tensors to a ``.ts`` file, atomically (a temporary file, fsync, then rename).
 
@@ -194,6 +209,11 @@ def save_to_ts(
             are reserved.
         block (`str`, *optional*):
             The module path the file holds (``"model.layers.3"``), ``""`` for non-block weights.
+        phases (`Mapping[str, int]`, *optional*):
+            Tensor name -> address phase (``0 <= phase < 64``, a multiple of the item size): the tensor starts at
+            that offset modulo 64, so a CPU view of it sits at the same address modulo 64 as the tensor the store
+            was made from (some CPU kernels give other bits for other alignments). Recorded in ``__metadata__``
+            as ``phases``; omitted tensors are 64-byte aligned. See ``docs/format.md``.
 
     Returns:
         `TsHeader`: the header of the written file.
@@ -208,7 +228,7 @@ def save_to_ts(
     """
     path = Path(path)
     metadata = dict(metadata or {})
-    reserved = {"format", "format_version", "block", "checksum"} & set(metadata)
+    reserved = {"format", "format_version", "block", "checksum", "phases"} & set(metadata)
     if reserved:
         raise FormatError(f"save_to_ts({path}): metadata keys {sorted(reserved)} are reserved by the .ts format.")
     for key, value in metadata.items():
@@ -226,7 +246,13 @@ def save_to_ts(
             raise FormatError(f"save_to_ts({path}): {name!r} has dtype {tensor.dtype}, which safetensors cannot hold.")
         cpu[name] = tensor.detach().to("cpu").contiguous()
 
-    layout = _layout(cpu)
+    phases = {name: phase for name, phase in (phases or {}).items() if phase}
+    for name, phase in phases.items():
+        if name not in cpu or type(phase) is not int or not 0 < phase < TENSOR_ALIGNMENT or phase % cpu[name].itemsize:
+            raise FormatError(
+                f"save_to_ts({path}): phase {phase!r} of {name!r} is not a multiple of its item size below 64."
+            )
+    layout = _layout(cpu, phases)
     views = [
         _as_bytes_view(cpu[name]) if not name.startswith(PAD_PREFIX) else bytes(end - start)
         for name, _, _, start, end in layout
@@ -235,10 +261,12 @@ def save_to_ts(
     meta = {
         **metadata,
         "format": FORMAT_NAME,
-        "format_version": str(ENCODED_FORMAT_VERSION if "encoding" in metadata else FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION),
         "block": block,
         "checksum": data_checksum([memoryview(v) for v in views]),
     }
+    if phases:
+        meta["phases"] = json.dumps(dict(sorted(phases.items())), separators=(",", ":"))
     header: dict[str, object] = {"__metadata__": meta}
     for name, code, shape, start, end in layout:
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [start, end]}
@@ -260,7 +288,9 @@ def save_to_ts(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    infos = {n: TensorInfo(c, s, a, b) for n, c, s, a, b in layout if not n.startswith(PAD_PREFIX)}
+    infos = {
+        n: TensorInfo(c, s, a, b, a % TENSOR_ALIGNMENT) for n, c, s, a, b in layout if not n.startswith(PAD_PREFIX)
+    }
     return TsHeader(path=path, data_offset=8 + header_len, data_size=data_size, tensors=infos, metadata=meta)
 
 
@@ -344,15 +374,54 @@ def parse_ts_header(raw: bytes, *, path: Path, file_size: int, require_ts: bool 
                 f"{path}: written by a newer tensorstream (format version {version}, this one reads up to "
                 f"{MAX_FORMAT_VERSION}); upgrade with `pip install -U tensorstream`."
             )
-        if ("encoding" in metadata) != (int(version) >= ENCODED_FORMAT_VERSION):
+        if "encoding" in metadata and int(version) < ENCODED_FORMAT_VERSION:  # a version 1 reader would misread it
             raise FormatError(f"{path}: format_version {version} does not match its encoding metadata; {_REPAIR}")
         if data_offset % DATA_ALIGNMENT:
             raise FormatError(f"{path}: data section starts at byte {data_offset}, not a multiple of 4096; {_REPAIR}")
+        phases = _parse_phases(metadata.get("phases"), dict(entries), path)
+        aligned_end = 0
+        pads = 0
         for name, info in entries:
-            if not name.startswith(PAD_PREFIX) and info.start % TENSOR_ALIGNMENT:
-                raise FormatError(f"{path}: tensor {name!r} at offset {info.start} is not 64-byte aligned; {_REPAIR}")
+            if name.startswith(PAD_PREFIX):
+                if name != f"{PAD_PREFIX}{pads}" or info.dtype != "U8":  # as written: numbered in data order
+                    raise FormatError(f"{path}: filler {name!r} is not the U8 filler {PAD_PREFIX}{pads}; {_REPAIR}")
+                pads += 1
+                continue
+            phase = phases.get(name, 0)
+            if info.start % TENSOR_ALIGNMENT != phase or info.start - phase < aligned_end:
+                raise FormatError(
+                    f"{path}: tensor {name!r} at offset {info.start} is not at its phase {phase} modulo 64, past "
+                    f"the previous tensor's aligned place; {_REPAIR}"
+                )
+            aligned_end = info.end - phase
+        entries = [(name, replace(info, phase=phases.get(name, 0))) for name, info in entries]
     tensors = {name: info for name, info in entries if not name.startswith(PAD_PREFIX)}
     return TsHeader(path=path, data_offset=data_offset, data_size=data_size, tensors=tensors, metadata=metadata)
+
+
+def _parse_phases(raw: str | None, entries: dict[str, TensorInfo], path: Path) -> dict[str, int]:
+    """The ``phases`` metadata (format 2): a JSON object of tensor name -> phase in (0, 64), item-size aligned."""
+    if raw is None:
+        return {}
+    try:
+        phases = json.loads(raw)
+    except ValueError:
+        phases = None
+    if not isinstance(phases, dict):
+        raise FormatError(f"{path}: __metadata__ 'phases' is not a JSON object of tensor phases; {_REPAIR}")
+    for name, phase in phases.items():
+        if not (
+            name in entries
+            and not name.startswith(PAD_PREFIX)
+            and type(phase) is int
+            and 0 < phase < TENSOR_ALIGNMENT
+            and phase % torch.empty((), dtype=entries[name].torch_dtype).element_size() == 0
+        ):
+            raise FormatError(
+                f"{path}: __metadata__ 'phases' gives {name!r} the phase {phase!r}: not a tensor of the file with a "
+                f"phase in 1..63 that is a multiple of its item size; {_REPAIR}"
+            )
+    return phases
 
 
 def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
@@ -402,6 +471,31 @@ def tensor_views(buffer: torch.Tensor, header: TsHeader) -> dict[str, torch.Tens
     for name, info in header.tensors.items():
         out[name] = buffer[info.start : info.end].view(info.torch_dtype).view(info.shape)
     return out
+
+
+def aligned_runs(header: TsHeader) -> list[tuple[int, int, int]]:
+    """``(start, end, shift)`` runs of the data section whose tensors share one phase, in data order.
+
+    A device copy of the block moves each run ``shift`` bytes down (to ``start - shift``), which puts every tensor
+    at a multiple of 64 inside its region: what a device-resident model holds (CUDA allocations are 512-byte
+    aligned). The reader has checked that the moved runs do not overlap. Without phases, one run of shift 0.
+
+    Example:
+        ```python
+        >>> aligned_runs(read_ts_header("block.ts"))   # one tensor at phase 8, then two at 0
+        [(8, 4104, 8), (4160, 8256, 0)]
+        ```
+    """
+    infos = sorted(header.tensors.values(), key=lambda info: (info.start, info.end))
+    if not any(info.phase for info in infos):
+        return [(0, header.data_size, 0)]
+    runs: list[tuple[int, int, int]] = []
+    for info in infos:
+        if runs and runs[-1][2] == info.phase:
+            runs[-1] = (runs[-1][0], info.end, info.phase)
+        else:
+            runs.append((info.start, info.end, info.phase))
+    return runs
 
 
 def read_data(path: Path, header: TsHeader, out: torch.Tensor, *, fd: int | None = None) -> None:

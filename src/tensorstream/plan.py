@@ -5,7 +5,9 @@ whose children all hold parameters and are all of one class, preferring those wh
 transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of attention and Mamba layers). A list
 of lists (Funnel's ``encoder.blocks``) is never called itself: the lists inside it are the stacks. Large modules
 outside the stacks that run as a whole (an untied head, a vision tower, the stages of a model with no repeated
-stack) are units of their own (`find_units`).
+stack) are units of their own (`find_units`). A block larger than all the others together (CvT's last stage, 95 % of
+the model) is replaced by the stack of layers inside it (`_split_oversized`), so that a budget above the non-block
+weights plus the two largest consecutive units streams any model with weights.
 The structural order is registration order (encoder blocks before decoder blocks); the engine then learns the
 order blocks actually run in (see `tensorstream.engine`).
 
@@ -45,7 +47,7 @@ from torch import nn
 
 from .errors import BudgetError, UnsupportedModelError
 
-__all__ = ["Plan", "auto_budget_bytes", "find_blocks", "kv_cache_bytes", "make_plan"]
+__all__ = ["Plan", "auto_budget_bytes", "find_blocks", "kv_cache_bytes", "make_plan", "resident_parts"]
 
 logger = logging.getLogger(__name__)
 SLOT_ALIGNMENT = 4096
@@ -82,13 +84,9 @@ def find_units(model: nn.Module) -> list[tuple[str, str]]:
     Raises:
         `UnsupportedModelError`: nothing can stream.
     """
-    blocks = _repeated_blocks(model)
+    blocks = _split_oversized(model, _repeated_blocks(model))
     sizes = _module_bytes(model)
-    total = sizes.get("", 0)
-    if blocks:  # beside a stack: large modules, whole (an untied head)
-        threshold, largest = max(sizes.get(name, 0) for name in blocks), total
-    else:  # no stack: modules between a sixteenth and a quarter of the model, so that several stream in turn
-        threshold, largest = max(total // 16, 1), max(total // 4, 1)
+    threshold, largest = _unit_bounds(blocks, sizes)
     modules = set(_module_units(model, set(blocks), sizes, threshold, largest))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     units = sorted([*((b, "block") for b in blocks), *((m, "module") for m in modules)], key=lambda u: order[u[0]])
@@ -104,11 +102,106 @@ def find_units(model: nn.Module) -> list[tuple[str, str]]:
     return units
 
 
-def _repeated_blocks(model: nn.Module) -> list[str]:
+def _unit_bounds(blocks: Collection[str], sizes: dict[str, int]) -> tuple[int, int]:
+    """(smallest, largest) size of a module unit: see `find_units`."""
+    total = sizes.get("", 0)
+    if blocks:  # beside a stack: large modules, whole (an untied head)
+        return max(sizes.get(name, 0) for name in blocks), total
+    # no stack: modules between a sixteenth and a quarter of the model, so that several stream in turn
+    return max(total // 16, 1), max(total // 4, 1)
+
+
+def resident_parts(model: nn.Module, units: Sequence[tuple[str, str]], limit: int = 8) -> list[tuple[str, int, str]]:
+    """``(module path, bytes, why)`` of the largest parts of ``model`` outside its units, largest first.
+
+    These are the non-block weights: always resident, never streamed. A part is the outermost module (or tensor)
+    that holds no unit; the reason says why it is not a unit of its own, so that a large one (an untied head, a
+    vision tower without a repeated stack) is visible in the plan (`Plan.describe`).
+
+    Example:
+        ```python
+        >>> resident_parts(llama, find_units(llama))[:2]
+        [('model.embed_tokens', 131072, 'holds the first parameter (model.device reads it)'),
+         ('lm_head', 131072, 'shares a weight with a module outside it (tied)')]
+        ```
+    """
+    names = {name for name, _ in units}
+    holders = {".".join(name.split(".")[:i]) for name in names for i in range(len(name.split(".")))}
+    sizes = _module_bytes(model)
+    threshold, _ = _unit_bounds([name for name, kind in units if kind == "block"], sizes)
+    modules = dict(model.named_modules())
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), set()).add(name)
+    first = next(model.parameters(), None)
+    groups: dict[str, dict[int, int]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        path = name.split(".")
+        prefixes = [".".join(path[:i]) for i in range(1, len(path) + 1)]
+        if any(prefix in names for prefix in prefixes):
+            continue  # inside a unit: streamed (or resident as a unit)
+        part = next(prefix for prefix in prefixes if prefix not in holders)
+        groups.setdefault(part, {})[id(tensor)] = tensor.numel() * tensor.element_size()
+
+    def why(part: str, size: int) -> str:
+        module = modules.get(part)
+        if module is None:
+            holder = part.rpartition(".")[0]
+            return f"held directly by {holder or 'the model'}, which runs around its units"
+        if isinstance(module, nn.ModuleList | nn.ModuleDict):
+            return "a container, never called as a whole"
+        prefix = part + "."
+        for param in module.parameters():
+            if param is first:
+                return "holds the first parameter (model.device reads it)"
+            if any(owner != part and not owner.startswith(prefix) for owner in owners.get(id(param), ())):
+                return "shares a weight with a module outside it (tied)"
+        if size < threshold:
+            return "outside the repeated blocks, smaller than the largest unit"
+        return "outside the repeated blocks, not a module that runs as a whole"
+
+    parts = sorted(((part, sum(tensors.values())) for part, tensors in groups.items()), key=lambda p: -p[1])
+    return [(part, size, why(part, size)) for part, size in parts[:limit] if size]
+
+
+def _split_oversized(model: nn.Module, blocks: list[str]) -> list[str]:
+    """``blocks`` with each block larger than all the others together replaced by the repeated layers inside it.
+
+    Such a block (CvT's last stage, 95 % of the model) would set the smallest budget that streams almost to the
+    whole model. Inside it, the outermost stack of layers of one class (a ``ModuleList`` or an ``nn.Sequential``,
+    which calls each of its children in turn) streams instead, layer by layer; what the block holds outside that
+    stack (CvT's ``cls_token``, its patch embedding) becomes non-block weights. A block with no such stack stays
+    whole. Repeated until no block is split further.
+
+    Example:
+        ```python
+        >>> _split_oversized(cvt, ["cvt.encoder.stages.0", "cvt.encoder.stages.1", "cvt.encoder.stages.2"])[2:4]
+        ['cvt.encoder.stages.2.layers.0', 'cvt.encoder.stages.2.layers.1']
+        ```
+    """
+    modules = dict(model.named_modules())
+    while True:
+        sizes = {name: _bytes(modules[name]) for name in blocks}
+        total = sum(sizes.values())
+        for i, name in enumerate(blocks):
+            if sizes[name] * 2 <= total:
+                continue
+            inner = _repeated_blocks(modules[name], sequential=True)
+            if inner:
+                blocks = [*blocks[:i], *(f"{name}.{layer}" for layer in inner), *blocks[i + 1 :]]
+                break
+        else:
+            return blocks
+
+
+def _repeated_blocks(model: nn.Module, *, sequential: bool = False) -> list[str]:
     no_split = set(getattr(model, "_no_split_modules", None) or [])
-    candidates: list[tuple[str, nn.ModuleList, bool]] = []
+    stacks = (nn.ModuleList, nn.Sequential) if sequential else (nn.ModuleList,)
+    candidates: list[tuple[str, nn.ModuleList | nn.Sequential, bool]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, stacks) or len(module) == 0:
             continue
         children = list(module)
         if any(isinstance(child, nn.ModuleList | nn.ModuleDict) for child in children):
@@ -218,6 +311,10 @@ class Plan:
     block_bytes: dict[str, int]
     cached: tuple[str, ...] = ()
     arena_bytes: int = 0
+    #: large modules outside the repeated stacks that are units of their own (kept resident before blocks).
+    units: tuple[str, ...] = ()
+    #: ``(module path, bytes, why)`` of the largest non-block parts (see `resident_parts`), for `describe`.
+    non_block_parts: tuple[tuple[str, int, str], ...] = ()
 
     @property
     def prefetch(self) -> int:
@@ -263,7 +360,24 @@ class Plan:
         return seconds
 
     def describe(self) -> str:
-        head = f"budget {format_gb(self.budget_bytes)}: non-block {format_gb(self.non_block_bytes)}"
+        """One line: what stays resident and why (the largest non-block parts by name), what streams, and how.
+
+        Example:
+            ```python
+            >>> print(plan.describe())
+            budget 5 GB: non-block 1.05 GB resident (not streamed: lm_head 0.525 GB, shares a weight with a module
+            outside it (tied); model.embed_tokens 0.525 GB, holds the first parameter (model.device reads it)),
+            2/32 blocks resident (0.4 GB), 30 streamed (6 GB per pass) through an arena of 0.6 GB (...)
+            ```
+        """
+        parts = "; ".join(f"{name} {format_gb(size)}, {why}" for name, size, why in self.non_block_parts)
+        head = f"budget {format_gb(self.budget_bytes)}: non-block {format_gb(self.non_block_bytes)} resident"
+        head += f" (not streamed: {parts})" if parts else ""
+        kept = [name for name in self.resident if name in set(self.units)]
+        if kept:
+            head += f", module unit{'s' * (len(kept) > 1)} kept resident before blocks: " + ", ".join(
+                f"{name} ({format_gb(self.block_bytes[name])})" for name in kept
+            )
         total = len(self.resident) + len(self.streamed)
         if not self.streamed:
             return f"{head}, all {total} blocks resident, nothing streamed"

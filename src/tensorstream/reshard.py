@@ -52,8 +52,8 @@ from .errors import (
     StorageFullError,
     TensorStreamError,
 )
-from .format import ENCODED_FORMAT_VERSION, FORMAT_VERSION, TsHeader, read_ts_header, save_to_ts
-from .plan import find_units
+from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
+from .plan import find_units, resident_parts
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -452,14 +452,30 @@ def reshard(
             loader = _offload_loader(model, folder)
 
             def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-                return tensor.detach() if tensor.device.type != "meta" else loader[name]
+                if tensor.device.type != "meta":
+                    return tensor.detach()
+                try:
+                    return loader[name]
+                except KeyError:  # not in the checkpoint (Marian's sinusoidal tables): as transformers builds it
+                    return initialised_tensor(model, name, tensor)
 
             source_info = {
                 "source": str(source),
                 "folder": str(folder),
                 "weight_conversions": weight_conversions(model),
             }
-            _write_store(staging, model, get_tensor, fingerprint, cls.__name__, dtype, source_info, progress, kind)
+            _write_store(
+                staging,
+                model,
+                get_tensor,
+                fingerprint,
+                cls.__name__,
+                dtype,
+                source_info,
+                progress,
+                kind,
+                phase_of=_source_phases(loader),
+            )
             for name in ("generation_config.json",):
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, staging / name)
@@ -511,10 +527,25 @@ def reshard_module(
             tensor = tensor.detach()
             return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
+        def phase_of(name: str, tensor: torch.Tensor) -> int:  # where the model's own tensor sits
+            original = state[name]
+            same = original.device.type == "cpu" and original.dtype == tensor.dtype
+            return original.data_ptr() % TENSOR_ALIGNMENT if same else 0
+
+        state = model.state_dict(keep_vars=True)
         source_info = {"source": f"in-memory {type(model).__name__}"}
         with staging_folder(root, fingerprint, source_info["source"], needed_bytes) as staging:
             _write_store(
-                staging, model, get_tensor, fingerprint, type(model).__name__, dtype, source_info, progress, kind
+                staging,
+                model,
+                get_tensor,
+                fingerprint,
+                type(model).__name__,
+                dtype,
+                source_info,
+                progress,
+                kind,
+                phase_of=phase_of,
             )
             _publish(staging, final)
     return final
@@ -557,6 +588,94 @@ def describe_conversion(conversion: Any) -> list[Any]:
     ]
 
 
+def initialised_tensor(model: nn.Module, name: str, placeholder: torch.Tensor) -> torch.Tensor:
+    """The value transformers gives ``name``, a tensor the checkpoint lacks, when it builds the model resident.
+
+    Some tensors are rebuilt at init and left out of the checkpoint (Marian's sinusoidal position tables, listed in
+    ``_keys_to_ignore_on_save``): a resident ``from_pretrained`` initialises them with the model's own
+    ``_init_weights``, while the disk-offloaded build the reshard reads from leaves them on the meta device. The
+    owning module's init (that of the nearest `PreTrainedModel` around it) is run twice on a fresh CPU tensor,
+    under two different seeds and from two different fillings: a value that comes out the same both times is what
+    the resident model holds, and is stored.
+
+    Raises:
+        `UnsupportedModelError`: the tensor's init is random (or leaves it untouched), so no store can hold what a
+            resident load would give; the message names the tensor.
+
+    Example:
+        ```python
+        >>> initialised_tensor(marian, "model.encoder.embed_positions.weight", placeholder).shape
+        torch.Size([512, 32])
+        ```
+    """
+    from .errors import UnsupportedModelError
+
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    owner: Any = model
+    parts = module_path.split(".") if module_path else []
+    for i in range(len(parts) + 1):  # the innermost sub-model's init handles its own modules (composite models)
+        candidate = model.get_submodule(".".join(parts[:i]))
+        if callable(getattr(candidate, "_init_weights", None)):
+            owner = candidate
+    is_parameter = attr in module._parameters
+    values = []
+    for seed, fill in ((0, 0.0), (1, 1.0)):
+        fresh = torch.full(placeholder.shape, fill, dtype=placeholder.dtype)
+        tensor = nn.Parameter(fresh, requires_grad=placeholder.requires_grad) if is_parameter else fresh
+        slots: dict[str, Any] = module._parameters if is_parameter else module._buffers
+        slots[attr] = tensor
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                owner._init_weights(module)
+        except Exception as err:
+            raise UnsupportedModelError(
+                f"{name} is not in the checkpoint, and initialising it as transformers does failed ({err}); "
+                "reshard a checkpoint that holds it (save_pretrained of the loaded model)."
+            ) from err
+        finally:
+            slots[attr] = placeholder
+        values.append(tensor.detach())
+    if not torch.equal(values[0], values[1]):
+        raise UnsupportedModelError(
+            f"{name} is not in the checkpoint and transformers initialises it at random: a resident load would give "
+            "other values each time, so no store can hold them. Use a checkpoint that holds it (save_pretrained of "
+            "the model after loading it once), or load this model without device_map='tensorstream'."
+        )
+    return values[0]
+
+
+def _source_phases(loader: Mapping[str, torch.Tensor]) -> Callable[[str, torch.Tensor], int]:
+    """Where a resident CPU load puts each tensor, modulo 64: its address phase in the mapped source file.
+
+    transformers binds a tensor it reads from a safetensors file unchanged (same dtype, any name) as a view of the
+    file's memory map, so its address modulo 64 is its offset in the file modulo 64; some CPU kernels give other bits
+    for other alignments (``torch._grouped_mm``, oneDNN convolutions). A tensor transformers converted (fused,
+    cast, or read from a ``.bin`` file) is a fresh allocation, 64-byte aligned: phase 0.
+    """
+    index = getattr(loader, "index", None) or {}
+    headers: dict[str, TsHeader | None] = {}
+
+    def phase_of(name: str, tensor: torch.Tensor) -> int:
+        entry = index.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("safetensors_file"), str):
+            return 0
+        file = entry["safetensors_file"]
+        if file not in headers:
+            try:
+                headers[file] = read_ts_header(file, require_ts=False)
+            except (TensorStreamError, OSError):
+                headers[file] = None
+        header = headers[file]
+        info = None if header is None else header.tensors.get(entry.get("weight_name", name))
+        if header is None or info is None or info.torch_dtype != tensor.dtype:
+            return 0
+        return (header.data_offset + info.start) % TENSOR_ALIGNMENT
+
+    return phase_of
+
+
 def _offload_loader(model: nn.Module, folder: Path) -> Mapping[str, torch.Tensor]:
     for module in model.modules():
         weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
@@ -587,6 +706,8 @@ def _write_store(
     source_info: dict[str, Any],
     progress: bool,
     kind: str | None = None,
+    *,
+    phase_of: Callable[[str, torch.Tensor], int] | None = None,
 ) -> None:
     units = find_units(model)
     blocks = [name for name, _ in units]
@@ -628,12 +749,16 @@ def _write_store(
             nbytes = sum(_nbytes(t) for t in owned[block].values())
             if header is None:
                 tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
+                phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
+                phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
                 metadata = None
-                if encoding is not None:
-                    tensors, meta = encode_tensors(tensors, encoding)
+                if encoding is not None:  # phases of the encoded tensors go into the encoding, the rest stay
+                    tensors, meta = encode_tensors(tensors, encoding, phases=phases)
                     metadata = {ENCODING_KEY: meta}
-                    encoded += len(json.loads(meta)["tensors"])
-                header = save_to_ts(tensors, path, metadata, block=block)
+                    described = json.loads(meta)["tensors"]
+                    encoded += len(described)
+                    phases = {n: p for n, p in phases.items() if n not in described}
+                header = save_to_ts(tensors, path, metadata, block=block, phases=phases)
                 del tensors
                 bar.update(nbytes)
             else:  # written by an interrupted run: not part of this run's throughput
@@ -672,7 +797,7 @@ def _write_store(
 
     manifest = {
         "format": STORE_FORMAT,
-        "format_version": FORMAT_VERSION if kind is None else ENCODED_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "tensorstream_version": __version__,
         "fingerprint": fingerprint,
         "model_class": class_name,
@@ -685,6 +810,8 @@ def _write_store(
         "blocks": entries[1:],
         # large modules outside the repeated stacks, streamed as units of their own (kept resident first)
         "units": [name for name, unit in units if unit == "module"],
+        # the largest parts outside the units, with why each is not streamed (shown by Plan.describe)
+        "resident_parts": [list(part) for part in resident_parts(model, units)],
     }
     _write_json(staging / MANIFEST_NAME, manifest)
 

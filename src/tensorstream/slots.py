@@ -67,6 +67,7 @@ __all__ = [
     "HostSlots",
     "MappedSlots",
     "Region",
+    "copy_runs",
     "make_slots",
 ]
 
@@ -204,8 +205,15 @@ class HostSlots(Arena):
         return self.view[region.start + offset : region.start + offset + nbytes]
 
     def finish_read(
-        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+        self,
+        region: Region,
+        nbytes: int,
+        source: torch.Tensor | None = None,
+        codec: BlockCodec | None = None,
+        runs: Any = None,
     ) -> None:
+        # ``runs`` (see `tensorstream.format.aligned_runs`) is for device copies: on CPU, tensors keep the file's
+        # phases, as the resident model's memory-mapped tensors do
         at = region.start + (codec.compact_offset if codec is not None else 0)
         if source is not None:  # a block from the host cache tier
             self.buffer[at : at + nbytes].copy_(source[:nbytes])
@@ -273,10 +281,15 @@ class CudaSlots(Arena):
         return self.view[start : start + nbytes]
 
     def finish_read(
-        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+        self,
+        region: Region,
+        nbytes: int,
+        source: torch.Tensor | None = None,
+        codec: BlockCodec | None = None,
+        runs: Any = None,
     ) -> None:
         if self.direct and source is None and codec is None:
-            return
+            return  # the engine read each run to its aligned place (`Engine._issue`)
         at = codec.compact_offset if codec is not None else 0
         if codec is not None and codec.host_decode:  # expand in host staging, then copy the expanded bytes
             assert self.staging is not None, "a host-expanded store is never read with direct I/O (see Engine)"
@@ -288,11 +301,14 @@ class CudaSlots(Arena):
         with self.api.device(self.device), self.api.stream(stream):
             for event in region.device_waits:  # the computes that last read this memory have finished
                 stream.wait_event(event)
-            if not (self.direct and source is None):  # direct: the compact bytes are already in device memory
-                src = self.staging[region.start + at : region.end] if source is None else source  # type: ignore[index]
-                self.buffer[region.start + at : region.start + at + nbytes].copy_(src[:nbytes], non_blocking=True)
-            if codec is not None:  # expanded on the device, in order after the copy on this stream
+            if codec is not None:  # compact bytes to the device, expanded there, in order on this stream
+                if not (self.direct and source is None):  # direct: the compact bytes are in device memory already
+                    src = self.staging[region.start + at : region.end] if source is None else source  # type: ignore[index]
+                    self.buffer[region.start + at : region.start + at + nbytes].copy_(src[:nbytes], non_blocking=True)
                 _expand(codec, self.buffer, region, nbytes)
+            else:
+                src = self.staging[region.start : region.end] if source is None else source  # type: ignore[index]
+                copy_runs(self.buffer, region.start, src, nbytes, runs, non_blocking=True)
             event = self.api.Event()
             event.record(stream)
         region.copied = event
@@ -323,7 +339,7 @@ class GenericSlots(Arena):
         super().__init__(region_bytes(arena_bytes))
         self.host = HostSlots(self.size)
         self.buffer = torch.empty(self.size, dtype=torch.uint8, device=device)
-        self.sources: dict[int, tuple[int, torch.Tensor | None, BlockCodec | None]] = {}
+        self.sources: dict[int, tuple[int, torch.Tensor | None, BlockCodec | None, Any]] = {}
 
     def prepare_read(self, region: Region) -> None:
         pass
@@ -335,20 +351,28 @@ class GenericSlots(Arena):
         return self.host.host_view(region, nbytes, offset)
 
     def finish_read(
-        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+        self,
+        region: Region,
+        nbytes: int,
+        source: torch.Tensor | None = None,
+        codec: BlockCodec | None = None,
+        runs: Any = None,
     ) -> None:
         if codec is not None and codec.host_decode:
             self.host.finish_read(region, nbytes, source, codec)
             source, nbytes, codec = None, codec.expanded_bytes, None
-        self.sources[id(region)] = (nbytes, source, codec)
+        self.sources[id(region)] = (nbytes, source, codec, runs)
 
     def before_compute(self, region: Region) -> None:
-        n, source, codec = self.sources.pop(id(region), (0, None, None))
-        at = region.start + (codec.compact_offset if codec is not None else 0)
+        n, source, codec, runs = self.sources.pop(id(region), (0, None, None, None))
+        if codec is None:
+            src = self.host.buffer[region.start : region.end] if source is None else source
+            copy_runs(self.buffer, region.start, src, n, runs)
+            return
+        at = region.start + codec.compact_offset
         src = self.host.buffer[at : region.end] if source is None else source
         self.buffer[at : at + n].copy_(src[:n])
-        if codec is not None:
-            _expand(codec, self.buffer, region, n)
+        _expand(codec, self.buffer, region, n)
 
     def device_buffer(self, region: Region) -> torch.Tensor:
         return self.buffer[region.start : region.end]
@@ -377,7 +401,12 @@ class MappedSlots(Arena):
         pass
 
     def finish_read(
-        self, region: Region, nbytes: int, source: torch.Tensor | None = None, codec: BlockCodec | None = None
+        self,
+        region: Region,
+        nbytes: int,
+        source: torch.Tensor | None = None,
+        codec: BlockCodec | None = None,
+        runs: Any = None,
     ) -> None:
         assert codec is None, "an encoded store's blocks are expanded into a pool with memory (see Engine)"
 
@@ -396,6 +425,21 @@ def _expand(codec: BlockCodec, buffer: torch.Tensor, region: Region, nbytes: int
         buffer[base : base + codec.expanded_bytes],
         buffer[base + codec.scratch_offset : region.end],
     )
+
+
+def copy_runs(
+    buffer: torch.Tensor, base: int, src: torch.Tensor, nbytes: int, runs: Any, *, non_blocking: bool = False
+) -> None:
+    """Copy a block's ``nbytes`` from ``src`` into ``buffer`` at ``base``, each run moved down by its shift.
+
+    ``runs`` (`tensorstream.format.aligned_runs`) puts every tensor of a format-2 block at a multiple of 64 on the
+    device, as a device-resident model holds it; ``None`` or no shift: one copy of the whole block.
+    """
+    if not runs or not any(shift for _, _, shift in runs):
+        buffer[base : base + nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
+        return
+    for start, end, shift in runs:
+        buffer[base + start - shift : base + end - shift].copy_(src[start:end], non_blocking=non_blocking)
 
 
 def make_slots(device: torch.device, arena_bytes: int, *, direct: bool = False) -> Any:

@@ -11,6 +11,7 @@ call that changes nothing (``model.to(model.device)``, ``model.eval()``) is acce
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 import weakref
@@ -83,8 +84,28 @@ def plan_for(store: Store, config: Config) -> Plan:
     plan = make_plan(
         store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
     )
+    plan = dataclasses.replace(plan, units=tuple(units), non_block_parts=_non_block_parts(store))
     log_plan(plan, config.prefetch)
     return plan
+
+
+def _non_block_parts(store: Store, limit: int = 8) -> tuple[tuple[str, int, str], ...]:
+    """The largest non-block parts, with why each is not streamed: as the reshard recorded them in the manifest.
+
+    A store written before the manifest recorded them: the non-block file's tensors grouped by module.
+    """
+    recorded = store.manifest.get("resident_parts")
+    if isinstance(recorded, list) and all(
+        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and type(p[1]) is int and isinstance(p[2], str)
+        for p in recorded
+    ):
+        return tuple((name, size, why) for name, size, why in recorded[:limit])
+    groups: dict[str, int] = {}
+    for name, info in store.header(store.non_block).tensors.items():
+        module = name.rpartition(".")[0] or name
+        groups[module] = groups.get(module, 0) + info.nbytes
+    largest = sorted(groups.items(), key=lambda item: -item[1])[:limit]
+    return tuple((name, size, "outside the streamed units") for name, size in largest if size)
 
 
 def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) -> Engine:
@@ -229,11 +250,12 @@ def detach(model: nn.Module) -> nn.Module:
     engine = _engine(model)
     with engine.lock:
         # read everything first: a failure leaves the model streaming, unchanged. An encoded block is expanded on
-        # the device by the function the slots run, so the model computes with the weights the stream computed with.
+        # the device by the function the slots run, so the model computes with the weights the stream computed with;
+        # off the CPU, each tensor sits at a 64-byte aligned place, as the engine binds them.
         loaded = [(block.targets, engine.read_block(block, engine.device)) for block in engine.blocks]
         engine.close()
         for targets, data in loaded:
-            bind_expanded(targets, data)
+            bind_expanded(targets, data, engine.realign)
         _unguard_casts(model)
         remove_hooks(model, engine)
         delattr(model, ENGINE_ATTR)
