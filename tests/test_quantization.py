@@ -262,9 +262,7 @@ def test_offload_builds_the_store_kind_and_keeps_the_reference(
     assert torch.equal(streamed, original) == (kind == "lossless")
 
 
-def test_each_kind_is_its_own_store(
-    model_dirs: dict[str, Path], storage: Path
-) -> None:
+def test_each_kind_is_its_own_store(model_dirs: dict[str, Path], storage: Path) -> None:
     plain = tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16")
     stores = {
         kind: tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **kind_config(kind))
@@ -361,3 +359,30 @@ def test_save_pretrained_of_a_quantized_stream_writes_the_weights_it_computes_wi
         if name in saved:
             assert torch.equal(saved[name], value), name
     assert any(name.endswith("mlp.up_proj.weight") for name in saved)
+
+
+def test_a_lossless_store_keeps_the_address_phases_alignment_sensitive_kernels_see(
+    storage: Path, tmp_path: Path
+) -> None:
+    """granitemoe's experts run ``torch._grouped_mm``, whose CPU bits depend on the weights' address modulo 64: the
+    expanded tensors sit at the phases the resident (memory-mapped) model's do, so the logits stay identical."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        "granitemoe", hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    path = tensorstream.reshard(tmp_path / "m", storage, progress=False, compression="lossless")
+    store = Store.open(path)
+    phased = [i for e in store.blocks for i in store.codec(e).tensors.values() if i.phase]
+    assert phased, "the checkpoint's tensors sit at non-zero phases: the test needs some"
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(3))
+    for backend in ("posix", "mmap"):
+        model = streaming(tmp_path / "m", storage, budget_gb=budgets(storage, 1)["stream_all"], prefetch=1,
+                          backend=backend, compression="lossless")  # fmt: skip
+        assert model._tensorstream_engine.plan.streamed
+        with torch.inference_mode():
+            assert torch.equal(model(ids).logits, resident(ids).logits), backend
