@@ -401,22 +401,24 @@ class BlockCodec:
 
     # -- expansion ---------------------------------------------------------------------------------------------
 
-    def decode(self, compact: torch.Tensor, expanded: torch.Tensor, scratch: torch.Tensor) -> None:
+    def decode(
+        self, compact: torch.Tensor, expanded: torch.Tensor, scratch: torch.Tensor, *, inline: bool | None = None
+    ) -> None:
         """Expand ``compact`` (the data section, uint8) into ``expanded`` (uint8, ``expanded_bytes`` long).
 
         All three are ``uint8`` tensors on one device (the CPU for a ``host_decode`` codec); ``scratch`` holds
         ``scratch_bytes``. Nothing is allocated but small views.
 
-        On the CPU the work is cut into pieces of fewer than 32768 values, which PyTorch runs on the calling thread
-        (below its parallel grain): the engine expands on reader threads while the model computes, and an OpenMP
-        team per reader thread would oversubscribe the cores (measured on 2 cores: 50 to 100 times slower under
-        load). Pieces of a few tens of KB also stay in cache between the conversion and the scaling. The result is
-        the same bits either way: every value is computed alone.
+        ``inline`` (default: on the CPU) cuts the work into pieces of fewer than 32768 values, which PyTorch runs on
+        the calling thread (below its parallel grain): for a reader thread expanding while the model computes, where
+        an OpenMP team per thread would oversubscribe the cores (measured on 2 cores: 50 to 100 times slower under
+        load). Without it, whole-tensor operations use every core (the model thread, `tensorstream.slots`). The
+        result is the same bits either way: every value is computed alone.
 
         Raises:
             `CorruptFileError`: a zstd frame does not expand to exactly its tensor's bytes.
         """
-        inline = compact.device.type == "cpu"
+        inline = compact.device.type == "cpu" if inline is None else inline
         for step in self.steps:
             out = expanded[step.out.start : step.out.end]
             if step.kind == "copy":

@@ -324,7 +324,11 @@ class Engine:
             if isinstance(error, StreamingError | CorruptFileError | StaleStoreError):
                 raise error
             raise StreamingError(f"reading {self.store.file(self.blocks[b].entry)} failed: {error}") from error
+        expanding = self.expand_mapped and not self.slots.expanded(load.slot)
         self.slots.before_compute(load.slot)
+        if expanding:  # the mapped compact bytes are no longer needed
+            block = self.blocks[b]
+            self.backend.evict(block.handle, block.header.data_offset, block.header.data_size)  # type: ignore[attr-defined]
         self._bind(b, load.slot)
 
     def _release(self, b: int) -> None:
@@ -558,7 +562,8 @@ class Engine:
                     block.verified = True
                 if self.expand_mapped:
                     self.slots.expand_from(load.slot, block.codec, self._mapped_data(block))
-                    self.backend.evict(block.handle, block.header.data_offset, size)  # type: ignore[attr-defined]
+                    if self.slots.expanded(load.slot):  # else expanded when acquired, then evicted (`_acquire`)
+                        self.backend.evict(block.handle, block.header.data_offset, size)  # type: ignore[attr-defined]
                 else:
                     runs = block.runs if self.realign else None
                     self.slots.finish_read(load.slot, size, codec=_codec(block), runs=runs)
