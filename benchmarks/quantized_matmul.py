@@ -8,7 +8,8 @@ times, for a ``rows x cols`` weight and a batch of activations on ``--device``:
 
 * ``bf16 matmul``: the resident model's cost;
 * ``copy bf16``: what streaming a plain block costs on top when the bytes are in memory (a copy into the slot);
-* ``expand int8`` / ``expand int4``: `BlockCodec.decode`'s work for the same weight;
+* ``expand int8`` / ``expand int4``: `BlockCodec.decode`'s work for the same weight, on the CPU both as a reader
+  thread does it (pieces below the parallel grain, one core) and as the model thread does it (every core);
 * ``int8pack_mm`` / ``int4pack_mm``: the quantized kernels, when this torch has them on this device.
 
 Usage::
@@ -78,7 +79,14 @@ def main() -> None:
             data = region[codec.compact_offset : codec.compact_offset + header.data_size]
             data.copy_(compact)
             expanded, scratch = region[: codec.expanded_bytes], region[codec.scratch_offset :]
-            figures[f"expand {kind}"] = timed(lambda: codec.decode(data, expanded, scratch), device, args.repeat)  # noqa: B023
+            for label, inline in (("reader thread", True), ("model thread", False)):
+                figures[f"expand {kind}, {label}"] = timed(
+                    lambda: codec.decode(data, expanded, scratch, inline=inline),  # noqa: B023
+                    device,
+                    args.repeat,
+                )
+            if device.type != "cpu":  # one way only on a GPU
+                figures.pop(f"expand {kind}, reader thread")
     q = torch.randint(-127, 128, (args.rows, args.cols), dtype=torch.int8, device=device)
     scales = torch.rand(args.rows, dtype=torch.bfloat16, device=device)
     try:
@@ -101,7 +109,7 @@ def main() -> None:
     except (RuntimeError, NotImplementedError) as err:
         print(f"int4pack_mm: not available here ({str(err).splitlines()[0]})")
     for name, ms in figures.items():
-        print(f"{name:<14} {ms:8.3f} ms")
+        print(f"{name:<32} {ms:8.3f} ms")
     if args.out:
         info = {
             "device": str(device),
