@@ -318,8 +318,8 @@ def run_bench(
         config: base `Config` (its ``storage_path``, ``backend``, ``direct_io``, ``prefetch``... are used).
         progress: called with a line of text as each measurement starts.
         backends: measure tensorstream with each of these backends (``"posix"``, ``"mmap"``...), one after the
-            other in this run (default: the config's). ``"auto"`` in the cold condition means what it picks for a
-            store larger than RAM (the POSIX backend), since that is the regime the cold condition stands for.
+            other in this run (default: the config's). In the cold condition a mapped store is unmapped after each
+            block, as a store larger than RAM is (the regime the cold condition stands for).
         assistant: also measure assisted generation on the streamed model (warm, batch 1): ``"prompt-lookup"``
             (``prompt_lookup_num_tokens=10``) or a draft model's folder or Hub id (kept resident).
         kinds: also measure these store kinds (``"int8"``, ``"int4"``, ``"lossless"``; see docs/quantization.md),
@@ -427,8 +427,6 @@ def run_bench(
         sampler = _MemorySampler()
         quantize, compression = (kind, None) if kind in QUANTIZE_SCHEMES else (None, kind)
         config_cache = config_run.replace(backend=backend, quantize=quantize, compression=compression)
-        if cache == "cold" and backend == "auto":  # what "auto" picks for a store larger than RAM
-            config_cache = config_cache.replace(backend="posix")
         if cache == "cold" and config_run.direct_io is None and config_cache.backend in ("auto", "posix"):
             # what direct_io=None picks for a store larger than RAM, the regime the cold condition stands for
             config_cache = config_cache.replace(

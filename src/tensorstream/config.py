@@ -106,8 +106,9 @@ class Config:
         backend (`str`, defaults to ``"auto"``):
             ``"auto"``, ``"posix"`` (``os.preadv`` into the slot), ``"mmap"`` (on CPU: zero-copy, parameters are
             views of the mapped ``.ts`` files; elsewhere a copy out of the mapping) or ``"kvikio"`` (GPUDirect
-            Storage). ``"auto"`` on CPU is ``"mmap"`` when the store fits in 80% of the memory available, else
-            ``"posix"``; on CUDA, ``"kvikio"`` where GDS is available, else ``"posix"``.
+            Storage). ``"auto"`` on CPU is ``"mmap"`` where the kernel has ``MADV_POPULATE_READ`` (Linux >= 5.14)
+            and ``direct_io`` is not ``True`` (measured at the disk's speed cold, zero-copy warm), else ``"posix"``;
+            on CUDA, ``"kvikio"`` where GDS is available, else ``"posix"``.
         direct_io (`bool`, *optional*):
             Read with ``O_DIRECT`` (bypassing the page cache). ``None``: buffered when the store fits in the RAM
             available (the page cache then serves every pass after the first); otherwise a quick cold self-test picks

@@ -710,9 +710,7 @@ def backend_name(config: Config, store: Store) -> str:
     is the POSIX backend and ``"kvikio"`` (reads into GPU memory) a `ConfigError`.
     """
     device = config.execution_device
-    backend = choose_backend(
-        config.backend, device, store.total_bytes, direct_io=config.direct_io, encoded=store.kind is not None
-    )
+    backend = choose_backend(config.backend, device, direct_io=config.direct_io)
     if store.kind == "lossless" and device.type == "cuda" and backend in ("auto", "kvikio"):
         if backend == "kvikio":
             raise ConfigError(
