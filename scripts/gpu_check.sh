@@ -8,9 +8,14 @@
 #      threads vs DMA from cudaHostRegister'ed read-only mappings), GB/s and a correctness check of each;
 #   4. benchmarks/gpu_bench.py --kv-cache: transformers' offloaded KV cache (in host RAM) while the weights stream,
 #      tokens/s beside the default cache at batch 1 and 16 with the tokens checked against the resident model's,
-#      and a batch-16 2000-token decode under a GPU memory cap that its dynamic cache exceeds.
+#      and a batch-16 2000-token decode under a GPU memory cap that its dynamic cache exceeds;
+#   5. benchmarks/quantized_matmul.py --device cuda: expanding int8/int4 weights on the device against the bf16
+#      matmul and the int4 kernel (docs/quantization.md asks which is faster on CUDA). The store-kind tests of
+#      step 1 (test_gpu.py::test_store_kinds_on_the_gpu_equal_their_detached_reference) need torchao and
+#      zstandard, which --prepare carries.
 # Writes $OUT/gpu_check.log, $OUT/gpu_bench.json, $OUT/h2d_paths.json and $OUT/gpu_kv_cache.json (OUT defaults
-# to ./gpu-check-out). Step 4 was added without a GPU at hand and has not run yet.
+# to ./gpu-check-out) and $OUT/quantized-matmul-cuda.json. Steps 4 and 5 were added without a GPU at hand and
+# have not run yet.
 #
 # Prepare once on a machine with network access to PyPI (the GPU machine has none):
 #   scripts/gpu_check.sh --prepare      # copies the kvikio wheels and downloads pytest's wheels into .gpu-wheels/
@@ -21,7 +26,7 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .gpu-wheels
   cp ../shared/gpu/wheels-cuda13/*.whl .gpu-wheels/ 2>/dev/null || echo "no kvikio wheels in ../shared/gpu/wheels-cuda13"
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .gpu-wheels \
-    pytest pluggy iniconfig packaging
+    pytest pluggy iniconfig packaging torchao zstandard
   grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo '/.gpu-wheels/' >> .git/info/exclude
   ls .gpu-wheels
   exit 0
@@ -67,6 +72,9 @@ timeout 180 python3 benchmarks/h2d_paths.py --out "$OUT" || status=1
 
 echo "== KV cache offloaded to host RAM while the weights stream"
 timeout 180 python3 benchmarks/gpu_bench.py --kv-cache --out "$OUT" || status=1
+
+echo "== store kinds: expanding on the device vs the bf16 matmul and the int4 kernel"
+timeout 120 python3 benchmarks/quantized_matmul.py --device cuda --out "$OUT/quantized-matmul-cuda.json" || status=1
 
 echo "== done (status $status)"
 exit $status

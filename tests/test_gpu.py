@@ -136,3 +136,33 @@ def test_stream_sanitizer_finds_no_race(model_dirs: dict[str, Path], storage: Pa
     assert result.returncode == 0, result.stderr[-4000:]
     assert "CSAN" not in result.stderr and "data race" not in result.stderr.lower(), result.stderr[-4000:]
     assert "sanitized run ok" in result.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["int8", "int4", "lossless"])
+@pytest.mark.parametrize("layout", ["stream_all", "some_resident"])
+def test_store_kinds_on_the_gpu_equal_their_detached_reference(
+    model_dirs: dict[str, Path], storage: Path, kind: str, layout: str
+) -> None:
+    """Quantized blocks expanded on the copy stream (lossless ones in pinned staging) compute with exactly the
+    weights ``detach`` gives; a lossless store also equals the GPU-resident bf16 model."""
+    settings = {"compression": kind} if kind == "lossless" else {"quantize": kind}
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **settings)
+    cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budgets(storage, 2)[layout], dtype="bf16",
+                              **settings)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg
+    )
+    assert model._tensorstream_engine.plan.streamed and model._tensorstream_engine.store.kind == kind
+    data = inputs(3)
+    with torch.inference_mode():
+        logits = model(**data).logits
+        tokens = model.generate(**data, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    reference = tensorstream.detach(model)
+    with torch.inference_mode():
+        assert torch.equal(reference(**data).logits, logits)
+        assert torch.equal(reference.generate(**data, max_new_tokens=12, do_sample=False, pad_token_id=0), tokens)
+    if kind == "lossless":
+        resident = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16).cuda()
+        with torch.inference_mode():
+            assert torch.equal(resident(**data).logits, logits)
