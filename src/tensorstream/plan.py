@@ -130,11 +130,7 @@ def resident_parts(model: nn.Module, units: Sequence[tuple[str, str]], limit: in
     sizes = _module_bytes(model)
     threshold, _ = _unit_bounds([name for name, kind in units if kind == "block"], sizes)
     modules = dict(model.named_modules())
-    owners: dict[int, set[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), set()).add(name)
+    owners = _parameter_owners(model)
     first = next(model.parameters(), None)
     groups: dict[str, dict[int, int]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -230,6 +226,16 @@ def _repeated_blocks(model: nn.Module, *, sequential: bool = False) -> list[str]
     return [f"{prefix}.{i}" if prefix else str(i) for prefix in chosen for i in range(len(lists[prefix]))]
 
 
+def _parameter_owners(model: nn.Module) -> dict[int, set[str]]:
+    """id(parameter) -> the paths of every module that holds it directly (several for a tied parameter)."""
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), set()).add(name)
+    return owners
+
+
 def _bytes(module: nn.Module) -> int:
     return sum({id(p): p.numel() * p.element_size() for p in module.parameters()}.values())
 
@@ -248,11 +254,7 @@ def _module_units(
 ) -> list[str]:
     """Large modules outside the blocks that can stream as units of their own (see `find_units`)."""
     holders = {".".join(name.split(".")[:i]) for name in blocks for i in range(len(name.split(".")))}
-    owners: dict[int, set[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), set()).add(name)
+    owners = _parameter_owners(model)
     first = next(model.parameters(), None)
     # weights save_pretrained leaves out (Marian's sinusoidal positions, rebuilt at init) are never in a store
     unsaved = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_save", None) or []]
