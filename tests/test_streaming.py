@@ -232,3 +232,15 @@ def test_cuda_device_without_cuda_is_a_clear_error(model_dirs: dict[str, Path], 
     cfg = tensorstream.Config(device="cuda:1", storage_path=storage, budget_gb=1)
     with pytest.raises(tensorstream.ConfigError, match="no usable CUDA device"):
         AutoModelForCausalLM.from_pretrained(model_dirs["llama"], device_map="tensorstream", tensorstream_config=cfg)
+
+
+def test_infinite_config_values_load_as_transformers_loads_them(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """transformers writes ``inf`` as ``{"__float__": "Infinity"}`` (NemotronH's ``time_step_limit``); the config
+    tensorstream builds must hold the float, as ``from_pretrained`` without tensorstream does (the registry sweep
+    found NemotronH refused by its strict config validation otherwise)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    model.config.step_limit = [0.0, float("inf")]
+    model.save_pretrained(tmp_path / "m")
+    assert "__float__" in (tmp_path / "m" / "config.json").read_text()
+    streamed = streaming(tmp_path / "m", tmp_path / "stores", budget_gb=0.002, prefetch=1)
+    assert streamed.config.step_limit == [0.0, float("inf")]

@@ -117,7 +117,7 @@ def _auto_config(source: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, An
     preshard = is_preshard(folder)
     if preshard:
         Store.open(folder, verify="off")  # links, manifest and index checked before the config is read
-    data = read_config(folder / "config.json", folder if preshard else None)
+    data = _model_config(folder / "config.json", folder if preshard else None)
     data.pop("transformers_weights", None)
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
@@ -158,7 +158,7 @@ def load_streaming(
         Store.open(folder, verify="off")
     if hf_config is None or isinstance(hf_config, str | os.PathLike):
         config_dir = Path(hf_config or folder)
-        data = read_config(config_dir / "config.json", folder if preshard and hf_config is None else None)
+        data = _model_config(config_dir / "config.json", folder if preshard and hf_config is None else None)
         data.pop("transformers_weights", None)  # a file name transformers would load weights from: never followed
         hf_config, kwargs = cls.config_class.from_dict(data, return_unused_kwargs=True, **kwargs)
     if preshard:
@@ -409,6 +409,16 @@ def _model_folder(store: Store, hf_config: Any, folder: Path) -> Path:
     index = {"metadata": {"total_size": store.total_bytes}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
     return folder
+
+
+def _model_config(path: Path, root: Path | None) -> dict[str, Any]:
+    """`read_config`, then the values transformers writes as tagged objects decoded as its own loader does
+    (``{"__float__": "Infinity"}``: NemotronH's ``time_step_limit``), so the config validates as it would there."""
+    from transformers import PretrainedConfig
+
+    data = read_config(path, root)
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+    return decode(data) if decode is not None else data
 
 
 def write_placeholder(path: Path, tensors: Mapping[str, TensorInfo]) -> None:
