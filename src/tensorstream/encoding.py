@@ -493,13 +493,7 @@ class BlockCodec:
         if self.kind is None:
             return compact[: self.header.data_size]
         device = torch.device("cpu") if self.host_decode else compact.device
-        region = torch.empty(self.region_bytes, dtype=torch.uint8, device=device)
-        region[self.compact_offset : self.compact_offset + self.header.data_size].copy_(
-            compact[: self.header.data_size]
-        )
-        self.decode(
-            region[self.compact_offset : self.compact_offset + self.header.data_size],
-            region[: self.expanded_bytes],
-            region[self.scratch_offset :],
-        )
-        return region[: self.expanded_bytes].to(compact.device)
+        expanded = torch.empty(self.expanded_bytes, dtype=torch.uint8, device=device)
+        scratch = torch.empty(self.scratch_bytes, dtype=torch.uint8, device=device)
+        self.decode(compact[: self.header.data_size].to(device), expanded, scratch)
+        return expanded.to(compact.device)

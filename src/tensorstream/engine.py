@@ -349,15 +349,7 @@ class Engine:
         views = self._views.get(key)
         if views is None:
             buf = self._mapped_data(block) if self.mapped else self.slots.device_buffer(slot)
-            # exactly as the resident model holds them: a parameter that requires grad makes some models take
-            # other kernels (Longformer, LED, FSMT: logits differ in the last bit otherwise)
-            views = [
-                nn.Parameter(
-                    buf[start - shift : end - shift].view(dtype).view(shape), requires_grad=placeholder.requires_grad
-                )
-                for _, _, placeholder, start, end, dtype, shape, phase in block.targets
-                for shift in [phase if self.realign else 0]
-            ]
+            views = [_parameter(buf, target, self.realign) for target in block.targets]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
             self._views[key] = views
@@ -694,13 +686,21 @@ def bind_expanded(targets: list[Any], data: torch.Tensor, realigned: bool = Fals
     """Bind every target parameter to a view of ``data`` (a block's bytes as `Engine.read_block` gives them, each
     tensor moved down by its phase when ``realigned``); tied tensors stay tied."""
     made: dict[tuple[int, int], nn.Parameter] = {}
-    for module, attr, placeholder, start, end, dtype, shape, phase in targets:
-        shift = phase if realigned else 0
+    for target in targets:
+        module, attr, _, start, end, *_ = target
         if (start, end) not in made:
-            made[(start, end)] = nn.Parameter(
-                data[start - shift : end - shift].view(dtype).view(shape), requires_grad=placeholder.requires_grad
-            )
+            made[(start, end)] = _parameter(data, target, realigned)
         module._parameters[attr] = made[(start, end)]
+
+
+def _parameter(data: torch.Tensor, target: tuple[Any, ...], realigned: bool) -> nn.Parameter:
+    """The parameter a target binds: a view of ``data`` at its place (moved down by its phase when ``realigned``),
+    exactly as the resident model holds it (a parameter that requires grad makes some models take other kernels:
+    Longformer, LED, FSMT's logits differ in the last bit otherwise)."""
+    _, _, placeholder, start, end, dtype, shape, phase = target
+    shift = phase if realigned else 0
+    view = data[start - shift : end - shift].view(dtype).view(shape)
+    return nn.Parameter(view, requires_grad=placeholder.requires_grad)
 
 
 def backend_name(config: Config, store: Store) -> str:
