@@ -2,7 +2,7 @@
 
 Run: ``python examples/preshard.py`` (a few seconds; nothing is downloaded or uploaded).
 
-With network access, publishing is one command (or `tensorstream.integrations.hub.push`)::
+With network access, publishing is one command (or `tensorstream.integrations.publish.push`)::
 
     tensorstream push ./tiny-llama me/tiny-llama-tensorstream
 
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import tensorstream
-from tensorstream.integrations.hub import prepare_repo, pull
+from tensorstream.integrations.publish import prepare_repo, pull
 
 REPO_ID = "me/tiny-llama-tensorstream"
 COMMIT = "0" * 40

@@ -20,7 +20,7 @@ import tensorstream
 from helpers.hub import FakeHub, FakeRepo, fake_hub_client, folder_files, make_hub_cache
 from helpers.tokenizer import save_tokenizer
 from tensorstream.cli import main
-from tensorstream.integrations.hub import prepare_repo, pull, push
+from tensorstream.integrations.publish import prepare_repo, pull, push
 from tensorstream.store import Store
 
 # huggingface_hub's LFS upload passes the file as data= (httpx's requests-compatible spelling); not ours.

@@ -432,7 +432,7 @@ def _add_push(sub: Subparsers) -> None:
 def _push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .integrations.hub import prepare_repo, push
+    from .integrations.publish import prepare_repo, push
 
     options: dict[str, Any] = dict(
         storage_path=args.storage_path,
@@ -506,7 +506,7 @@ def _add_pull(sub: Subparsers) -> None:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from .integrations.hub import pull
+    from .integrations.publish import pull
     from .store import Store
 
     folder = pull(

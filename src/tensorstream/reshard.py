@@ -44,15 +44,14 @@ from tqdm.auto import tqdm
 from .config import default_storage_path, parse_dtype
 from .encoding import ENCODING_KEY, BlockCodec, encode_tensors, quiet_torchao, store_kind
 from .errors import (
-    ConfigError,
     FormatError,
-    HubUnavailableError,
     LockTimeoutError,
     StaleStoreError,
     StorageFullError,
     TensorStreamError,
 )
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
+from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
@@ -70,103 +69,6 @@ _CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "_commit_hash",
 #: A Hub cache blob is named by its content hash: a sha256 (LFS files) or a git blob sha1.
 _HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size limit (RLIMIT_FSIZE, quota)
-
-
-def resolve_source(
-    source: str | os.PathLike[str],
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    revision: str | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    subfolder: str = "",
-) -> Path:
-    """The local folder holding ``source``: the folder itself, or the Hub snapshot (downloaded if needed).
-
-    For a preshard repo (one with ``tensorstream.json`` at its root) only the files streaming needs are downloaded.
-
-    Raises:
-        `FileNotFoundError`: ``source`` is neither a folder nor a repo available from the Hub or its cache.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        folder = (path / subfolder) if subfolder else path
-        return folder.resolve()
-    if path.exists():
-        raise FormatError(f"{path} is a file; pass the model folder that holds config.json and the weights.")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    from .integrations.hub import check_repo_id, download_preshard, hub_error_cause, hub_unreachable
-
-    try:
-        check_repo_id(str(source))
-    except ConfigError:
-        raise FileNotFoundError(
-            f"{source!r} is neither a local folder nor a valid Hub repo id (namespace/name); check the path."
-        ) from None
-    offline = None if local_files_only else hub_unreachable()  # offline: the cache at once, no retries
-    online = not local_files_only
-    local_files_only = local_files_only or offline is not None
-    preshard = download_preshard(  # a preshard repo: only the manifest, the .ts files and the configs
-        str(source),
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        subfolder=subfolder,
-    )
-    if preshard is not None:
-        return preshard
-
-    def download(patterns: list[str]) -> Path:
-        try:
-            snapshot = snapshot_download(
-                str(source),
-                revision=revision,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-                local_files_only=local_files_only,
-                token=token,
-                allow_patterns=[f"{subfolder}/{p}" if subfolder else p for p in patterns],
-            )
-        except LocalEntryNotFoundError as err:
-            if online:  # offline mode, or a network error that huggingface_hub turned into this one
-                raise HubUnavailableError(
-                    f"{source!r} is not a local folder, the Hugging Face Hub cannot be reached "
-                    f"({offline or hub_error_cause(err)}) and the "
-                    "local Hub cache does not hold it. Connect to the network and retry, or pass a local folder."
-                ) from None
-            raise FileNotFoundError(
-                f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
-            ) from None
-        except HFValidationError as err:
-            raise FileNotFoundError(
-                f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
-            ) from None
-        return Path(snapshot) / subfolder if subfolder else Path(snapshot)
-
-    folder = download(_HUB_PATTERNS)
-    if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
-        # A repo with only PyTorch .bin weights: fetch those too (loaded later with weights_only=True).
-        folder = download([*_HUB_PATTERNS, "*.bin"])
-    return folder
-
-
-def resolve_model_class(config: Any, model_class: type | str | None) -> Any:
-    """The concrete transformers class to build: ``model_class``, else ``config.architectures[0]``."""
-    import transformers
-
-    if isinstance(model_class, type):
-        if hasattr(model_class, "_model_mapping"):  # an Auto class: resolve to the concrete one
-            return model_class._model_mapping[type(config)]
-        return model_class
-    name = model_class or next(iter(getattr(config, "architectures", None) or []), None)
-    if name:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            raise TensorStreamError(f"model_class={name!r} is not a class of transformers {transformers.__version__}.")
-        return resolve_model_class(config, cls)
-    return resolve_model_class(config, transformers.AutoModel)
 
 
 def source_fingerprint(

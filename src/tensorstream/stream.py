@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .binding import bind_expanded, block_memory, expands_from_mapping, load_resident_blocks
 from .config import Config, parse_dtype
-from .engine import Engine, bind_expanded, block_memory, expands_from_mapping, load_resident_blocks
+from .engine import Engine
 from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan

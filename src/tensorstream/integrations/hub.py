@@ -19,30 +19,33 @@ or the model card), and streams straight from the Hub cache snapshot: no reshard
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
 import re
-import shutil
 import socket
-import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError, FormatError, HubUnavailableError, StaleStoreError
+from ..errors import ConfigError, FormatError, HubUnavailableError, StaleStoreError, TensorStreamError
 from ..format import DTYPES
-from ..reshard import reshard, resolve_model_class, resolve_source
 from ..store import MANIFEST_NAME, Store, read_json, validate_manifest
 
-__all__ = ["PushResult", "check_preshard", "download_preshard", "is_preshard", "prepare_repo", "pull", "push"]
+__all__ = [
+    "PushResult",
+    "check_preshard",
+    "download_preshard",
+    "is_preshard",
+    "resolve_model_class",
+    "resolve_source",
+]
 
 logger = logging.getLogger(__name__)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 #: Files of a store besides the ``.ts`` files the manifest names; the ones that exist are published and fetched.
 STORE_EXTRA_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -61,8 +64,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_TOKENIZER_GLOBS = ("*.tiktoken",)
-_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/[^/]+")
+TOKENIZER_GLOBS = ("*.tiktoken",)
+CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/[^/]+")
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return failure[0] if failure else None
 
 
-def _reconnect(offline: str | None) -> str:
+def reconnect_hint(offline: str | None) -> str:
     return (
         "Unset HF_HUB_OFFLINE, connect to the network"
         if offline and "HF_HUB_OFFLINE" in offline
@@ -201,13 +204,13 @@ def download_preshard(
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
     try:
-        manifest = _download_manifest(repo_id, revision, cache_dir, local_files_only, token, subfolder)
+        manifest = download_manifest(repo_id, revision, cache_dir, local_files_only, token, subfolder)
     except (EntryNotFoundError, HFValidationError, HfHubHTTPError):
         return None
-    return _download_store_files(repo_id, manifest, cache_dir, local_files_only, token, subfolder)
+    return download_store_files(repo_id, manifest, cache_dir, local_files_only, token, subfolder)
 
 
-def _download_manifest(
+def download_manifest(
     repo_id: str,
     revision: str | None,
     cache_dir: str | os.PathLike[str] | None,
@@ -230,7 +233,7 @@ def _download_manifest(
     )
 
 
-def _download_store_files(
+def download_store_files(
     repo_id: str,
     manifest_path: Path,
     cache_dir: str | os.PathLike[str] | None,
@@ -323,323 +326,96 @@ def check_preshard(
     return store
 
 
-def prepare_repo(
+def resolve_source(
     source: str | os.PathLike[str],
-    folder: str | os.PathLike[str],
     *,
-    storage_path: str | os.PathLike[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    model_class: type | str | None = None,
-    tokenizer: str | os.PathLike[str] | None = None,
-    base_model: str | None = None,
-    revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    copy: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Lay out the files of a preshard repo for ``source`` in ``folder`` (resharding first if needed).
-
-    Args:
-        source: a model folder or Hub id (resharded into ``storage_path``, or the up-to-date store reused), or a
-            folder that already holds a store (a store folder or a preshard snapshot), published as it is.
-        folder: where to write the repo's files; must be empty or not exist.
-        storage_path: where stores live, as in `tensorstream.reshard`.
-        dtype: convert floating-point weights when resharding, as in `tensorstream.reshard`.
-        model_class: the transformers class whose tensors the store holds, as in `tensorstream.reshard`.
-        tokenizer: a folder to take the tokenizer files from; defaults to the source folder.
-        base_model: the Hub id named as ``base_model`` in the model card; defaults to ``source`` when it is a Hub
-            id (or a Hub cache snapshot of one), else none.
-        revision: the Hub revision of ``source``.
-        cache_dir: the Hugging Face cache folder for ``source``.
-        local_files_only: never reach the Hub for ``source``.
-        token: the Hub token for ``source``.
-        copy: copy the files instead of linking them (symbolic links, the default, cost no space).
-        progress: show the reshard progress bar.
-
-    Returns:
-        `Path`: ``folder``.
-
-    Example:
-        ```python
-        >>> prepare_repo("./tiny-llama", "./tiny-llama-tensorstream", copy=True)
-        >>> sorted(p.name for p in Path("./tiny-llama-tensorstream").iterdir())[:3]
-        ['README.md', 'blocks', 'config.json']
-        ```
-    """
-    out = Path(folder).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} is not an empty folder; prepare_repo writes a fresh repo folder: pass a new one.")
-    src = resolve_source(
-        source, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token
-    )
-    if is_preshard(src):
-        if dtype is not None:
-            raise ConfigError(f"{src} is already a store; it is published as it is, so dtype= cannot apply. Drop it.")
-        store = Store.open(src, verify="header")
-    else:
-        store = Store.open(
-            reshard(src, storage_path, dtype=dtype, model_class=model_class, progress=progress), verify="header"
-        )
-    base_model = base_model or _hub_id(source) or _hub_id(str(src)) or _hub_id(str(store.manifest.get("source", "")))
-    base_model = base_model or _hub_id(str(store.manifest.get("folder", "")))
-    out.mkdir(parents=True, exist_ok=True)
-    place = shutil.copy2 if copy else _link
-    for name in store_files(store):
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        place(store.path / name, out / name)
-    for file in _tokenizer_files(tokenizer, src, store):
-        place(file, out / file.name)
-    (out / "README.md").write_text(model_card(store, base_model=base_model), encoding="utf-8")
-    return out
-
-
-def push(
-    source: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    commit_message: str | None = None,
-    storage_path: str | os.PathLike[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    model_class: type | str | None = None,
-    tokenizer: str | os.PathLike[str] | None = None,
-    base_model: str | None = None,
     revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool = False,
-    progress: bool = True,
-) -> PushResult:
-    """Reshard ``source`` if needed and publish it as a preshard repo ``repo_id`` on the Hub.
-
-    The repo is created if needed (``HfApi.create_repo(exist_ok=True)``). A first commit
-    (``HfApi.upload_folder``) uploads the ``.ts`` files, configs, index, tokenizer files and model card and removes
-    the manifest and block files of an earlier push; a second one adds ``tensorstream.json``, so a repo that has
-    a manifest always has every file it names.
-
-    Args:
-        source: a model folder or Hub id, or a folder that already holds a store.
-        repo_id: the repo to publish to, e.g. ``"org/model-tensorstream"``.
-        private: create the repo private (ignored when it exists).
-        token: a Hub token with write access; defaults to the one saved by ``hf auth login`` or ``HF_TOKEN``.
-        commit_message: the first commit's message.
-        storage_path: as in `prepare_repo`.
-        dtype: as in `prepare_repo`.
-        model_class: as in `prepare_repo`.
-        tokenizer: as in `prepare_repo`.
-        base_model: as in `prepare_repo`.
-        revision: the Hub revision of ``source``.
-        cache_dir: the Hugging Face cache folder for ``source``.
-        local_files_only: never reach the Hub for ``source``.
-        progress: show progress bars.
-
-    Returns:
-        `PushResult`: the repo id, the last commit's URL, and the files published.
-
-    Example:
-        ```python
-        >>> result = push("meta-llama/Llama-3.1-8B", "me/Llama-3.1-8B-tensorstream", dtype="bf16")
-        >>> result.commit_url
-        'https://huggingface.co/me/Llama-3.1-8B-tensorstream/commit/...'
-        ```
-    """
-    from huggingface_hub import HfApi
-
-    with tempfile.TemporaryDirectory(prefix="tensorstream-push-") as tmp:
-        staged = prepare_repo(
-            source,
-            Path(tmp) / "repo",
-            storage_path=storage_path,
-            dtype=dtype,
-            model_class=model_class,
-            tokenizer=tokenizer,
-            base_model=base_model,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            progress=progress,
-        )
-        files = sorted(_relative_files(staged))
-        total = sum((staged / name).stat().st_size for name in files)
-        api = HfApi(token=token)
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        logger.info("tensorstream: publishing %d files (%.3f GB) to %s", len(files), total / 1e9, url)
-        with _hub_progress_bars(progress):
-            api.upload_folder(
-                repo_id=url.repo_id,
-                folder_path=staged,
-                commit_message=commit_message or "Upload tensorstream store",
-                ignore_patterns=[MANIFEST_NAME],
-                delete_patterns=[MANIFEST_NAME, "blocks/*"],
-            )
-            commit = api.upload_file(
-                path_or_fileobj=str(staged / MANIFEST_NAME),
-                path_in_repo=MANIFEST_NAME,
-                repo_id=url.repo_id,
-                commit_message="Add tensorstream.json (the store is complete)",
-            )
-    return PushResult(repo_id=url.repo_id, commit_url=str(commit.commit_url), files=tuple(files), total_bytes=total)
-
-
-def pull(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
     subfolder: str = "",
 ) -> Path:
-    """Download what streaming a preshard repo needs into the Hub cache; returns the snapshot folder.
+    """The local folder holding ``source``: the folder itself, or the Hub snapshot (downloaded if needed).
+
+    For a preshard repo (one with ``tensorstream.json`` at its root) only the files streaming needs are downloaded.
 
     Raises:
-        `StaleStoreError`: ``repo_id`` has no ``tensorstream.json`` (it is not a preshard repo) or the snapshot is
-            incomplete. Errors of ``huggingface_hub`` (repo not found, no network) are raised as they are.
-
-    Example:
-        ```python
-        >>> folder = pull("org/tiny-llama-tensorstream")
-        >>> Store.open(folder).model_class
-        'LlamaForCausalLM'
-        ```
+        `FileNotFoundError`: ``source`` is neither a folder nor a repo available from the Hub or its cache.
     """
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = (path / subfolder) if subfolder else path
+        return folder.resolve()
+    if path.exists():
+        raise FormatError(f"{path} is a file; pass the model folder that holds config.json and the weights.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    check_repo_id(repo_id)
-    offline = None if local_files_only else hub_unreachable()
     try:
-        manifest = _download_manifest(
-            repo_id, revision, cache_dir, local_files_only or bool(offline), token, subfolder
-        )
-    except HFValidationError as err:
-        raise ConfigError(f"repo_id={repo_id!r} is not a valid Hub repo id ({err}).") from None
-    except LocalEntryNotFoundError as err:
-        where = f"{MANIFEST_NAME} of {repo_id!r}" + (f" (in {subfolder!r})" if subfolder else "")
-        if local_files_only:
-            raise StaleStoreError(
-                f"the local Hub cache has no {where}: the repo was never pulled here, or is not a tensorstream "
-                f"preshard repo. Run `tensorstream pull {repo_id}` with network access first."
+        check_repo_id(str(source))
+    except ConfigError:
+        raise FileNotFoundError(
+            f"{source!r} is neither a local folder nor a valid Hub repo id (namespace/name); check the path."
+        ) from None
+    offline = None if local_files_only else hub_unreachable()  # offline: the cache at once, no retries
+    online = not local_files_only
+    local_files_only = local_files_only or offline is not None
+    preshard = download_preshard(  # a preshard repo: only the manifest, the .ts files and the configs
+        str(source),
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        subfolder=subfolder,
+    )
+    if preshard is not None:
+        return preshard
+
+    def download(patterns: list[str]) -> Path:
+        try:
+            snapshot = snapshot_download(
+                str(source),
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=[f"{subfolder}/{p}" if subfolder else p for p in patterns],
+            )
+        except LocalEntryNotFoundError as err:
+            if online:  # offline mode, or a network error that huggingface_hub turned into this one
+                raise HubUnavailableError(
+                    f"{source!r} is not a local folder, the Hugging Face Hub cannot be reached "
+                    f"({offline or hub_error_cause(err)}) and the "
+                    "local Hub cache does not hold it. Connect to the network and retry, or pass a local folder."
+                ) from None
+            raise FileNotFoundError(
+                f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
             ) from None
-        raise HubUnavailableError(
-            f"the Hugging Face Hub cannot be reached ({offline or hub_error_cause(err)}) and the local cache has no "
-            f"{where}. "
-            f"{_reconnect(offline)} and run `tensorstream pull {repo_id}` again."
-        ) from None
-    except EntryNotFoundError:
-        where = f"in {subfolder!r}" if subfolder else "at its root"
-        raise StaleStoreError(
-            f"{repo_id!r} has no {MANIFEST_NAME} {where}{' in the local cache' if local_files_only else ''}: it is "
-            "not a tensorstream preshard repo. Stream it with from_pretrained(..., device_map='tensorstream'), which "
-            f"reshards it once, or publish one with `tensorstream push {repo_id} <namespace>/<name>-tensorstream`."
-        ) from None
-    folder = _download_store_files(repo_id, manifest, cache_dir, local_files_only, token, subfolder)
-    Store.open(folder, verify="header")
+        except HFValidationError as err:
+            raise FileNotFoundError(
+                f"{source!r} is not a local folder and could not be found on the Hub or in its cache ({err})."
+            ) from None
+        return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+    folder = download(_HUB_PATTERNS)
+    if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
+        # A repo with only PyTorch .bin weights: fetch those too (loaded later with weights_only=True).
+        folder = download([*_HUB_PATTERNS, "*.bin"])
     return folder
 
 
-def model_card(store: Store, *, base_model: str | None = None) -> str:
-    """The ``README.md`` of a preshard repo: YAML front matter for the Hub, then how to use the repo."""
-    from huggingface_hub import ModelCardData
+def resolve_model_class(config: Any, model_class: type | str | None) -> Any:
+    """The concrete transformers class to build: ``model_class``, else ``config.architectures[0]``."""
+    import transformers
 
-    from .. import __version__
-
-    card = ModelCardData(
-        library_name="tensorstream",
-        tags=["tensorstream"],
-        base_model=base_model,
-        pipeline_tag="text-generation" if store.model_class.endswith("ForCausalLM") else None,
-    )
-    dtypes = sorted({code for entry in store.entries() for code in entry.dtypes})
-    title = f"{base_model} for tensorstream" if base_model else f"{store.model_class} for tensorstream"
-    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A model"
-    return f"""---
-{card.to_yaml()}
----
-
-# {title}
-
-{origin} resharded by [tensorstream](https://github.com/tensorstream/tensorstream) into one `.ts` file per
-block, so that it streams block by block from fast storage into a GPU (or RAM) smaller than the model, without
-resharding on the machine that runs it.
-
-```python
-import tensorstream
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained(
-    "<this repo>", device_map="tensorstream", tensorstream_config=tensorstream.Config(budget_gb=8)
-)
-```
-
-Only the manifest, the `.ts` files and the configs are downloaded, and the model streams straight from the Hub
-cache. `tensorstream pull <this repo>` downloads them ahead of time. The repo also has a standard
-`model.safetensors.index.json`, so plain `from_pretrained("<this repo>")` loads it fully into memory.
-
-| | |
-| --- | --- |
-| model class | `{store.model_class}` |
-| blocks | {len(store.blocks)} |
-| size | {store.total_bytes / 1e9:.3f} GB |
-| dtypes | {", ".join(dtypes)} |
-| store format | {store.manifest.get("format_version")} (written by tensorstream {__version__}) |
-"""
-
-
-def _hub_id(text: str | os.PathLike[str]) -> str | None:
-    """``text`` as a Hub repo id: itself when it is one (and not a local path), or the repo of a Hub cache path."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    value = str(text)
-    if not value:
-        return None
-    match = _CACHE_SNAPSHOT.search(value)
-    if match:
-        return match.group("repo").replace("--", "/", 1)
-    if Path(value).expanduser().exists() or value.startswith((".", "/", "~")):
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return None
-    return value
-
-
-def _tokenizer_files(tokenizer: str | os.PathLike[str] | None, src: Path, store: Store) -> list[Path]:
-    candidates = [Path(tokenizer).expanduser()] if tokenizer else [src, Path(str(store.manifest.get("folder", "")))]
-    for folder in candidates:
-        if not str(folder) or not folder.is_dir():
-            continue
-        files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-        files += [p for pattern in _TOKENIZER_GLOBS for p in sorted(folder.glob(pattern)) if p.is_file()]
-        if files or tokenizer:
-            return files
-    return []
-
-
-@contextlib.contextmanager
-def _hub_progress_bars(enabled: bool) -> Iterator[None]:
-    """huggingface_hub's progress bars off while uploading when ``enabled`` is false (restored afterwards)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not enabled and not was_disabled:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and not was_disabled:
-            enable_progress_bars()
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.symlink_to(src.resolve())
-
-
-def _relative_files(folder: Path) -> Iterator[str]:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            yield path.relative_to(folder).as_posix()
+    if isinstance(model_class, type):
+        if hasattr(model_class, "_model_mapping"):  # an Auto class: resolve to the concrete one
+            return model_class._model_mapping[type(config)]
+        return model_class
+    name = model_class or next(iter(getattr(config, "architectures", None) or []), None)
+    if name:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise TensorStreamError(f"model_class={name!r} is not a class of transformers {transformers.__version__}.")
+        return resolve_model_class(config, cls)
+    return resolve_model_class(config, transformers.AutoModel)
