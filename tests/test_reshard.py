@@ -138,11 +138,11 @@ def test_interrupted_reshard_resumes(
     real_save = reshard_module.save_to_ts
     written: list[str] = []
 
-    def failing_save(tensors, path, metadata=None, *, block="", phases=None):  # type: ignore[no-untyped-def]
+    def failing_save(tensors, path, metadata=None, *, block="", **layout):  # type: ignore[no-untyped-def]
         if len(written) == 3:
             raise KeyboardInterrupt  # as if the process were stopped after three files
         written.append(block)
-        return real_save(tensors, path, metadata, block=block, phases=phases)
+        return real_save(tensors, path, metadata, block=block, **layout)
 
     monkeypatch.setattr(reshard_module, "save_to_ts", failing_save)
     with pytest.raises(KeyboardInterrupt):

@@ -35,6 +35,7 @@ __all__ = [
     "device_codec",
     "expands_from_mapping",
     "load_resident_blocks",
+    "maps_store",
     "parameter",
 ]
 
@@ -119,6 +120,11 @@ def block_memory(codec: BlockCodec, expand_mapped: bool) -> int:
     if not codec.encoded:
         return codec.header.data_size
     return codec.mapped_region_bytes if expand_mapped else codec.region_bytes
+
+
+def maps_store(config: Config, store: Store) -> bool:
+    """Whether the engine binds ``store``'s blocks as views of mappings of its files (plain store, CPU, mmap)."""
+    return store.kind is None and config.execution_device.type == "cpu" and backend_name(config, store) == "mmap"
 
 
 def expands_from_mapping(config: Config, store: Store) -> bool:

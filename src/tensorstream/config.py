@@ -115,6 +115,11 @@ class Config:
             the faster of buffered and ``O_DIRECT`` reads on this machine.
         host_cache_gb (`float`, defaults to 0):
             Pinned host RAM kept between disk and GPU for a fixed set of blocks (CUDA only).
+        expert_cache_gb (`float`, *optional*):
+            The part of the budget that caches routed experts of mixture-of-experts models (docs/moe.md), taken
+            before any block is kept resident. ``None``: what the budget has left once the resident blocks and the
+            streaming memory are placed. With the zero-copy mapped mode (CPU) the page cache is the expert cache and
+            this is not used.
         dtype (`str` or `torch.dtype`, *optional*):
             Convert floating-point weights to this dtype when resharding. ``None`` keeps the checkpoint's.
         quantize (`str`, *optional*):
@@ -148,6 +153,7 @@ class Config:
     backend: Backend = "auto"
     direct_io: bool | None = None
     host_cache_gb: float = 0.0
+    expert_cache_gb: float | None = None
     dtype: str | torch.dtype | None = None
     quantize: str | None = None
     compression: str | None = None
@@ -183,6 +189,13 @@ class Config:
         if host_cache < 0:
             raise ConfigError(f"host_cache_gb={self.host_cache_gb} must be 0 or more.")
         set_(self, "host_cache_gb", host_cache)
+        if self.expert_cache_gb is not None:
+            expert_cache = _as_float(self.expert_cache_gb, "expert_cache_gb")
+            if expert_cache < 0:
+                raise ConfigError(
+                    f"expert_cache_gb={self.expert_cache_gb} must be 0 or more, or None for what is left."
+                )
+            set_(self, "expert_cache_gb", expert_cache)
         if self.backend not in _BACKENDS:
             raise ConfigError(f"backend={self.backend!r} is not one of {', '.join(map(repr, _BACKENDS))}.")
         if self.verify not in _VERIFY:
@@ -380,7 +393,7 @@ Config.__init__ = _wrap_init(Config.__init__)  # type: ignore[method-assign]
 
 def _parse_env_value(name: str, raw: str, key: str) -> Any:
     raw = raw.strip()
-    if name in ("budget_gb", "vram_budget_gb", "host_cache_gb"):
+    if name in ("budget_gb", "vram_budget_gb", "host_cache_gb", "expert_cache_gb"):
         return None if raw.lower() in ("", "none", "auto") else _as_float(raw, key)
     if name in ("prefetch", "io_threads"):
         return _as_int(raw, key)

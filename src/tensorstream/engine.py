@@ -54,6 +54,7 @@ from .backends import Backend, get_backend
 from .binding import backend_name, block_memory, block_targets, device_codec, parameter
 from .config import Config
 from .errors import CorruptFileError, StaleStoreError, StreamingError
+from .experts import ExpertLayout, ExpertStreamer, check_modules, routed_layouts
 from .format import aligned_empty, read_data, verify_buffer
 from .plan import Plan
 from .readers import (
@@ -73,6 +74,12 @@ __all__ = ["Engine"]
 
 logger = logging.getLogger(__name__)
 MIN_REQUEST = 4 << 20
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 4096) * 4096
+
+
 MAX_REQUEST = 64 << 20
 
 
@@ -176,7 +183,24 @@ class Engine(BlockReaders):
         self._last_read: tuple[StreamedBlock, torch.Tensor] | None = None
         self.executor = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="tensorstream-io")
         self._resources.executor = self.executor
+        self.experts = ExpertStreamer(self, self._routed(store, plan, modules), plan.expert_cache_bytes)
+        self._resources.experts = self.experts
         self._fill()
+
+    def _routed(
+        self, store: Store, plan: Plan, modules: Mapping[str, nn.Module]
+    ) -> list[tuple[ExpertLayout, nn.Module, StreamedBlock]]:
+        """The routed experts of the plan's routed blocks: each block loads without them (`StreamedBlock.route`)."""
+        layouts = {name: layout for name, layout in routed_layouts(store).items() if name in plan.routed}
+        check_modules(layouts, modules)
+        layers = []
+        for name, layout in layouts.items():
+            block = self.blocks[self.index[name]]
+            module = modules[name].get_submodule(layout.module[len(name) + 1 :])
+            attrs = {(id(module), t.attr) for t in layout.tensors}
+            block.route(layout.prefix_bytes, layout.prefix_checksum, attrs, self.mapped)
+            layers.append((layout, module, block))
+        return layers
 
     def _load_host_cache(self, cached: tuple[str, ...]) -> None:
         """Read the host-cache tier's blocks into pinned RAM once (chosen by the planner, never evicted)."""
@@ -268,18 +292,18 @@ class Engine(BlockReaders):
         views = self._views.get(key)
         if views is None:
             buf = self._mapped_data(block) if self.mapped else self.slots.device_buffer(slot)
-            views = [parameter(buf, target, self.realign) for target in block.targets]
+            views = [parameter(buf, target, self.realign) for target in block.bound_targets]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
             self._views[key] = views
         self.bound = (b, slot)  # first: an interrupt while binding leaves placeholders that `_unbind` restores
-        for (module, attr, *_), param in zip(block.targets, views, strict=True):
+        for (module, attr, *_), param in zip(block.bound_targets, views, strict=True):
             module._parameters[attr] = param
 
     def _unbind(self) -> None:
         assert self.bound is not None
         b, slot = self.bound
-        for module, attr, placeholder, *_ in self.blocks[b].targets:
+        for module, attr, placeholder, *_ in self.blocks[b].bound_targets:
             module._parameters[attr] = placeholder
         self.bound = None
         self.pipeline.pop(b, None)
@@ -323,7 +347,10 @@ class Engine(BlockReaders):
     def _issue(self, b: int) -> Load | None:
         """Start reading block ``b`` into a new region of the arena; None when the arena has no room for it now."""
         block = self.blocks[b]
-        slot = self.slots.allocate(block_memory(block.codec, self.expand_mapped))
+        routed = block.read_bytes < block.header.data_size
+        slot = self.slots.allocate(
+            _aligned(block.read_bytes) if routed else block_memory(block.codec, self.expand_mapped)
+        )
         if slot is None:
             return None
         if block.cached is not None:
@@ -332,7 +359,7 @@ class Engine(BlockReaders):
             self._submit(load, [(self._copy_cached, load, block)])
             return load
         align = self.backend.alignment
-        size = -(-block.header.data_size // align) * align
+        size = -(-block.read_bytes // align) * align
         if self.slots.direct and block.shifted:  # reads land in device memory: each run at its aligned place
             chunks = [
                 (start, min(start + self.request, end), shift)
@@ -362,6 +389,7 @@ class Engine(BlockReaders):
                 load.abandoned = True
                 while load.running:
                     load.idle.wait()
+        self.experts.repair()
         for block in self.blocks:
             for module, attr, placeholder, *_ in block.targets:
                 module._parameters[attr] = placeholder

@@ -24,7 +24,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -159,16 +159,20 @@ def _as_bytes_view(tensor: torch.Tensor) -> memoryview:
 
 
 def _layout(
-    tensors: Mapping[str, torch.Tensor], phases: Mapping[str, int]
+    tensors: Mapping[str, torch.Tensor], phases: Mapping[str, int], tail: Sequence[str] = ()
 ) -> list[tuple[str, str, tuple[int, ...], int, int]]:
     """(name, dtype code, shape, start, end) for tensors and fillers, in data order.
 
     Every tensor starts at its phase modulo 64 (0 unless ``phases`` says otherwise), and ``start - phase`` (the
-    64-byte aligned place a device copy moves it to) is past the previous tensor's aligned place.
+    64-byte aligned place a device copy moves it to) is past the previous tensor's aligned place. The ``tail``
+    tensors come last, in that order (a block's routed experts: the rest of the block is one prefix of the data).
     """
-    first = [name for name, t in tensors.items() if (t.numel() * t.element_size()) % TENSOR_ALIGNMENT == 0]
-    rest = [name for name in tensors if name not in set(first)]
+    last = [name for name in tail if name in tensors]
+    head = {name: t for name, t in tensors.items() if name not in set(last)}
+    first = [name for name, t in head.items() if (t.numel() * t.element_size()) % TENSOR_ALIGNMENT == 0]
+    rest = [name for name in head if name not in set(first)]
     rest.sort(key=lambda name: -tensors[name].element_size())  # stable: keeps order among equal item sizes
+    rest += last
     layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
     offset = 0
     aligned_end = 0
@@ -196,6 +200,7 @@ def save_to_ts(
     *,
     block: str = "",
     phases: Mapping[str, int] | None = None,
+    tail: Sequence[str] = (),
 ) -> TsHeader:
     """Write tensors to a ``.ts`` file, atomically (a temporary file, fsync, then rename).
 
@@ -214,6 +219,9 @@ def save_to_ts(
             that offset modulo 64, so a CPU view of it sits at the same address modulo 64 as the tensor the store
             was made from (some CPU kernels give other bits for other alignments). Recorded in ``__metadata__``
             as ``phases``; omitted tensors are 64-byte aligned. See ``docs/format.md``.
+        tail (`Sequence[str]`, *optional*):
+            Tensors written after all the others, in this order (a block's routed experts, see
+            `tensorstream.experts`), so that the other tensors are one prefix of the data section.
 
     Returns:
         `TsHeader`: the header of the written file.
@@ -252,7 +260,7 @@ def save_to_ts(
             raise FormatError(
                 f"save_to_ts({path}): phase {phase!r} of {name!r} is not a multiple of its item size below 64."
             )
-    layout = _layout(cpu, phases)
+    layout = _layout(cpu, phases, tail)
     views = [
         _as_bytes_view(cpu[name]) if not name.startswith(PAD_PREFIX) else bytes(end - start)
         for name, _, _, start, end in layout

@@ -34,10 +34,11 @@ evicted, so a per-step scan over a model larger than RAM cannot thrash it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,12 @@ class Plan:
         cached: streamed blocks served from the pinned host cache tier instead of storage.
         arena_bytes: the streaming memory: enough for the ``num_slots`` largest consecutive streamed blocks (in
             execution order, wrapping around), each in a region of its own size.
+        routed: streamed blocks whose experts are routed (`tensorstream.experts`): a load reads the block without
+            its experts (``stream_bytes``), and each forward reads only the experts its router picks.
+        stream_bytes: what one load of each routed block holds (the rest of ``block_bytes`` is its experts).
+        expert_mode: ``"mapped"`` (the page cache is the expert cache) or ``"slots"`` (a compact buffer of
+            ``expert_work_bytes`` and an expert cache of ``expert_cache_bytes``, both in the budget).
+        whole_block_reason: why a mixture-of-experts model streams whole blocks (empty when it does not).
     """
 
     budget_bytes: int
@@ -317,6 +324,13 @@ class Plan:
     units: tuple[str, ...] = ()
     #: ``(module path, bytes, why)`` of the largest non-block parts (see `resident_parts`), for `describe`.
     non_block_parts: tuple[tuple[str, int, str], ...] = ()
+    routed: tuple[str, ...] = ()
+    stream_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    expert_mode: str = ""
+    expert_work_bytes: int = 0
+    expert_cache_bytes: int = 0
+    expert_slot_bytes: int = 0
+    whole_block_reason: str = ""
 
     @property
     def prefetch(self) -> int:
@@ -329,8 +343,9 @@ class Plan:
 
     @property
     def device_bytes(self) -> int:
-        """Peak weight bytes on the device: resident weights plus the arena (never above the budget)."""
-        return self.resident_bytes + self.arena_bytes
+        """Peak weight bytes on the device: resident weights, the arena, the experts' buffer and cache (never above
+        the budget)."""
+        return self.resident_bytes + self.arena_bytes + self.expert_work_bytes + self.expert_cache_bytes
 
     @property
     def streamed_bytes(self) -> int:
@@ -383,6 +398,8 @@ class Plan:
         total = len(self.resident) + len(self.streamed)
         if not self.streamed:
             return f"{head}, all {total} blocks resident, nothing streamed"
+        if self.whole_block_reason:
+            head += f"; {self.whole_block_reason}"
         cached = (
             f", {len(self.cached)} of them from pinned RAM ({format_gb(self.cached_bytes)})" if self.cached else ""
         )
@@ -391,7 +408,23 @@ class Plan:
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
             f"({format_gb(self.streamed_bytes)} per pass) through an arena of {format_gb(self.arena_bytes)} "
             f"(up to {self.num_slots} block{'s' * (self.num_slots > 1)} in flight, "
-            f"largest {format_gb(self.slot_bytes)}; prefetch {self.prefetch}){cached}"
+            f"largest {format_gb(self.slot_bytes)}; prefetch {self.prefetch}){cached}{self._describe_experts()}"
+        )
+
+    def _describe_experts(self) -> str:
+        if not self.routed:
+            return ""
+        experts = sum(self.block_bytes[name] - self.stream_bytes[name] for name in self.routed)
+        text = (
+            f"; {len(self.routed)} streamed blocks read only their routed experts ({format_gb(experts)} of experts "
+            "per pass, read as the router picks them)"
+        )
+        if self.expert_mode == "mapped":
+            return text + ", mapped: the page cache is the expert cache"
+        slots = self.expert_cache_bytes // self.expert_slot_bytes if self.expert_slot_bytes else 0
+        return (
+            text + f", gathered in a buffer of {format_gb(self.expert_work_bytes)}, expert cache "
+            f"{format_gb(self.expert_cache_bytes)} ({slots} experts)"
         )
 
 
@@ -450,6 +483,7 @@ def make_plan(
     *,
     host_cache_bytes: int = 0,
     prefer_resident: Collection[str] = (),
+    stream_sizes: Mapping[str, int] | None = None,
 ) -> Plan:
     """Split ``budget_bytes`` between resident weights and the streaming arena (see the module docstring).
 
@@ -461,6 +495,8 @@ def make_plan(
         host_cache_bytes: pinned host RAM for the cache tier (0: none).
         prefer_resident: blocks kept resident before the others (module units, see `find_units`: they stream
             only when the budget needs it).
+        stream_sizes: bytes one load of a block takes when it streams, where that is less than its size (a block
+            whose routed experts are read apart, see `tensorstream.experts`).
 
     Raises:
         `BudgetError`: the budget cannot hold the non-block weights plus the largest block; the message names
@@ -474,6 +510,7 @@ def make_plan(
         ```
     """
     sizes = dict(blocks)
+    loads = {**sizes, **(stream_sizes or {})}  # what a streamed block takes in the arena
     order = [name for name, _ in blocks]
     if non_block_bytes + sum(sizes.values()) <= budget_bytes:
         return Plan(budget_bytes, non_block_bytes, tuple(order), (), 0, 0, sizes)
@@ -497,10 +534,10 @@ def make_plan(
                 continue
             streamed = in_order(names[keep:])
             num_slots = min(wanted, len(streamed))
-            arena = arena_bytes([sizes[name] for name in streamed], num_slots)
+            arena = arena_bytes([loads[name] for name in streamed], num_slots)
             if resident_prefix[keep] + arena <= budget_bytes:
                 cached = _spread(streamed, sizes, host_cache_bytes)
-                slot = _aligned(max(sizes[name] for name in streamed))
+                slot = _aligned(max(loads[name] for name in streamed))
                 return Plan(
                     budget_bytes,
                     non_block_bytes,
@@ -514,7 +551,7 @@ def make_plan(
                 )
     slots = min(min_slots, len(names))
     minimum, keep = min(
-        (resident_prefix[k] + arena_bytes([sizes[n] for n in in_order(names[k:])], slots), -k)
+        (resident_prefix[k] + arena_bytes([loads[n] for n in in_order(names[k:])], slots), -k)
         for k in range(len(names))
     )
     arena = minimum - resident_prefix[-keep]

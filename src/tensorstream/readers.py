@@ -83,6 +83,22 @@ class StreamedBlock:
         self.verified = False
         #: (device, inode, size, mtime) of the file when the engine opened it; `Engine.read_block` re-checks it.
         self.identity: tuple[int, ...] = ()
+        #: bytes a load reads (and a slot holds), and their checksum: the whole data, or the part before the routed
+        #: experts (`route`)
+        self.read_bytes = codec.header.data_size
+        self.checksum = entry.checksum
+        #: the targets a load binds (the routed experts' are bound by `tensorstream.experts.ExpertStreamer`)
+        self.bound_targets = targets
+
+    def route(self, prefix_bytes: int, prefix_checksum: str, expert_attrs: set[tuple[int, str]], mapped: bool) -> None:
+        """Load only the data before the routed experts; with slots, leave the experts' parameters to the streamer
+        (``expert_attrs``: ``(id(module), attribute)`` of the fused tensors). Mapped, the experts stay bound as views
+        of the mapping: only the routed experts' pages are ever read."""
+        self.read_bytes = prefix_bytes
+        self.checksum = prefix_checksum
+        self.runs = [(s, min(e, prefix_bytes), shift) for s, e, shift in self.runs if s < prefix_bytes]
+        if not mapped:
+            self.bound_targets = [t for t in self.targets if (id(t[0]), t[1]) not in expert_attrs]
 
 
 class BlockReaders:
@@ -185,7 +201,7 @@ class BlockReaders:
             self.slots.prepare_read(load.slot)
             runs = block.runs if self.realign else None
             self.slots.finish_read(
-                load.slot, block.header.data_size, source=block.cached, codec=slot_codec(block), runs=runs
+                load.slot, block.read_bytes, source=block.cached, codec=slot_codec(block), runs=runs
             )
             with self.stats._lock:
                 self.stats.cache_loads += 1
@@ -206,7 +222,7 @@ class BlockReaders:
                 at = block.codec.compact_offset  # an encoded block is read behind the room it expands into
                 target = self.slots.read_target(load.slot)[at + start - shift : at + end - shift]
                 n = self.backend.read_into(block.handle, block.header.data_offset + start, target)
-            expected = min(end, block.header.data_size) - start
+            expected = min(end, block.read_bytes) - start
             if n < expected:
                 raise CorruptFileError(
                     f"{self.store.file(block.entry)}: file ended {expected - n} bytes early at data offset "
@@ -230,19 +246,19 @@ class BlockReaders:
         """The last chunk of a read is in: verify it if asked, start the device copy, wake the model thread."""
         try:
             if load.error is None:
-                size = block.header.data_size
+                size = block.read_bytes
                 if self.verify_checksum or (self.verify_first_read and not block.verified):
                     if self.mapped or self.expand_mapped:
-                        view = self._mapped_data(block).numpy().data
+                        view = self._mapped_data(block)[:size].numpy().data
                     elif self.slots.direct and block.shifted:
                         view = self._file_layout(load.slot, block)
                     else:
                         view = self.slots.host_view(load.slot, size, block.codec.compact_offset)
                     actual = data_checksum(view)
-                    if actual != block.entry.checksum:
+                    if actual != block.checksum:
                         raise CorruptFileError(
                             f"{self.store.file(block.entry)}: data checksum {actual} does not match "
-                            f"{block.entry.checksum}; the file is damaged. "
+                            f"{block.checksum}; the file is damaged. "
                             f"{repair_hint(self.store.path, sentence=True)}"
                         )
                     block.verified = True
@@ -262,7 +278,7 @@ class BlockReaders:
 
     def _file_layout(self, slot: Any, block: StreamedBlock) -> memoryview:
         """The data section as the file holds it, from a direct read that put each run at its aligned place."""
-        host = torch.zeros(block.header.data_size, dtype=torch.uint8)  # fillers are zeros
+        host = torch.zeros(block.read_bytes, dtype=torch.uint8)  # fillers are zeros
         device = self.slots.device_buffer(slot)
         for start, end, shift in block.runs:
             host[start:end].copy_(device[start - shift : end - shift])
@@ -293,9 +309,12 @@ class Resources:
         self.backend = backend
         self.executor: ThreadPoolExecutor | None = None
         self.slots: Any = None
+        self.experts: Any = None
         self.handles: list[Any] = []
 
     def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
         if self.executor is not None:
             # The engine may be collected on one of its own reader threads, which cannot join itself.
             on_reader = threading.current_thread().name.startswith("tensorstream-io")

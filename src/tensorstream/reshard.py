@@ -50,6 +50,7 @@ from .errors import (
     StorageFullError,
     TensorStreamError,
 )
+from .experts import EXPERTS_KEY, add_checksums, experts_record, whole_block_reason
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
@@ -376,7 +377,7 @@ def reshard(
                 source_info,
                 progress,
                 kind,
-                phase_of=_source_phases(loader),
+                phase_of=_source_phases(loader, staging / "_offload"),
             )
             for name in ("generation_config.json",):
                 if (folder / name).is_file():
@@ -548,22 +549,29 @@ def initialised_tensor(model: nn.Module, name: str, placeholder: torch.Tensor) -
     return values[0]
 
 
-def _source_phases(loader: Mapping[str, torch.Tensor]) -> Callable[[str, torch.Tensor], int]:
+def _source_phases(loader: Mapping[str, torch.Tensor], offload_folder: Path) -> Callable[[str, torch.Tensor], int]:
     """Where a resident CPU load puts each tensor, modulo 64: its address phase in the mapped source file.
 
-    transformers binds a tensor it reads from a safetensors file unchanged (same dtype, any name) as a view of the
-    file's memory map, so its address modulo 64 is its offset in the file modulo 64; some CPU kernels give other bits
-    for other alignments (``torch._grouped_mm``, oneDNN convolutions). A tensor transformers converted (fused,
-    cast, or read from a ``.bin`` file) is a fresh allocation, 64-byte aligned: phase 0.
+    transformers binds a tensor it reads from a safetensors file of the checkpoint unchanged (same dtype, any name) as
+    a view of the file's memory map, so its address modulo 64 is its offset in the file modulo 64; some CPU kernels
+    give other bits for other alignments (``torch._grouped_mm``, oneDNN convolutions). A tensor transformers
+    converted at load (experts fused into one ``[E, ...]`` tensor, a cast, a ``.bin`` file) is a fresh allocation,
+    64-byte aligned: phase 0. The disk offload index names, for a converted tensor, the file transformers wrote it to
+    in ``offload_folder``, never a file of the checkpoint: only the checkpoint's own files give a phase.
     """
     index = getattr(loader, "index", None) or {}
     headers: dict[str, TsHeader | None] = {}
+    written = offload_folder.resolve()
 
     def phase_of(name: str, tensor: torch.Tensor) -> int:
         entry = index.get(name)
         if not isinstance(entry, dict) or not isinstance(entry.get("safetensors_file"), str):
             return 0
         file = entry["safetensors_file"]
+        if (
+            Path(file).resolve().is_relative_to(written)
+        ):  # written by transformers at load: converted, a fresh allocation
+            return 0
         if file not in headers:
             try:
                 headers[file] = read_ts_header(file, require_ts=False)
@@ -638,6 +646,7 @@ def _write_store(
     )
     entries: list[dict[str, Any]] = []
     weight_map: dict[str, str] = {}
+    experts: dict[str, list[dict[str, Any]]] = {}
     reused = 0
     encoded = 0
     with bar:
@@ -649,6 +658,8 @@ def _write_store(
             encoding = kind if block else None
             header = _reusable(path, block, encoding)
             nbytes = sum(_nbytes(t) for t in owned[block].values())
+            routed = experts_record(model, block, list(owned[block])) if block and encoding is None else []
+            tail = [name for item in routed for name in item["tensors"]]
             if header is None:
                 tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
                 phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
@@ -660,7 +671,7 @@ def _write_store(
                     described = json.loads(meta)["tensors"]
                     encoded += len(described)
                     phases = {n: p for n, p in phases.items() if n not in described}
-                header = save_to_ts(tensors, path, metadata, block=block, phases=phases)
+                header = save_to_ts(tensors, path, metadata, block=block, phases=phases, tail=tail)
                 del tensors
                 bar.update(nbytes)
             else:  # written by an interrupted run: not part of this run's throughput
@@ -679,6 +690,8 @@ def _write_store(
                 entry["memory_size"] = BlockCodec(header).region_bytes
             entries.append(entry)
             weight_map.update(dict.fromkeys(header.tensors, rel))
+            if routed:
+                experts[block] = [add_checksums(item, header) for item in routed]
     if kind is not None and not encoded and not reused:
         what = "no 16-bit floating-point weight" if kind == "lossless" else "no weight matrix it can quantize"
         logger.warning(
@@ -715,6 +728,11 @@ def _write_store(
         # the largest parts outside the units, with why each is not streamed (shown by Plan.describe)
         "resident_parts": [list(part) for part in resident_parts(model, units)],
     }
+    if experts:  # each block's routed experts (tensorstream.experts): stored last, with per-expert checksums
+        manifest[EXPERTS_KEY] = experts
+    reason = whole_block_reason(model, blocks)
+    if reason:  # a mixture of experts outside transformers' experts interface: said by Plan.describe
+        manifest["whole_block_experts"] = reason
     _write_json(staging / MANIFEST_NAME, manifest)
 
 

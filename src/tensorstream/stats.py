@@ -27,6 +27,12 @@ class StreamStats:
         blocks_run: streamed block forwards.
         cache_loads: block loads served from the pinned host cache tier instead of storage.
         resident_blocks, streamed_blocks, num_slots, backend: the plan and backend in use.
+        expert_bytes_read: bytes of routed experts read (mixture-of-experts models, docs/moe.md; not counted in
+            ``bytes_read``). In the mapped mode this counts the ranges made present, page-cache hits included.
+        experts_routed: experts the routers picked, summed over layers and forwards (each counted once per forward).
+        expert_hits, expert_misses: routed experts served from the expert cache, and read from the store (slots).
+        experts_predicted, experts_predicted_used: experts read ahead from the previous layer's guess, and how many
+            of those the router then picked (`prediction_accuracy`).
         store_kind: ``"plain"``, ``"int8"``, ``"int4"`` or ``"lossless"`` (docs/quantization.md); ``bytes_read``
             counts the bytes of the store's files, compact for the last three.
         rss_anon_bytes, rss_file_bytes: this process's anonymous and file-backed resident memory now (properties,
@@ -43,6 +49,12 @@ class StreamStats:
     read_seconds: float = 0.0
     blocks_run: int = 0
     cache_loads: int = 0
+    expert_bytes_read: int = 0
+    experts_routed: int = 0
+    expert_hits: int = 0
+    expert_misses: int = 0
+    experts_predicted: int = 0
+    experts_predicted_used: int = 0
     resident_blocks: int = 0
     streamed_blocks: int = 0
     num_slots: int = 0
@@ -54,6 +66,11 @@ class StreamStats:
     def read_gb_per_s(self) -> float:
         """Read throughput while reads were in progress, in GB/s (10^9 bytes)."""
         return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+    @property
+    def prediction_accuracy(self) -> float:
+        """Of the experts read ahead on a guess, the fraction the router then picked (0 when none were guessed)."""
+        return self.experts_predicted_used / self.experts_predicted if self.experts_predicted else 0.0
 
     @property
     def rss_anon_bytes(self) -> int:
@@ -69,7 +86,8 @@ class StreamStats:
         """Zero the counters (the plan fields stay)."""
         with self._lock:
             self.bytes_read = self.blocks_loaded = self.prefetch_hits = self.sync_loads = self.blocks_run = 0
-            self.cache_loads = 0
+            self.cache_loads = self.expert_bytes_read = self.experts_routed = self.expert_hits = 0
+            self.expert_misses = self.experts_predicted = self.experts_predicted_used = 0
             self.wait_seconds = self.read_seconds = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,6 +100,12 @@ class StreamStats:
             "read_seconds",
             "blocks_run",
             "cache_loads",
+            "expert_bytes_read",
+            "experts_routed",
+            "expert_hits",
+            "expert_misses",
+            "experts_predicted",
+            "experts_predicted_used",
             "resident_blocks",
             "streamed_blocks",
             "num_slots",
@@ -92,17 +116,25 @@ class StreamStats:
         return {
             **{name: getattr(self, name) for name in fields},
             "read_gb_per_s": self.read_gb_per_s,
+            "prediction_accuracy": self.prediction_accuracy,
             "rss_anon_bytes": memory["anon"],
             "rss_file_bytes": memory["file"],
         }
 
     def __str__(self) -> str:
+        experts = ""
+        if self.experts_routed:
+            experts = (
+                f"; experts: {self.experts_routed} routed, {self.expert_bytes_read / 1e9:.3f} GB read, "
+                f"{self.expert_hits} cache hits, {self.expert_misses} misses, "
+                f"{self.prediction_accuracy:.0%} of {self.experts_predicted} guesses used"
+            )
         return (
             f"StreamStats(read {self.bytes_read / 1e9:.3f} GB in {self.blocks_loaded} block loads at "
             f"{self.read_gb_per_s:.2f} GB/s, {self.prefetch_hits} prefetch hits, {self.sync_loads} sync loads, "
             f"waited {self.wait_seconds:.3f} s over {self.blocks_run} block forwards; {self.resident_blocks} "
             f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend}"
-            f"{'' if self.store_kind == 'plain' else f', {self.store_kind} store'}; "
+            f"{'' if self.store_kind == 'plain' else f', {self.store_kind} store'}{experts}; "
             f"RSS {self.rss_anon_bytes / 1e9:.3f} GB anonymous + {self.rss_file_bytes / 1e9:.3f} GB file-backed)"
         )
 

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .binding import bind_expanded, block_memory, expands_from_mapping, load_resident_blocks
+from .binding import bind_expanded, block_memory, expands_from_mapping, load_resident_blocks, maps_store
 from .config import Config, parse_dtype
 from .engine import Engine
-from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
+from .errors import BudgetError, ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
+from .experts import routed_layouts
 from .hooks import attach_hooks, remove_hooks
-from .plan import Plan, auto_budget_bytes, find_blocks, log_plan, make_plan
+from .plan import Plan, auto_budget_bytes, find_blocks, format_gb, gb_rounded_up, log_plan, make_plan
 from .reshard import reshard_module
 from .stats import StreamStats
 from .store import Store
@@ -82,12 +83,76 @@ def plan_for(store: Store, config: Config) -> Plan:
         )
         host_cache = 0
     units = store.manifest.get("units", [])
-    plan = make_plan(
-        store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
+    plan = _plan_with_experts(store, config, blocks, budget, host_cache, units)
+    reason = store.manifest.get("whole_block_experts")
+    plan = dataclasses.replace(
+        plan,
+        units=tuple(units),
+        non_block_parts=_non_block_parts(store),
+        whole_block_reason=reason if isinstance(reason, str) and store.kind is None else "",
     )
-    plan = dataclasses.replace(plan, units=tuple(units), non_block_parts=_non_block_parts(store))
     log_plan(plan, config.prefetch)
     return plan
+
+
+def _plan_with_experts(
+    store: Store, config: Config, blocks: list[tuple[str, int]], budget: int, host_cache: int, units: list[str]
+) -> Plan:
+    """`make_plan`, with the routed experts of mixture-of-experts blocks as a unit kind of their own.
+
+    A streamed block whose experts are routed (`tensorstream.experts.routed_layouts`) takes its size without the
+    experts in the arena. Unless its store is mapped on the CPU (where the page cache holds experts), the budget
+    also holds a buffer that gathers one layer's routed experts (as large as all experts of the largest layer, for a
+    long prompt) and the expert cache: ``expert_cache_gb`` if given, else what the plan leaves over.
+    """
+    layouts = routed_layouts(store)
+    plain = make_plan(
+        store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
+    )
+    if not layouts or not plain.streamed:
+        return plain
+    mapped = maps_store(config, store)
+    loads = {name: -(-layout.prefix_bytes // 4096) * 4096 for name, layout in layouts.items()}
+    work = 0 if mapped else max(layout.all_bytes for layout in layouts.values())
+    wanted = round(config.expert_cache_gb * 1e9) if config.expert_cache_gb is not None and not mapped else 0
+    try:
+        plan = make_plan(
+            store.non_block.data_size,
+            blocks,
+            budget - work - wanted,
+            config.prefetch,
+            host_cache_bytes=host_cache,
+            prefer_resident=units,
+            stream_sizes=loads,
+        )
+    except BudgetError as err:
+        minimum = None if err.minimum_bytes is None else err.minimum_bytes + work + wanted
+        raise BudgetError(
+            f"{err} This mixture-of-experts model also needs {format_gb(work)} to gather one layer's routed experts"
+            f"{f' and {format_gb(wanted)} of expert cache (expert_cache_gb)' if wanted else ''}: budget_gb of at "
+            f"least {gb_rounded_up(minimum or 0)} in all.",
+            minimum,
+        ) from None
+    routed = tuple(name for name in plan.streamed if name in layouts)
+    if not routed:
+        return plain
+    slot = max(layouts[name].slot_bytes for name in routed)
+    if mapped:
+        cache = 0
+    elif config.expert_cache_gb is not None:
+        cache = wanted
+    else:
+        cache = max(budget - plan.device_bytes - work, 0)
+    cache = min(cache, sum(layouts[name].num_experts for name in routed) * slot) // slot * slot
+    return dataclasses.replace(
+        plan,
+        routed=routed,
+        stream_bytes={name: loads[name] for name in routed},
+        expert_mode="mapped" if mapped else "slots",
+        expert_work_bytes=work,
+        expert_cache_bytes=cache,
+        expert_slot_bytes=slot,
+    )
 
 
 def _non_block_parts(store: Store, limit: int = 8) -> tuple[tuple[str, int, str], ...]:
