@@ -120,6 +120,9 @@ class Config:
             before any block is kept resident. ``None``: what the budget has left once the resident blocks and the
             streaming memory are placed. With the zero-copy mapped mode (CPU) the page cache is the expert cache and
             this is not used.
+        routed_experts (`bool`, defaults to `True`):
+            Read only the routed experts of a streamed mixture-of-experts block (docs/moe.md). ``False`` streams
+            whole blocks, every expert every step (for comparison; same results).
         dtype (`str` or `torch.dtype`, *optional*):
             Convert floating-point weights to this dtype when resharding. ``None`` keeps the checkpoint's.
         quantize (`str`, *optional*):
@@ -154,6 +157,7 @@ class Config:
     direct_io: bool | None = None
     host_cache_gb: float = 0.0
     expert_cache_gb: float | None = None
+    routed_experts: bool = True
     dtype: str | torch.dtype | None = None
     quantize: str | None = None
     compression: str | None = None
@@ -200,6 +204,9 @@ class Config:
             raise ConfigError(f"backend={self.backend!r} is not one of {', '.join(map(repr, _BACKENDS))}.")
         if self.verify not in _VERIFY:
             raise ConfigError(f"verify={self.verify!r} is not one of {', '.join(map(repr, _VERIFY))}.")
+        if not isinstance(self.routed_experts, bool):
+            routed = _as_optional_bool(self.routed_experts, "routed_experts")
+            set_(self, "routed_experts", True if routed is None else routed)
         if self.direct_io is not None and not isinstance(self.direct_io, bool):
             set_(self, "direct_io", _as_optional_bool(self.direct_io, "direct_io"))
         set_(self, "dtype", parse_dtype(self.dtype))
@@ -397,7 +404,7 @@ def _parse_env_value(name: str, raw: str, key: str) -> Any:
         return None if raw.lower() in ("", "none", "auto") else _as_float(raw, key)
     if name in ("prefetch", "io_threads"):
         return _as_int(raw, key)
-    if name == "direct_io":
+    if name in ("direct_io", "routed_experts"):
         return _as_optional_bool(raw, key)
     if name in ("quantize", "compression") and raw.lower() in ("", "none", "off"):
         return None

@@ -54,7 +54,8 @@ from .backends import Backend, get_backend
 from .binding import backend_name, block_memory, block_targets, device_codec, parameter
 from .config import Config
 from .errors import CorruptFileError, StaleStoreError, StreamingError
-from .experts import ExpertLayout, ExpertStreamer, check_modules, routed_layouts
+from .expert_streamer import ExpertStreamer
+from .experts import ExpertLayout, check_modules, routed_layouts
 from .format import aligned_empty, read_data, verify_buffer
 from .plan import Plan
 from .readers import (

@@ -109,7 +109,7 @@ def _plan_with_experts(
     plain = make_plan(
         store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
     )
-    if not layouts or not plain.streamed:
+    if not layouts or not plain.streamed or not config.routed_experts:
         return plain
     mapped = maps_store(config, store)
     loads = {name: -(-layout.prefix_bytes // 4096) * 4096 for name, layout in layouts.items()}
