@@ -16,6 +16,7 @@ their experts).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def make(folder: Path, layers: int) -> None:
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
     total = 0
-    for i, (key, names) in enumerate(sorted(groups.items())):
+    for i, (_, names) in enumerate(sorted(groups.items())):
         file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         if (folder / file).exists():
             weight_map.update(dict.fromkeys(names, file))
@@ -121,6 +122,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
     import tensorstream
+    from tensorstream.bench import active_step_bytes
 
     torch.manual_seed(0)
     folder = Path(args.folder)
@@ -137,7 +139,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         kwargs = {"device_map": "tensorstream", "tensorstream_config": config}
     else:  # accelerate's disk offload at the same budget
         offload = store_root / "accelerate-offload"
-        kwargs = {"device_map": "auto", "max_memory": {"cpu": int(args.budget_gb * 1e9)}, "offload_folder": str(offload)}
+        kwargs = {
+            "device_map": "auto",
+            "max_memory": {"cpu": int(args.budget_gb * 1e9)},
+            "offload_folder": str(offload),
+        }
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **kwargs)
     load_seconds = time.perf_counter() - started
@@ -160,7 +166,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             pad_token_id=0,
         )
     points = [start, *stamps]
-    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(points, points[1:], strict=False)]
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(points)]
     result: dict[str, Any] = {
         "method": args.method,
         "backend": args.backend,
@@ -177,27 +183,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         plan = model._tensorstream_engine.plan
         result["stats"] = stats.as_dict()
         result["plan"] = plan.describe()
-        result["active_bytes"] = active_bytes(model)
+        result["active_bytes"] = active_step_bytes(model)
     return result
-
-
-def active_bytes(model: Any) -> int:
-    """Bytes one decode token needs of the streamed blocks: their non-expert weights plus k/E of their experts."""
-    engine = model._tensorstream_engine
-    plan = engine.plan
-    config = model.config
-    k, experts = config.num_experts_per_tok, config.num_experts
-    total = 0
-    for name in plan.streamed:
-        size = plan.block_bytes[name]
-        prefix = plan.stream_bytes.get(name)
-        if prefix is None:
-            from tensorstream.experts import routed_layouts
-
-            layout = routed_layouts(engine.store).get(name)
-            prefix = layout.prefix_bytes if layout is not None else size
-        total += prefix + (size - prefix) * k // experts
-    return total
 
 
 def run(args: argparse.Namespace) -> None:
@@ -205,7 +192,12 @@ def run(args: argparse.Namespace) -> None:
     for method in args.methods.split(","):
         command = [sys.executable, __file__, "measure", args.folder, "--storage", args.storage]
         command += ["--method", method, "--budget-gb", str(args.budget_gb), "--backend", args.backend]
-        command += ["--prompt", str(args.prompt), "--tokens", str(args.tokens if method == "routed" else args.slow_tokens)]
+        command += [
+            "--prompt",
+            str(args.prompt),
+            "--tokens",
+            str(args.tokens if method == "routed" else args.slow_tokens),
+        ]
         print("$", " ".join(command), flush=True)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -166,3 +166,36 @@ def test_store_kinds_on_the_gpu_equal_their_detached_reference(
         resident = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16).cuda()
         with torch.inference_mode():
             assert torch.equal(resident(**data).logits, logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache", [0.0, None])
+def test_moe_routed_experts_on_the_gpu_equal_resident(tmp_path: Path, cache: float | None) -> None:
+    """A 64-expert, top-4 Qwen3-MoE streamed into the GPU with routed experts (slots mode: gathered on the device,
+    with and without the device-side expert cache) equals the same checkpoint resident on the GPU."""
+    from transformers import Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, moe_intermediate_size=128, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=64, num_experts_per_tok=4,
+    )  # fmt: skip
+    source = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    reference = AutoModelForCausalLM.from_pretrained(source).to("cuda")
+    store = tensorstream.reshard(source, tmp_path / "stores", progress=False)
+    largest = max(p.stat().st_size for p in (store / "blocks").iterdir())
+    budget = ((store / "non_block.ts.safetensors").stat().st_size + 1.3 * largest) / 1e9 + (cache or 0.01)
+    cfg = tensorstream.Config(
+        device="cuda", storage_path=tmp_path / "stores", budget_gb=budget, backend="posix", expert_cache_gb=cache
+    )
+    model = AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg)
+    assert model._tensorstream_engine.plan.routed
+    with torch.inference_mode():
+        for batch in (1, 3):
+            data = {k: v.to("cuda") for k, v in inputs(batch).items()}
+            assert torch.equal(model(**data).logits, reference(**data).logits)
+            args = dict(data, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(model.generate(**args), reference.generate(**args))
+    stats = tensorstream.stats(model)
+    assert stats.experts_routed > 0 and stats.expert_bytes_read > 0

@@ -442,8 +442,10 @@ def run_bench(
             # condition stands for), so measure that.
             engine.backend.keep_mapped = False
         plan = engine.plan
-        # bytes read per step: the streamed blocks' files (compact bytes for a quantized or compressed store)
+        # bytes read per step: the streamed blocks' files (compact bytes for a quantized or compressed store); a block
+        # whose experts are routed reads its other tensors and the experts its router picks (docs/moe.md)
         step_bytes = sum(entry.data_size for entry in kind_store.blocks if entry.name in set(plan.streamed))
+        active_bytes = active_step_bytes(model) if plan.routed else step_bytes
         if kind is None:
             plan_info = {
                 "resident_blocks": len(plan.resident), "streamed_blocks": len(plan.streamed), "slots": plan.num_slots,
@@ -468,7 +470,10 @@ def run_bench(
                 "read_gb_per_s": stats.read_gb_per_s, "sync_loads": stats.sync_loads,
                 "peak_rss_above_baseline": peak - baseline, "backend": engine.backend.name,
                 "peak_anon_rss_above_baseline": sampler.peak_anon - sampler.baseline_anon,
-                "peak_file_rss": sampler.peak_file, "kv_cache": kv_cache,
+                "peak_file_rss": sampler.peak_file, "kv_cache": kv_cache, "active_bytes_per_step": active_bytes,
+                "measured_read_bytes": stats.bytes_read + stats.expert_bytes_read, "routed_blocks": len(plan.routed),
+                "expert_hits": stats.expert_hits, "expert_misses": stats.expert_misses,
+                "prediction_accuracy": stats.prediction_accuracy,
                 "kv_cache_bytes": kv_cache_bytes(model.config, batch_size=batch,
                                                  sequence_length=PROMPT_TOKENS + tokens, dtype=model.dtype),
             })  # fmt: skip
@@ -543,6 +548,25 @@ def run_bench(
     }  # fmt: skip
     result["ratios"], result["targets"] = _ratios(result)
     return result
+
+
+def active_step_bytes(model: Any) -> int:
+    """Bytes one decode token needs of a streaming model's streamed blocks: each block's tensors outside its routed
+    experts, plus k of E of those experts (k from the config's ``num_experts_per_tok``)."""
+    from .experts import routed_layouts
+
+    engine = model._tensorstream_engine
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    k = int(getattr(config, "num_experts_per_tok", None) or 1)
+    layouts = routed_layouts(engine.store)
+    total = 0
+    for name in engine.plan.streamed:
+        layout = layouts.get(name)
+        if layout is None:
+            total += engine.plan.block_bytes[name]
+        else:
+            total += layout.prefix_bytes + min(k, layout.num_experts) * layout.expert_bytes
+    return total
 
 
 def _row(

@@ -30,14 +30,14 @@ import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CorruptFileError, StaleStoreError
-from .experts import ExpertLayout, ExpertTensor, align
+from .experts import ALIGN, ExpertLayout, ExpertTensor, align
 from .format import data_checksum
 from .store import repair_hint
 
@@ -133,11 +133,13 @@ class ExpertStreamer:
             ids = torch.unique(index).tolist()  # sorted
             ids = [e for e in ids if 0 <= e < layer.layout.num_experts]
             self._account(layer, ids, index.shape[-1])
-            self._predict(layer, hidden)
             if self.mapped:
-                self._populate(layer, ids, wait=True)
+                reads = self._populate(layer, ids)
+                self._predict(layer, hidden)  # queued behind this layer's reads
+                _wait_all(reads)
                 return args, kwargs
             self._gather(layer, ids)
+            self._predict(layer, hidden)  # read ahead while this layer's experts compute
             remapped = _remap(index, ids, layer.layout.num_experts)
         return _with_index(module, args, kwargs, remapped)
 
@@ -181,20 +183,20 @@ class ExpertStreamer:
             return  # a long prompt: the next layer reads its experts as whole runs anyway
         following.predicted = set(guess)
         if self.mapped:
-            self._populate(following, guess, wait=False)
+            self._populate(following, guess)
         else:
             self._prefetch(following, guess)
 
     # -- mapped mode --------------------------------------------------------------------------------------------
 
-    def _populate(self, layer: _Layer, ids: list[int], wait: bool) -> None:
-        futures = []
-        for t in layer.layout.tensors:
-            for first, count in _runs(ids):
-                futures.append(self.engine.executor.submit(self._populate_range, layer, t, first, count))
-        if wait:
-            for future in futures:
-                future.result()
+    def _populate(self, layer: _Layer, ids: list[int]) -> list[Future[Any]]:
+        """Make experts ``ids`` of ``layer`` present in the mapping, on the reader threads (one task per run per
+        tensor); the futures of those tasks."""
+        return [
+            self.engine.executor.submit(self._populate_range, layer, t, first, count)
+            for t in layer.layout.tensors
+            for first, count in _runs(ids)
+        ]
 
     def _populate_range(self, layer: _Layer, t: ExpertTensor, first: int, count: int) -> None:
         engine = self.engine
@@ -267,10 +269,11 @@ class ExpertStreamer:
         self._bind(layer, offsets, len(ids))
 
     def _sections(self, layer: _Layer) -> list[int]:
+        """Where each fused tensor's compact ``[U, ...]`` starts in the buffer: at its resident address phase."""
         offsets, at = [], 0
         for t in layer.layout.tensors:
-            offsets.append(at)
-            at += align(t.per_expert * layer.layout.num_experts)
+            offsets.append(at + t.phase)
+            at += align(t.per_expert * layer.layout.num_experts) + ALIGN
         return offsets
 
     def _read_runs(self, layer: _Layer, offsets: list[int], misses: list[tuple[int, int]]) -> None:
@@ -291,8 +294,7 @@ class ExpertStreamer:
                 at = base + j * t.per_expert
                 view = target[at : at + count * t.per_expert]
                 futures.append(self.engine.executor.submit(self._read_range, layer, t, e, view))
-        for future in futures:
-            future.result()
+        _wait_all(futures)
         if self.staging is not None:  # CUDA: one copy per run per tensor, in stream order before the compute
             for t, base in zip(layer.layout.tensors, offsets, strict=True):
                 for j, _, count in runs:
@@ -328,9 +330,16 @@ class ExpertStreamer:
             if slot is None:
                 return
             self.slots[key] = slot
-            self.loading[key] = self.engine.executor.submit(self._read_slot, layer, e, slot)
+            # CUDA: the slot may still be read by copies queued on the compute stream: the reader waits for them
+            done = None
+            if self.staging is not None:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.engine.device))
+            self.loading[key] = self.engine.executor.submit(self._read_slot, layer, e, slot, done)
 
-    def _read_slot(self, layer: _Layer, e: int, slot: int) -> None:
+    def _read_slot(self, layer: _Layer, e: int, slot: int, done: Any) -> None:
+        """Read expert ``e`` of ``layer`` into cache slot ``slot`` (a reader thread; CUDA: through host memory and a
+        copy on a stream of its own, after ``done``, the compute stream's event; finished before it returns)."""
         assert self.cache is not None
         at = slot * self.slot_bytes
         host = self.cache if self.staging is None else torch.empty(self.slot_bytes, dtype=torch.uint8)
@@ -338,10 +347,12 @@ class ExpertStreamer:
         for t in layer.layout.tensors:
             self._read_range(layer, t, e, host[base : base + t.per_expert])
             base += align(t.per_expert)
-        if self.staging is not None:  # a reader thread's own stream: the model thread waits on the future first
-            with torch.cuda.stream(torch.cuda.Stream(self.engine.device)):
+        if self.staging is not None:
+            stream = torch.cuda.Stream(self.engine.device)
+            stream.wait_event(done)
+            with torch.cuda.stream(stream):
                 self.cache[at : at + self.slot_bytes].copy_(host[: self.slot_bytes])
-                torch.cuda.current_stream(self.engine.device).synchronize()
+            stream.synchronize()
 
     def _take_slot(self, protect: set[tuple[int, int]]) -> int | None:
         if self.free:
@@ -386,6 +397,14 @@ class ExpertStreamer:
             layer.module._parameters[attr] = placeholder
         setattr(layer.module, "num_experts", layer.layout.num_experts)  # noqa: B010
         self.bound = None
+
+
+def _wait_all(futures: Sequence[Future[Any]]) -> None:
+    """Wait for every read, then raise the first failure: a read still running must not land in a buffer that the
+    next forward fills again."""
+    wait(futures)
+    for future in futures:
+        future.result()
 
 
 def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:

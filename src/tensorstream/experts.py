@@ -45,7 +45,7 @@ __all__ = [
 
 #: The manifest key naming each block's routed experts.
 EXPERTS_KEY = "experts"
-_ALIGN = 64
+ALIGN = 64
 
 
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -131,6 +131,7 @@ class ExpertTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]  #: the full shape, ``(E, ...)``
     checksums: tuple[str, ...]  #: of each expert's slice
+    phase: int = 0  #: the address phase (mod 64) the resident model holds the tensor at
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,18 @@ class ExpertLayout:
 
     @property
     def all_bytes(self) -> int:
-        """Bytes of every expert: the compact buffer's size when all of them are routed (a long prompt)."""
-        return sum(align(t.per_expert * self.num_experts) for t in self.tensors)
+        """Bytes of every expert: the compact buffer's size when all of them are routed (a long prompt), each tensor
+        at its phase."""
+        return sum(align(t.per_expert * self.num_experts) + ALIGN for t in self.tensors)
+
+    @property
+    def gathers_exactly(self) -> bool:
+        """Whether a compact ``[U, ...]`` gather puts every expert at the address phase the resident model holds it
+        at: each expert's slice a multiple of 64 bytes (true at real sizes). Else only the mapped mode routes it."""
+        return all(t.per_expert % ALIGN == 0 for t in self.tensors)
 
 
-def align(n: int, to: int = _ALIGN) -> int:
+def align(n: int, to: int = ALIGN) -> int:
     return -(-n // to) * to
 
 
@@ -226,7 +234,13 @@ def _layout(store: Store, entry: BlockEntry, header: TsHeader, item: Any) -> Exp
             raise bad(f"has no checksum for each expert of {name!r}")
         tensors.append(
             ExpertTensor(
-                name[len(module) + 1 :], info.start, info.nbytes // count, info.torch_dtype, info.shape, tuple(per)
+                name[len(module) + 1 :],
+                info.start,
+                info.nbytes // count,
+                info.torch_dtype,
+                info.shape,
+                tuple(per),
+                info.phase,
             )
         )
     chosen = set(names)

@@ -105,13 +105,14 @@ def _plan_with_experts(
     also holds a buffer that gathers one layer's routed experts (as large as all experts of the largest layer, for a
     long prompt) and the expert cache: ``expert_cache_gb`` if given, else what the plan leaves over.
     """
-    layouts = routed_layouts(store)
+    mapped = maps_store(config, store)
+    # gathered experts keep the resident phases only when each expert's slice is a multiple of 64 bytes
+    layouts = {name: layout for name, layout in routed_layouts(store).items() if mapped or layout.gathers_exactly}
     plain = make_plan(
         store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
     )
     if not layouts or not plain.streamed or not config.routed_experts:
         return plain
-    mapped = maps_store(config, store)
     loads = {name: -(-layout.prefix_bytes // 4096) * 4096 for name, layout in layouts.items()}
     work = 0 if mapped else max(layout.all_bytes for layout in layouts.values())
     wanted = round(config.expert_cache_gb * 1e9) if config.expert_cache_gb is not None and not mapped else 0
