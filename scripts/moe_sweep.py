@@ -86,7 +86,8 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
             "\n## Mixture-of-experts models at realistic routing\n\n"
             + (
                 "`scripts/moe_sweep.py` builds every mixture-of-experts causal LM of the registry with 64 experts, "
-                "top-4 and the family's own shared experts, dense first layers and expert groups (the sweep above caps "
+                "top-4 and the family's own shared experts, dense first layers and expert groups (the sweep above "
+                "caps "
                 "them at 4 experts, where tensor alignment hides differences), streams it with the POSIX backend and "
                 "compares "
                 "logits and a greedy generation with the resident load; `tests/test_moe.py` runs the same check (all "
