@@ -751,6 +751,14 @@ def format_table(result: dict[str, Any]) -> str:
             + kv
             + (f" same as resident: {row['same_as_resident']}" if row.get("same_as_resident") is not None else "")
         )
+        if row.get("routed_blocks"):  # mixture of experts: what a decode step read against what it needs
+            runs = len(row.get("runs") or [1])
+            lines.append(
+                f"{'':<13}routed experts in {row['routed_blocks']} blocks: read "
+                f"{row['measured_read_bytes'] / 1e9:.3f} GB over {runs} generations; active bytes per step {row['active_bytes_per_step'] / 1e9:.3f} GB "
+                f"(whole blocks {row['bytes_per_step'] / 1e9:.3f} GB); expert cache {row['expert_hits']} hits, "
+                f"{row['expert_misses']} misses; prediction {row['prediction_accuracy']:.0%} used"
+            )
     lines += ["", "ratios (tensorstream):"]
     for entry in result["ratios"]:
         if "store" in entry:
