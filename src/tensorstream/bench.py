@@ -755,7 +755,8 @@ def format_table(result: dict[str, Any]) -> str:
             runs = len(row.get("runs") or [1])
             lines.append(
                 f"{'':<13}routed experts in {row['routed_blocks']} blocks: read "
-                f"{row['measured_read_bytes'] / 1e9:.3f} GB over {runs} generations; active bytes per step {row['active_bytes_per_step'] / 1e9:.3f} GB "
+                f"{row['measured_read_bytes'] / 1e9:.3f} GB over {runs} generations; active bytes per step "
+                f"{row['active_bytes_per_step'] / 1e9:.3f} GB "
                 f"(whole blocks {row['bytes_per_step'] / 1e9:.3f} GB); expert cache {row['expert_hits']} hits, "
                 f"{row['expert_misses']} misses; prediction {row['prediction_accuracy']:.0%} used"
             )
