@@ -308,9 +308,9 @@ class Engine(BlockReaders):
             module._parameters[attr] = placeholder
         self.bound = None
         self.pipeline.pop(b, None)
-        if self.mapped:
+        if self.mapped:  # a routed block's experts stay mapped: only the routed ones are, and they are the cache
             block = self.blocks[b]
-            self.backend.evict(block.handle, block.header.data_offset, block.header.data_size)  # type: ignore[attr-defined]
+            self.backend.evict(block.handle, block.header.data_offset, block.read_bytes)  # type: ignore[attr-defined]
         self.slots.release(slot)
 
     def _fill(self) -> None:
