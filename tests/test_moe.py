@@ -24,9 +24,18 @@ from tensorstream.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 EXPERTS = 64
 TOP_K = 4
-#: default-suite representatives: plain fused experts, shared experts with groups and dense-first layers,
-#: transposed experts with biases, and the classic Mixtral
-FAST = ("qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral")
+#: default-suite representatives (family, backend): plain fused experts, shared experts with groups and dense-first
+#: layers, transposed experts with biases (both modes), the classic Mixtral, and experts bound as views of the file
+#: at a non-zero phase (MiniMax-M3)
+FAST = (
+    ("qwen3_moe", "mmap"),
+    ("qwen3_moe", "posix"),
+    ("deepseek_v3", "posix"),
+    ("gpt_oss", "mmap"),
+    ("gpt_oss", "posix"),
+    ("mixtral", "posix"),
+    ("minimax_m3_vl_text", "posix"),
+)
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -130,8 +139,7 @@ def check_streamed_equals_resident(model_type: str, work: Path, backend: str) ->
     return streamed, layouts
 
 
-@pytest.mark.parametrize("backend", ["mmap", "posix"])
-@pytest.mark.parametrize("model_type", FAST)
+@pytest.mark.parametrize(("model_type", "backend"), FAST)
 def test_moe_streams_bit_exact(model_type: str, backend: str, tmp_path: Path) -> None:
     streamed, layouts = check_streamed_equals_resident(model_type, tmp_path, backend)
     plan = streamed._tensorstream_engine.plan
@@ -145,8 +153,13 @@ def test_moe_streams_bit_exact(model_type: str, backend: str, tmp_path: Path) ->
 def test_every_moe_family_streams_bit_exact(tmp_path: Path) -> None:
     """The registry-driven sweep: every mixture-of-experts causal LM, bit-exact; routed where its experts are
     behind transformers' interface, else whole blocks with the reason in the plan."""
-    failures, routed, whole = [], [], []
+    failures, routed, whole, unbuilt = [], [], [], []
     for model_type in moe_types():
+        try:
+            AutoModelForCausalLM.from_config(moe_config(model_type))
+        except Exception:  # the tiny config itself does not build in this transformers: nothing to stream
+            unbuilt.append(model_type)
+            continue
         try:
             streamed, _ = check_streamed_equals_resident(model_type, tmp_path, "posix")
         except Exception as err:  # collected: one failing family must not hide the others
@@ -155,7 +168,8 @@ def test_every_moe_family_streams_bit_exact(tmp_path: Path) -> None:
         plan = streamed._tensorstream_engine.plan
         (routed if plan.routed else whole).append((model_type, plan.whole_block_reason))
     assert not failures, "\n".join(failures)
-    assert len(routed) >= 20, routed
+    assert len(unbuilt) <= 3, unbuilt  # lfm2_moe and qwen4_exp_text in transformers 5.24 (docs/moe.md)
+    assert len(routed) >= 40, routed
     assert all(reason for _, reason in whole), whole
 
 

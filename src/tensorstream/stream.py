@@ -107,7 +107,8 @@ def _plan_with_experts(
     """
     mapped = maps_store(config, store)
     # gathered experts keep the resident phases only when each expert's slice is a multiple of 64 bytes
-    layouts = {name: layout for name, layout in routed_layouts(store).items() if mapped or layout.gathers_exactly}
+    every = routed_layouts(store)
+    layouts = {name: layout for name, layout in every.items() if mapped or layout.gathers_exactly}
     plain = make_plan(
         store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
     )
@@ -137,6 +138,13 @@ def _plan_with_experts(
     routed = tuple(name for name in plan.streamed if name in layouts)
     if not routed:
         return plain
+    if len(layouts) < len(every):
+        logger.info(
+            "tensorstream: %d blocks' expert slices are not multiples of 64 bytes: gathering them would move them "
+            "off the address phase the resident model computes with, so they stream whole (backend='mmap' on CPU "
+            "routes them)",
+            len(every) - len(layouts),
+        )
     slot = max(layouts[name].slot_bytes for name in routed)
     if mapped:
         cache = 0
