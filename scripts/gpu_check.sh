@@ -12,7 +12,9 @@
 #   5. benchmarks/quantized_matmul.py --device cuda: expanding int8/int4 weights on the device against the bf16
 #      matmul and the int4 kernel (docs/quantization.md asks which is faster on CUDA). The store-kind tests of
 #      step 1 (test_gpu.py::test_store_kinds_on_the_gpu_equal_their_detached_reference) need torchao and
-#      zstandard, which --prepare carries.
+#      zstandard, which --prepare carries. Step 1 also runs test_gpu.py::test_moe_routed_experts_on_the_gpu_equal_resident:
+#      a 64-expert MoE whose routed experts are gathered on the device (with and without the device-side expert
+#      cache), bit-exact to the model resident on the GPU (docs/moe.md; written without a GPU, not run yet).
 # Writes $OUT/gpu_check.log, $OUT/gpu_bench.json, $OUT/h2d_paths.json and $OUT/gpu_kv_cache.json (OUT defaults
 # to ./gpu-check-out) and $OUT/quantized-matmul-cuda.json. Steps 4 and 5 were added without a GPU at hand and
 # have not run yet.
