@@ -53,6 +53,7 @@ from .errors import (
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
+from .prequantized import check_loaded, check_method, fp8_checkpoint_parts, quantization_identity, quantization_method
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -85,6 +86,9 @@ def source_fingerprint(
     head = {"format_version": FORMAT_VERSION, "class": cls.__name__, "dtype": str(dtype), "config": config_dict}
     if kind is not None:  # a plain store keeps the fingerprint it always had
         head["encoding"] = kind
+    quantization = quantization_identity(config)
+    if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
+        head["quantization"] = quantization
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     for file in sorted(folder.iterdir()):
         if not (file.suffix in _WEIGHT_SUFFIXES or file.name in _SOURCE_FILES) or not file.is_file():
@@ -320,6 +324,8 @@ def reshard(
     cls = resolve_model_class(config, model_class)
     dtype = parse_dtype(dtype)
     kind = store_kind(quantize, compression)
+    method = quantization_method(config)
+    check_method(method, str(source))  # a typed refusal before anything is built or written
     fingerprint = source_fingerprint(folder, cls, dtype, config, kind)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     root.mkdir(parents=True, exist_ok=True)
@@ -351,7 +357,10 @@ def reshard(
                     "unpickles only with torch.load(weights_only=True), which refused it (a checkpoint like this can "
                     "run code when loaded). Convert it to safetensors where you trust it, and reshard that."
                 ) from err
+            check_loaded(model, method, str(source))
             loader = _offload_loader(model, folder)
+            # a fine-grained FP8 checkpoint keeps its own compact bytes (unless another store kind was asked for)
+            parts_of = fp8_checkpoint_parts(folder, model, config) if kind is None else None
 
             def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
                 if tensor.device.type != "meta":
@@ -361,11 +370,17 @@ def reshard(
                 except KeyError:  # not in the checkpoint (Marian's sinusoidal tables): as transformers builds it
                     return initialised_tensor(model, name, tensor)
 
-            source_info = {
+            source_info: dict[str, Any] = {
                 "source": str(source),
                 "folder": str(folder),
                 "weight_conversions": weight_conversions(model),
             }
+            if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
+                source_info["quantization"] = {
+                    "method": method,
+                    "dequantized": True,
+                    "checkpoint_bytes": _checkpoint_bytes(folder),
+                }
             _write_store(
                 staging,
                 model,
@@ -375,8 +390,9 @@ def reshard(
                 dtype,
                 source_info,
                 progress,
-                kind,
+                "fp8" if parts_of is not None else kind,
                 phase_of=_source_phases(loader),
+                parts_of=parts_of,
             )
             for name in ("generation_config.json",):
                 if (folder / name).is_file():
@@ -610,6 +626,7 @@ def _write_store(
     kind: str | None = None,
     *,
     phase_of: Callable[[str, torch.Tensor], int] | None = None,
+    parts_of: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
 ) -> None:
     units = find_units(model)
     blocks = [name for name, _ in units]
@@ -655,7 +672,7 @@ def _write_store(
                 phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
                 metadata = None
                 if encoding is not None:  # phases of the encoded tensors go into the encoding, the rest stay
-                    tensors, meta = encode_tensors(tensors, encoding, phases=phases)
+                    tensors, meta = encode_tensors(tensors, encoding, phases=phases, parts_of=parts_of)
                     metadata = {ENCODING_KEY: meta}
                     described = json.loads(meta)["tensors"]
                     encoded += len(described)
@@ -679,7 +696,7 @@ def _write_store(
                 entry["memory_size"] = BlockCodec(header).region_bytes
             entries.append(entry)
             weight_map.update(dict.fromkeys(header.tensors, rel))
-    if kind is not None and not encoded and not reused:
+    if kind in ("int8", "int4", "lossless") and not encoded and not reused:
         what = "no 16-bit floating-point weight" if kind == "lossless" else "no weight matrix it can quantize"
         logger.warning(
             "tensorstream: the %s store of %s holds %s in its blocks: it is as large as a plain store. %s",

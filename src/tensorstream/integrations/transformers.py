@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -149,6 +150,7 @@ def load_streaming(
     dtype = _requested_dtype(kwargs, config)
     hub = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
     hf_config = kwargs.pop("config", None)
+    quantization_arg = kwargs.pop("quantization_config", None)
     folder = resolve_source(
         source,
         **{k: v for k, v in hub.items() if k in ("cache_dir", "revision", "local_files_only", "token", "subfolder")},
@@ -161,6 +163,8 @@ def load_streaming(
         data = _model_config(config_dir / "config.json", folder if preshard and hf_config is None else None)
         data.pop("transformers_weights", None)  # a file name transformers would load weights from: never followed
         hf_config, kwargs = cls.config_class.from_dict(data, return_unused_kwargs=True, **kwargs)
+    if quantization_arg is not None:
+        hf_config = _with_quantization(hf_config, quantization_arg, source)
     if preshard:
         store = check_preshard(folder, cls, hf_config, dtype, config.verify)
         store_path = store.path
@@ -183,6 +187,8 @@ def load_streaming(
             config=hf_config,
         )
         store = Store.open(store_path, verify=config.verify)
+    if isinstance(store.manifest.get("quantization"), dict):
+        hf_config = _without_quantization(hf_config)
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
     # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
@@ -216,6 +222,34 @@ def load_streaming(
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
     return model
+
+
+def _with_quantization(hf_config: Any, quantization_config: Any, source: Any) -> Any:
+    """``hf_config`` with the ``quantization_config`` passed to ``from_pretrained`` applied as transformers applies
+    it (its loading attributes, e.g. ``dequantize``, override the checkpoint's), so that the reshard loads with it and
+    the store's fingerprint includes it. A checkpoint that is not quantized would be quantized while loading: refused.
+    """
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from ..prequantized import check_method, quantization_method
+
+    current = getattr(hf_config, "quantization_config", None)
+    if current is None:
+        check_method(quantization_method(quantization_config) or "unknown", str(source), on_the_fly=True)
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.quantization_config = AutoHfQuantizer.merge_quantization_configs(current, quantization_config)
+    return hf_config
+
+
+def _without_quantization(hf_config: Any) -> Any:
+    """``hf_config`` without ``quantization_config``: the store holds the tensors transformers dequantized at load
+    (`tensorstream.prequantized`), and the resident model drops it after loading too. Built with it, the model's
+    load would run the quantizer's conversions on the stored tensors a second time."""
+    hf_config = copy.deepcopy(hf_config)
+    for config in {id(c): c for c in (hf_config, hf_config.get_text_config(decoder=True))}.values():
+        if "quantization_config" in vars(config):
+            del config.quantization_config
+    return hf_config
 
 
 def check_budget_before_reshard(
