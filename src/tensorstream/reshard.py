@@ -73,9 +73,15 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size lim
 
 
 def source_fingerprint(
-    folder: Path, cls: type, dtype: torch.dtype | None, config: Any, kind: str | None = None
+    folder: Path,
+    cls: type,
+    dtype: torch.dtype | None,
+    config: Any,
+    kind: str | None = None,
+    quantization_arg: Any = None,
 ) -> str:
-    """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind.
+    """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind,
+    and a ``quantization_config`` passed to ``from_pretrained`` (``quantization_arg``, every field of it).
 
     Files are identified by name, size and, for Hub cache snapshots, their blob name (a content hash), else
     their modification time (a link's target's): a large checkpoint is never read to fingerprint it. A source
@@ -89,6 +95,8 @@ def source_fingerprint(
     quantization = quantization_identity(config)
     if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
         head["quantization"] = quantization
+    if quantization_arg is not None:
+        head["quantization_arg"] = quantization_identity(quantization_arg)
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     for file in sorted(folder.iterdir()):
         if not (file.suffix in _WEIGHT_SUFFIXES or file.name in _SOURCE_FILES) or not file.is_file():
@@ -324,9 +332,13 @@ def reshard(
     cls = resolve_model_class(config, model_class)
     dtype = parse_dtype(dtype)
     kind = store_kind(quantize, compression)
+    # a typed refusal before anything is built or written
+    quantization_arg = (model_kwargs or {}).get("quantization_config")
     method = quantization_method(config)
-    check_method(method, str(source))  # a typed refusal before anything is built or written
-    fingerprint = source_fingerprint(folder, cls, dtype, config, kind)
+    if method is None and quantization_arg is not None:
+        check_method(quantization_method(quantization_arg) or "unknown", str(source), on_the_fly=True)
+    check_method(method, str(source))
+    fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     root.mkdir(parents=True, exist_ok=True)
     final = root / fingerprint

@@ -163,8 +163,6 @@ def load_streaming(
         data = _model_config(config_dir / "config.json", folder if preshard and hf_config is None else None)
         data.pop("transformers_weights", None)  # a file name transformers would load weights from: never followed
         hf_config, kwargs = cls.config_class.from_dict(data, return_unused_kwargs=True, **kwargs)
-    if quantization_arg is not None:
-        hf_config = _with_quantization(hf_config, quantization_arg, source)
     if preshard:
         store = check_preshard(folder, cls, hf_config, dtype, config.verify)
         store_path = store.path
@@ -185,6 +183,9 @@ def load_streaming(
             compression=config.compression,
             model_class=cls,
             config=hf_config,
+            # applied to the reshard's load as transformers applies it (its loading attributes override the
+            # checkpoint's), and part of the store's fingerprint
+            model_kwargs=None if quantization_arg is None else {"quantization_config": quantization_arg},
         )
         store = Store.open(store_path, verify=config.verify)
     if isinstance(store.manifest.get("quantization"), dict):
@@ -222,23 +223,6 @@ def load_streaming(
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
     return model
-
-
-def _with_quantization(hf_config: Any, quantization_config: Any, source: Any) -> Any:
-    """``hf_config`` with the ``quantization_config`` passed to ``from_pretrained`` applied as transformers applies
-    it (its loading attributes, e.g. ``dequantize``, override the checkpoint's), so that the reshard loads with it and
-    the store's fingerprint includes it. A checkpoint that is not quantized would be quantized while loading: refused.
-    """
-    from transformers.quantizers.auto import AutoHfQuantizer
-
-    from ..prequantized import check_method, quantization_method
-
-    current = getattr(hf_config, "quantization_config", None)
-    if current is None:
-        check_method(quantization_method(quantization_config) or "unknown", str(source), on_the_fly=True)
-    hf_config = copy.deepcopy(hf_config)
-    hf_config.quantization_config = AutoHfQuantizer.merge_quantization_configs(current, quantization_config)
-    return hf_config
 
 
 def _without_quantization(hf_config: Any) -> Any:
