@@ -13,17 +13,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 import tensorstream
 from helpers.models import budgets, streaming
 from helpers.prequantized import (
     FP8_CONFIG,
     GPTQ_CONFIG,
+    MXFP4_CONFIG,
     fp8_blockwise,
     fp8_convert,
     fp8_moe_convert,
     gptq_convert,
+    mxfp4_convert,
     write_quantized,
 )
 from tensorstream.encoding import BlockCodec, encode_tensors
@@ -157,6 +167,35 @@ def test_fp8_per_expert_moe_streams_bit_exact_to_the_resident_load(tmp_path: Pat
     store = only_store(tmp_path / "store")
     # attention keeps its float8 bytes; the experts are fused at load, so they are stored as transformers made them
     assert store.kind == "fp8" and "F8_E4M3" in store.blocks[0].dtypes and "BF16" in store.blocks[0].dtypes
+
+
+def test_mxfp4_gpt_oss_streams_dequantized_bit_exact_to_the_resident_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=96,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        layer_types=["full_attention"] * 2,
+    )
+    folder = write_quantized(tmp_path / "mxfp4", GptOssForCausalLM(config), mxfp4_convert, MXFP4_CONFIG)
+    expected = resident_logits(folder)  # dequantized to bf16 without triton/kernels, as here
+    model = streaming(folder, tmp_path / "store")
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, expected)
+    store = only_store(tmp_path / "store")
+    # not compact yet: the store holds the bf16 experts transformers made, about twice the checkpoint's bytes
+    assert store.kind is None and store.manifest["quantization"] == {
+        "method": "mxfp4",
+        "dequantized": True,
+        "checkpoint_bytes": (folder / "model.safetensors").stat().st_size,
+    }
 
 
 def test_a_quantization_config_passed_to_from_pretrained_is_part_of_the_fingerprint(

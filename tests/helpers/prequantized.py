@@ -92,3 +92,29 @@ GPTQ_CONFIG = {
     "sym": True,
     "checkpoint_format": "gptq",
 }
+
+
+def mxfp4_convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """gpt-oss's fused experts ``[E, in, out]`` as MXFP4 ``*_blocks`` (``[E, out, in / 32, 16]`` bytes, two FP4
+    values each) and ``*_scales`` (``[E, out, in / 32]`` E8M0 exponents): random valid codes, seeded by the name."""
+    if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return {name: tensor}
+    experts, rows, cols = tensor.shape
+    generator = torch.Generator().manual_seed(len(name))
+    return {
+        f"{name}_blocks": torch.randint(
+            0, 256, (experts, cols, rows // 32, 16), dtype=torch.uint8, generator=generator
+        ),
+        f"{name}_scales": torch.randint(118, 128, (experts, cols, rows // 32), dtype=torch.uint8, generator=generator),
+    }
+
+
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
