@@ -8,7 +8,6 @@ naming the method, before any store is written.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -304,9 +303,16 @@ def test_offload_of_a_torchao_quantized_model_is_refused(tmp_path: Path) -> None
     assert info.value.method == "Int8Tensor" and not any(tmp_path.iterdir())
 
 
-def test_a_store_of_a_quantized_checkpoint_says_what_it_streams(fp8_checkpoint: Path, tmp_path: Path) -> None:
+def test_inspect_names_the_quantization_and_the_bytes(
+    fp8_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensorstream.cli import main
+
     storage = tmp_path / "store"
-    model = streaming(fp8_checkpoint, storage)
-    text = tensorstream.stats(model).store_kind
-    assert text == "fp8"
-    shutil.rmtree(storage)
+    tensorstream.reshard(fp8_checkpoint, storage, progress=False)
+    assert main(["inspect", str(only_store(storage).path)]) == 0
+    out = capsys.readouterr().out
+    assert "pre-quantized checkpoint (fp8): the store holds the checkpoint's float8 weights" in out
+    assert "x the checkpoint's" in out
+    assert main(["inspect", "--json", str(only_store(storage).path)]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"].startswith("pre-quantized checkpoint (fp8)")

@@ -309,15 +309,32 @@ def fp8_dequantize(
 
 
 def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
-    """One line for `Plan.describe` / ``tensorstream inspect``: the checkpoint's quantization and what is streamed."""
+    """What a store of a pre-quantized checkpoint streams, in one sentence (``tensorstream inspect``, the load's log),
+    or ``None`` for a store of a checkpoint that is not quantized.
+
+    Example:
+        ```python
+        >>> describe_quantization(store.manifest)
+        "pre-quantized checkpoint (fp8): the store holds the checkpoint's float8 weights and block scales, ..."
+        ```
+    """
     info = manifest.get("quantization")
     if not isinstance(info, dict) or not isinstance(info.get("method"), str):
         return None
     method = info["method"]
     if manifest.get("encoding") == "fp8":
-        how = "the checkpoint's float8 weights and block scales, dequantized to bf16 as each block loads"
+        how = (
+            "the store holds the checkpoint's float8 weights and block scales (tensors transformers renames or fuses "
+            "at load, such as per-expert weights, as the bf16 it makes of them), dequantized to bf16 as each block "
+            "loads, with transformers' arithmetic"
+        )
     else:
-        how = "weights transformers dequantized at load (larger than the checkpoint: no compact form for them yet)"
-    ratio = info.get("store_to_checkpoint")
-    size = f"; store {ratio:.2f}x the checkpoint's bytes" if isinstance(ratio, int | float) else ""
-    return f"pre-quantized checkpoint ({method}): streams {how}{size}"
+        how = (
+            "the store holds the bf16 weights transformers dequantizes it to at load (no compact form for "
+            f"{method} yet, so it is larger than the checkpoint)"
+        )
+    total, checkpoint = manifest.get("total_bytes"), info.get("checkpoint_bytes")
+    size = ""
+    if isinstance(total, int) and isinstance(checkpoint, int) and checkpoint > 0:
+        size = f"; {total / 1e9:.3g} GB, {total / checkpoint:.2f}x the checkpoint's {checkpoint / 1e9:.3g} GB"
+    return f"pre-quantized checkpoint ({method}): {how}{size}"

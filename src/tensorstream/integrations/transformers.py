@@ -36,6 +36,7 @@ import torch
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
+from ..prequantized import describe_quantization
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
@@ -190,6 +191,7 @@ def load_streaming(
         store = Store.open(store_path, verify=config.verify)
     if isinstance(store.manifest.get("quantization"), dict):
         hf_config = _without_quantization(hf_config)
+        logger.info("tensorstream: %s", describe_quantization(store.manifest))
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
     # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
