@@ -38,7 +38,7 @@ from helpers.prequantized import (
 from tensorstream.encoding import BlockCodec, encode_tensors
 from tensorstream.errors import UnsupportedModelError, UnsupportedQuantizationError
 from tensorstream.format import aligned_empty, read_data, read_ts_header, save_to_ts
-from tensorstream.prequantized import check_loaded, fp8_dequantize
+from tensorstream.prequantized import check_loaded, fp8_dequantize, mxfp4_dequantize
 from tensorstream.store import Store
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3]])
@@ -168,12 +168,28 @@ def test_fp8_per_expert_moe_streams_bit_exact_to_the_resident_load(tmp_path: Pat
     assert store.kind == "fp8" and "F8_E4M3" in store.blocks[0].dtypes and "BF16" in store.blocks[0].dtypes
 
 
-def test_mxfp4_gpt_oss_streams_dequantized_bit_exact_to_the_resident_load(tmp_path: Path) -> None:
+def test_mxfp4_dequantize_is_transformers_arithmetic_bit_for_bit() -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    experts, rows, groups, width = 2, 256, 2, 16  # every byte code meets every one of the 256 scales
+    blocks = torch.arange(experts * rows * groups * width).remainder(256).to(torch.uint8)
+    blocks = blocks.reshape(experts, rows, groups, width)
+    scales = torch.arange(experts * rows * groups).remainder(256).to(torch.uint8).reshape(experts, rows, groups)
+    for dtype in (torch.bfloat16, torch.float32):
+        expected = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        for piece in (1 << 20, 32767, 100):
+            out = torch.empty_like(expected)
+            mxfp4_dequantize(out, blocks, scales, piece=piece)
+            assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("budget", ["stream_all", "all_resident"])
+def test_mxfp4_gpt_oss_streams_its_own_bytes_bit_exact_to_the_resident_load(tmp_path: Path, budget: str) -> None:
     torch.manual_seed(0)
     config = GptOssConfig(
         hidden_size=64,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=3,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
@@ -181,20 +197,24 @@ def test_mxfp4_gpt_oss_streams_dequantized_bit_exact_to_the_resident_load(tmp_pa
         num_local_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=64,
-        layer_types=["full_attention"] * 2,
+        layer_types=["full_attention"] * 3,
     )
     folder = write_quantized(tmp_path / "mxfp4", GptOssForCausalLM(config), mxfp4_convert, MXFP4_CONFIG)
     expected = resident_logits(folder)  # dequantized to bf16 without triton/kernels, as here
-    model = streaming(folder, tmp_path / "store")
+    storage = tmp_path / "store"
+    tensorstream.reshard(folder, storage, progress=False)
+    model = streaming(folder, storage, budget_gb=budgets(storage, prefetch=1)[budget], prefetch=1)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, expected)
-    store = only_store(tmp_path / "store")
-    # not compact yet: the store holds the bf16 experts transformers made, about twice the checkpoint's bytes
-    assert store.kind is None and store.manifest["quantization"] == {
-        "method": "mxfp4",
-        "dequantized": True,
-        "checkpoint_bytes": (folder / "model.safetensors").stat().st_size,
-    }
+    store = only_store(storage)
+    assert store.kind == "mxfp4" and store.manifest["quantization"]["method"] == "mxfp4"
+    for entry in store.blocks:  # the experts' FP4 blocks and scales, not the bf16 transformers makes of them
+        assert entry.data_size <= 1.15 * checkpoint_block_bytes(folder, entry.name)
+    if budget == "stream_all":
+        stats = tensorstream.stats(model)
+        assert stats.blocks_loaded and stats.bytes_read / stats.blocks_loaded <= 1.15 * checkpoint_block_bytes(
+            folder, "model.layers.0"
+        )
 
 
 def test_a_quantization_config_passed_to_from_pretrained_is_part_of_the_fingerprint(

@@ -51,7 +51,7 @@ import torch
 
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
-from .prequantized import FP8_PIECE, fp8_dequantize
+from .prequantized import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 
 __all__ = [
     "COMPRESSIONS",
@@ -72,9 +72,15 @@ GROUPS = {"int8": (128, 64, 32), "int4": (64, 32)}
 #: Smaller weights are kept as they are (a few KB: not worth a scale per group).
 MIN_QUANTIZED_NUMEL = 1024
 ZSTD_LEVEL = 3
-_PARTS = {"int8": ("q", "scale"), "int4": ("q", "scale", "zero"), "lossless": ("hi", "lo"), "fp8": ("q", "scale")}
+_PARTS = {
+    "int8": ("q", "scale"),
+    "int4": ("q", "scale", "zero"),
+    "lossless": ("hi", "lo"),
+    "fp8": ("q", "scale"),
+    "mxfp4": ("q", "scale"),
+}
 #: Store kinds chosen from a pre-quantized checkpoint, never asked for (`tensorstream.prequantized`).
-PREQUANTIZED_KINDS = ("fp8",)
+PREQUANTIZED_KINDS = ("fp8", "mxfp4")
 _SCRATCH_ALIGNMENT = 4096
 #: PyTorch's parallel grain (``at::internal::GRAIN_SIZE``): an elementwise op on fewer values runs on the caller.
 _INLINE = 32768
@@ -219,7 +225,7 @@ def encode_tensors(
                 if tensor.dtype in (torch.bfloat16, torch.float16) and tensor.numel() >= MIN_QUANTIZED_NUMEL
                 else None
             )
-        elif kind == "fp8":
+        elif kind in PREQUANTIZED_KINDS:
             parts = parts_of(name, tensor) if parts_of is not None else None
         else:
             group = _group(kind, tensor)
@@ -244,6 +250,8 @@ def _scratch_bytes(kind: str, numel: int, shape: tuple[int, ...]) -> int:
     """Scratch one tensor of ``kind`` needs while it expands (fp8: float32 values of one piece, a row at least)."""
     if kind == "fp8":
         return 4 * min(numel, max(FP8_PIECE, shape[-1]))
+    if kind == "mxfp4":  # the blocks' shape [E, R, G, B]: pieces of the model thread's size (the larger ones)
+        return mxfp4_scratch_bytes(shape, FP8_PIECE) if len(shape) == 4 else 0
     return numel // 2 if kind == "int4" else numel if kind == "lossless" else 0
 
 
@@ -348,7 +356,8 @@ class BlockCodec:
                 claimed.add(_part(name, part))
             numel = math.prod(shape)
             group = self._check_parts(name, kind, entry, DTYPES[dtype], tuple(shape), numel, parts)
-            scratch = max(scratch, _scratch_bytes(kind, numel, tuple(shape)))
+            compact_shape = parts["q"].shape if kind == "mxfp4" else tuple(shape)  # mxfp4: by its blocks' shape
+            scratch = max(scratch, _scratch_bytes(kind, numel, compact_shape))
             encoded[name] = (dtype, tuple(shape), parts, group, phase)
         suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
         for name in header.tensors:
@@ -413,6 +422,17 @@ class BlockCodec:
             ):
                 raise self._fail(f"{_part(name, 'scale')!r} is not a F32/BF16 block grid dividing {list(shape)}")
             return 0
+        if kind == "mxfp4":
+            if len(shape) != 3 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise self._fail(f"{name!r} is {weight_code}{list(shape)}: mxfp4 entries expand to 3-D float weights")
+            blocks = parts["q"].shape
+            if len(blocks) != 4 or shape != (blocks[0], blocks[2] * blocks[3] * 2, blocks[1]):
+                raise self._fail(
+                    f"{_part(name, 'q')!r} has shape {list(blocks)}, which does not expand to {list(shape)}"
+                )
+            expect("q", "U8", blocks)
+            expect("scale", "U8", blocks[:3])
+            return 0
         if kind == "lossless":
             if dtype not in (torch.bfloat16, torch.float16):
                 raise self._fail(f"{name!r} is {weight_code}: only 16-bit floats are stored as byte planes")
@@ -462,6 +482,17 @@ class BlockCodec:
                 continue
             if step.kind == "lossless":
                 self._expand_planes(step, compact, out, scratch, inline)
+                continue
+            if step.kind == "mxfp4":
+                q, scale = step.parts["q"], step.parts["scale"]
+                piece = _INLINE - 1 if inline else FP8_PIECE
+                mxfp4_dequantize(
+                    out.view(step.out.torch_dtype).view(step.out.shape),
+                    compact[q.start : q.end].view(q.shape),
+                    compact[scale.start : scale.end].view(scale.shape),
+                    scratch[: mxfp4_scratch_bytes(q.shape, piece)],
+                    piece=piece,
+                )
                 continue
             if step.kind == "fp8":
                 q, scale = step.parts["q"], step.parts["scale"]

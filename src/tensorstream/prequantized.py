@@ -46,8 +46,9 @@ __all__ = [
     "check_loaded",
     "check_method",
     "check_offload",
-    "fp8_checkpoint_parts",
+    "checkpoint_parts",
     "fp8_dequantize",
+    "mxfp4_dequantize",
     "quantization_identity",
     "quantization_method",
 ]
@@ -219,24 +220,26 @@ def check_offload(model: torch.nn.Module) -> None:
 # -- fine-grained FP8: the checkpoint's compact tensors, dequantized as transformers does -----------------------------
 
 
-def fp8_checkpoint_parts(
+def checkpoint_parts(
     folder: Path, model: torch.nn.Module, config: Any
-) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None:
-    """For a fine-grained FP8 checkpoint that transformers dequantized: a function giving, for a runtime tensor
-    name and the tensor transformers made of it, the checkpoint's ``{"q": float8 weight, "scale": block scales}``
-    when they dequantize (`fp8_dequantize`) to exactly that tensor; ``None`` otherwise (the tensor is stored as it
-    is). ``None`` for any other checkpoint.
+) -> tuple[str, Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None]] | None:
+    """For a fine-grained FP8 or MXFP4 checkpoint that transformers dequantized: the store kind (``"fp8"`` or
+    ``"mxfp4"``) and a function giving, for a runtime tensor name and the tensor transformers made of it, the
+    checkpoint's compact tensors ``{"q": ..., "scale": ...}`` when they dequantize (`fp8_dequantize`,
+    `mxfp4_dequantize`) to exactly that tensor, bit for bit; ``None`` otherwise (the tensor is stored as it is).
+    ``None`` for any other checkpoint.
 
-    Only tensors the checkpoint holds under their runtime name (no renaming or fusing at load) with a 2-D
-    ``float8_e4m3fn`` weight and a 2-D float32/bf16 ``weight_scale_inv`` whose grid divides it are candidates.
+    Candidates are tensors the checkpoint holds under their runtime name (no renaming or fusing at load):
+    FP8, a 2-D ``float8_e4m3fn`` ``name`` with a 2-D float32/bf16 ``name_scale_inv`` whose grid divides it; MXFP4,
+    ``name_blocks`` (``[E, R, G, 16]`` bytes) and ``name_scales`` (``[E, R, G]``) for a ``[E, G * 32, R]`` tensor.
     """
-    if quantization_method(config) != "fp8" or getattr(model, "is_quantized", False):
+    method = quantization_method(config)
+    if method not in DEQUANTIZED_METHODS or getattr(model, "is_quantized", False):
         return None
     from safetensors import safe_open
 
-    files = sorted(Path(folder).glob("*.safetensors"))
     where: dict[str, Path] = {}
-    for file in files:
+    for file in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as f:
                 where.update(dict.fromkeys(f.keys(), file))
@@ -252,25 +255,47 @@ def fp8_checkpoint_parts(
             handles[file] = safe_open(str(file), framework="pt")
         return handles[file].get_tensor(key)
 
+    def compact(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if method == "fp8":
+            q, scale = read(name), read(f"{name}{FP8_SCALE_SUFFIX}")
+            ok = (
+                q is not None
+                and scale is not None
+                and q.dtype == torch.float8_e4m3fn
+                and q.shape == tensor.shape
+                and scale.dim() == 2
+                and scale.dtype in (torch.float32, torch.bfloat16)
+                and not q.shape[0] % scale.shape[0]
+                and not q.shape[1] % scale.shape[1]
+            )
+        else:
+            q, scale = read(f"{name}_blocks"), read(f"{name}_scales")
+            ok = (
+                q is not None
+                and scale is not None
+                and q.dtype == scale.dtype == torch.uint8
+                and q.dim() == 4
+                and q.shape[:3] == scale.shape
+                and tensor.dim() == 3
+                and tuple(tensor.shape) == (q.shape[0], q.shape[2] * q.shape[3] * 2, q.shape[1])
+            )
+        return (q, scale) if ok else None  # type: ignore[return-value]
+
     def parts_of(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        if tensor.dim() != 2 or tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if tensor.dim() not in (2, 3) or tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return None
-        q, scale = read(name), read(f"{name}{FP8_SCALE_SUFFIX}")
-        if q is None or scale is None or q.dtype != torch.float8_e4m3fn or q.shape != tensor.shape:
+        found = compact(name, tensor)
+        if found is None:
             return None
-        if scale.dim() != 2 or scale.dtype not in (torch.float32, torch.bfloat16):
-            return None
-        (rows, cols), (srows, scols) = q.shape, scale.shape
-        if rows % srows or cols % scols:
-            return None
+        q, scale = found
         got = torch.empty_like(tensor)
-        fp8_dequantize(got, q, scale)
+        (fp8_dequantize if method == "fp8" else mxfp4_dequantize)(got, q, scale)
         if not torch.equal(got.view(torch.uint8), tensor.detach().to("cpu").contiguous().view(torch.uint8)):
             logger.warning("tensorstream: %s does not dequantize as transformers loaded it; stored as loaded", name)
             return None
         return {"q": q.contiguous(), "scale": scale.contiguous()}
 
-    return parts_of
+    return method, parts_of
 
 
 #: Values dequantized per piece on the model thread: 4 MB of float32 scratch.
@@ -308,6 +333,74 @@ def fp8_dequantize(
         out[r : r + n].copy_(tmp.view(n, cols))
 
 
+#: transformers' E2M1 values (``transformers.integrations.mxfp4.FP4_VALUES``): the 16 codes of an FP4 nibble.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_scratch_bytes(shape: tuple[int, ...], piece: int = FP8_PIECE) -> int:
+    """Scratch `mxfp4_dequantize` needs for blocks of ``shape`` (``[E, R, G, B]``) in pieces of ``piece`` values."""
+    _, _, groups, width = shape
+    rows = max(1, min(shape[1], piece // (groups * width * 2)))
+    n = rows * groups
+    return n * width * 4 + n * width * 4 + n * width * 2 * 4 + n * 4 + 64  # values and tmp at up to 4 bytes
+
+
+def mxfp4_dequantize(
+    out: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+    *,
+    piece: int = FP8_PIECE,
+) -> None:
+    """``out[e] = dequantized(blocks[e], scales[e]).T``: transformers' ``convert_moe_packed_tensors`` (gpt-oss's
+    MXFP4 experts) computed in pieces, with the same bits: each nibble picks its E2M1 value from the same table in
+    ``out``'s dtype, and the same ``torch.ldexp(values, scale - 127, out=values)`` call scales it (elementwise: the
+    pieces change nothing).
+
+    Args:
+        out: ``[E, G * 2B, R]`` weight, written in place. blocks: ``[E, R, G, B]`` uint8. scales: ``[E, R, G]`` uint8.
+        scratch: uint8 room of `mxfp4_scratch_bytes` (allocated when ``None``).
+    """
+    experts, rows_total, groups, width = blocks.shape
+    per = max(1, min(rows_total, piece // (groups * width * 2)))
+    if scratch is None:
+        scratch = torch.empty(mxfp4_scratch_bytes(tuple(blocks.shape), piece), dtype=torch.uint8, device=out.device)
+    n_max = per * groups
+    at = 0
+
+    def take(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        nonlocal at
+        view = scratch[at : at + nbytes].view(dtype)
+        at += -(-nbytes // 16) * 16
+        return view
+
+    index = take(n_max * width * 4, torch.int32)
+    values = take(n_max * width * out.element_size(), out.dtype)
+    tmp = take(n_max * width * 2 * out.element_size(), out.dtype)
+    factor = take(n_max * 4, torch.int32)
+    lut = torch.tensor(FP4_VALUES, dtype=out.dtype, device=out.device)
+    for e in range(experts):
+        target = out[e]  # [G * 2B, R]
+        for r in range(0, rows_total, per):
+            n = min(per, rows_total - r) * groups
+            blk = blocks[e, r : r + n // groups].reshape(n, width)
+            pairs = tmp[: n * width * 2].view(n, width, 2)
+            idx, vals = index[: n * width].view(n, width), values[: n * width].view(n, width)
+            torch.bitwise_and(blk, 15, out=idx)
+            torch.index_select(lut, 0, idx.view(-1), out=vals.view(-1))
+            pairs[:, :, 0].copy_(vals)
+            torch.bitwise_right_shift(blk, 4, out=idx)
+            torch.index_select(lut, 0, idx.view(-1), out=vals.view(-1))
+            pairs[:, :, 1].copy_(vals)
+            exponent = factor[:n].view(n, 1)
+            exponent.copy_(scales[e, r : r + n // groups].reshape(n, 1))
+            exponent.sub_(127)
+            flat = pairs.view(n, width * 2)
+            torch.ldexp(flat, exponent, out=flat)  # transformers' own call, on the same values
+            target[:, r : r + n // groups].copy_(flat.view(n // groups, groups * width * 2).t())
+
+
 def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
     """What a store of a pre-quantized checkpoint streams, in one sentence (``tensorstream inspect``, the load's log),
     or ``None`` for a store of a checkpoint that is not quantized.
@@ -322,11 +415,12 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
     if not isinstance(info, dict) or not isinstance(info.get("method"), str):
         return None
     method = info["method"]
-    if manifest.get("encoding") == "fp8":
+    if manifest.get("encoding") in DEQUANTIZED_METHODS:
+        what = "float8 weights and block scales" if method == "fp8" else "FP4 blocks and E8M0 scales"
         how = (
-            "the store holds the checkpoint's float8 weights and block scales (tensors transformers renames or fuses "
-            "at load, such as per-expert weights, as the bf16 it makes of them), dequantized to bf16 as each block "
-            "loads, with transformers' arithmetic"
+            f"the store holds the checkpoint's {what} (tensors transformers renames or fuses at load, such as "
+            "per-expert weights, as the bf16 it makes of them), dequantized to bf16 as each block loads, with "
+            "transformers' arithmetic"
         )
     else:
         how = (

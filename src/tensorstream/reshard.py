@@ -53,7 +53,7 @@ from .errors import (
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
-from .prequantized import check_loaded, check_method, fp8_checkpoint_parts, quantization_identity, quantization_method
+from .prequantized import check_loaded, check_method, checkpoint_parts, quantization_identity, quantization_method
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -371,8 +371,8 @@ def reshard(
                 ) from err
             check_loaded(model, method, str(source))
             loader = _offload_loader(model, folder)
-            # a fine-grained FP8 checkpoint keeps its own compact bytes (unless another store kind was asked for)
-            parts_of = fp8_checkpoint_parts(folder, model, config) if kind is None else None
+            # an FP8 or MXFP4 checkpoint keeps its own compact bytes (unless another store kind was asked for)
+            compact = checkpoint_parts(folder, model, config) if kind is None else None
 
             def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
                 if tensor.device.type != "meta":
@@ -402,9 +402,9 @@ def reshard(
                 dtype,
                 source_info,
                 progress,
-                "fp8" if parts_of is not None else kind,
+                compact[0] if compact is not None else kind,
                 phase_of=_source_phases(loader),
-                parts_of=parts_of,
+                parts_of=compact[1] if compact is not None else None,
             )
             for name in ("generation_config.json",):
                 if (folder / name).is_file():

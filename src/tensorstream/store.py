@@ -285,8 +285,8 @@ class Store:
 
     @property
     def kind(self) -> str | None:
-        """The store kind: ``None`` (plain), ``"int8"``, ``"int4"``, ``"lossless"`` or ``"fp8"`` (a fine-grained FP8
-        checkpoint's own bytes, `tensorstream.prequantized`); see `tensorstream.encoding`."""
+        """The store kind: ``None`` (plain), ``"int8"``, ``"int4"``, ``"lossless"``, ``"fp8"`` or ``"mxfp4"`` (an FP8
+        or MXFP4 checkpoint's own bytes, `tensorstream.prequantized`); see `tensorstream.encoding`."""
         kind = self.manifest.get("encoding")
         return kind if isinstance(kind, str) else None
 
@@ -391,7 +391,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         seen_names.add(parsed.name)
         total += parsed.data_size
     kind = manifest.get("encoding")
-    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8"):
+    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8", "mxfp4"):
         raise FormatError(f"{where}: encoding {kind!r} is not a store kind this tensorstream reads; {_FIX}")
     tied = manifest.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
