@@ -119,6 +119,35 @@ def test_fp8_codec_expands_the_compact_entries_as_transformers_does(tmp_path: Pa
     assert header.data_size < 256 * 128 * 2  # float8 + scales: about half the bf16 bytes
 
 
+@pytest.mark.parametrize(
+    ("kind", "parts", "shape"),
+    [
+        ("fp8", {"q": torch.zeros(256, 128, dtype=torch.float8_e4m3fn), "scale": torch.ones(3, 1)}, (256, 128)),
+        ("fp8", {"q": torch.zeros(256, 128, dtype=torch.uint8), "scale": torch.ones(2, 1)}, (256, 128)),
+        (
+            "mxfp4",
+            {"q": torch.zeros(2, 64, 2, 16, dtype=torch.uint8), "scale": torch.zeros(2, 64, 1, dtype=torch.uint8)},
+            (2, 64, 64),
+        ),
+        (
+            "mxfp4",
+            {"q": torch.zeros(2, 64, 2, 16, dtype=torch.uint8), "scale": torch.zeros(2, 64, 2, dtype=torch.uint8)},
+            (2, 32, 64),
+        ),
+    ],
+)
+def test_a_damaged_compact_entry_is_a_format_error(
+    tmp_path: Path, kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...]
+) -> None:
+    from tensorstream.errors import FormatError
+
+    weight = torch.zeros(shape, dtype=torch.bfloat16)
+    stored, meta = encode_tensors({"w": weight}, kind, parts_of=lambda n, t: parts)
+    header = save_to_ts(stored, tmp_path / "b.ts", {"encoding": meta}, block="b")
+    with pytest.raises(FormatError, match="'w"):
+        BlockCodec(header)
+
+
 @pytest.mark.parametrize("budget", ["stream_all", "all_resident"])
 def test_fp8_checkpoint_streams_its_own_bytes_bit_exact_to_the_resident_load(
     fp8_checkpoint: Path, tmp_path: Path, budget: str
