@@ -422,6 +422,8 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
             "per-expert weights, as the bf16 it makes of them), dequantized to bf16 as each block loads, with "
             "transformers' arithmetic"
         )
+    elif manifest.get("encoding") is not None:
+        how = f"the store holds the weights transformers dequantizes it to at load, stored as {manifest['encoding']}"
     else:
         how = (
             "the store holds the bf16 weights transformers dequantizes it to at load (no compact form for "
