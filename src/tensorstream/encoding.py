@@ -11,9 +11,11 @@ that is bound by storage reads fewer bytes:
 * ``compression="lossless"``: 16-bit floating-point tensors are split into their two byte planes; the high plane
   (sign, exponent and the top mantissa bit: a few bits of entropy in trained weights) is compressed with zstd, the
   low plane is kept as it is. Expanding gives back the exact bytes.
-* ``"fp8"`` (not a setting: chosen for a fine-grained FP8 checkpoint that transformers dequantizes at load,
-  `tensorstream.prequantized`): a weight is stored as the checkpoint's float8 values and per-block scales and
-  expanded with transformers' dequantization arithmetic (`tensorstream.prequantized.fp8_dequantize`).
+* ``"fp8"`` and ``"mxfp4"`` (not settings: chosen for a fine-grained FP8 or an MXFP4 checkpoint that transformers
+  dequantizes at load, `tensorstream.prequantized`): a weight is stored as the checkpoint's own compact tensors
+  (float8 values and per-block scales; FP4 blocks and E8M0 scales) and expanded with transformers' dequantization
+  arithmetic (`tensorstream.prequantized.fp8_dequantize`, `mxfp4_dequantize`). Entries ``name.__q__`` and
+  ``name.__scale__`` hold them as the checkpoint does (``F8_E4M3`` and ``F32``/``BF16``; ``U8`` and ``U8``).
 
 Expansion is one function, `BlockCodec.decode`, used by the engine's slots (on the device for quantized stores on
 CUDA, on the reader thread for the CPU), by the blocks kept resident and by `tensorstream.detach`: every path
@@ -203,11 +205,11 @@ def encode_tensors(
 
     Args:
         tensors: name -> tensor, one block's tensors (any device; each is moved to CPU while it is encoded).
-        kind: ``"int8"``, ``"int4"`` or ``"lossless"``.
+        kind: ``"int8"``, ``"int4"``, ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized checkpoint's).
         phases: name -> the address phase (mod 64) the tensor had in its source (`tensorstream.save_to_ts`); an
             encoded tensor's is recorded in the encoding, so that the CPU expands it at that phase.
-        parts_of: for ``"fp8"``: name, tensor -> the checkpoint's ``{"q", "scale"}`` that expand to exactly that
-            tensor, or ``None`` to keep it as it is (`tensorstream.prequantized.fp8_checkpoint_parts`).
+        parts_of: for ``"fp8"`` and ``"mxfp4"``: name, tensor -> the checkpoint's ``{"q", "scale"}`` that expand to
+            exactly that tensor, or ``None`` to keep it as it is (`tensorstream.prequantized.checkpoint_parts`).
 
     Returns:
         (entries, metadata): the tensors to write with `tensorstream.save_to_ts` and the JSON string to store under
@@ -264,7 +266,7 @@ class _Step:
     """Expand one tensor: from the compact entries ``parts`` (name -> info) into ``out`` of the expanded buffer."""
 
     name: str
-    kind: str  # "copy", "int8", "int4", "lossless", "fp8"
+    kind: str  # "copy", "int8", "int4", "lossless", "fp8", "mxfp4"
     out: TensorInfo
     parts: dict[str, TensorInfo]
     group: int = 0
@@ -417,6 +419,7 @@ class BlockCodec:
             if (
                 scale.dtype not in ("F32", "BF16")
                 or len(scale.shape) != 2
+                or 0 in scale.shape
                 or shape[0] % scale.shape[0]
                 or shape[1] % scale.shape[1]
             ):
