@@ -91,7 +91,8 @@ def test_fp8_dequantize_is_transformers_arithmetic_bit_for_bit() -> None:
     q, scale = fp8_blockwise(weight)
     for scales in (scale, scale.to(torch.bfloat16)):
         expected = Fp8Dequantize(None)._dequantize_one(q, scales, output_dtype=torch.bfloat16)
-        for piece in (1 << 20, 1000, 1):  # whole tensor, pieces of rows, one row at a time: the same bits
+        # whole tensor, the reader thread's pieces (not dividing a block row), pieces of rows, one row: the same bits
+        for piece in (1 << 20, 32767, 1000, 1):
             out = torch.empty(256, 384, dtype=torch.bfloat16)
             fp8_dequantize(out, q, scales, piece=piece)
             assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
@@ -170,6 +171,22 @@ def test_fp8_checkpoint_streams_its_own_bytes_bit_exact_to_the_resident_load(
         per_load = stats.bytes_read / stats.blocks_loaded
         assert per_load <= 1.15 * checkpoint_block_bytes(fp8_checkpoint, "model.layers.0")
         assert stats.store_kind == "fp8"
+
+
+def test_a_block_that_would_not_expand_exactly_is_an_error_at_reshard(
+    fp8_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorstream.encoding
+    from tensorstream.errors import TensorStreamError
+
+    def off_on_the_reader_thread(out: torch.Tensor, *args: object, piece: int) -> None:
+        fp8_dequantize(out, *args, piece=piece)  # type: ignore[arg-type]
+        if piece < 1 << 20:  # the pieces a reader thread expands in (a bug once skipped rows there)
+            out[-1, -1] += 1
+
+    monkeypatch.setattr(tensorstream.encoding, "fp8_dequantize", off_on_the_reader_thread)
+    with pytest.raises(TensorStreamError, match="does not expand to the tensor transformers loaded"):
+        tensorstream.reshard(fp8_checkpoint, tmp_path, progress=False)
 
 
 def test_fp8_per_expert_moe_streams_bit_exact_to_the_resident_load(tmp_path: Path) -> None:

@@ -325,12 +325,14 @@ def fp8_dequantize(
     per = max(1, min(bm, piece // cols))
     if scratch is None:
         scratch = torch.empty(per * cols, dtype=torch.float32, device=out.device)
-    for r in range(0, rows, per):
+    r = 0
+    while r < rows:
         n = min(per, rows - r, bm - r % bm)  # within one block row
         tmp = scratch[: n * cols].view(n, scols, bn)
         tmp.copy_(q[r : r + n].view(n, scols, bn))
         tmp.mul_(scale[r // bm].view(1, scols, 1))  # float32 (exact from bf16) times float32: one rounding
         out[r : r + n].copy_(tmp.view(n, cols))
+        r += n
 
 
 #: transformers' E2M1 values (``transformers.integrations.mxfp4.FP4_VALUES``): the 16 codes of an FP4 nibble.

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import default_storage_path, parse_dtype
-from .encoding import ENCODING_KEY, BlockCodec, encode_tensors, quiet_torchao, store_kind
+from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, quiet_torchao, store_kind
 from .errors import (
     FormatError,
     LockTimeoutError,
@@ -683,6 +683,8 @@ def _write_store(
                 phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
                 phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
                 metadata = None
+                # a pre-quantized block is checked against what transformers made of it once it is written
+                originals = tensors if encoding in PREQUANTIZED_KINDS else {}
                 if encoding is not None:  # phases of the encoded tensors go into the encoding, the rest stay
                     tensors, meta = encode_tensors(tensors, encoding, phases=phases, parts_of=parts_of)
                     metadata = {ENCODING_KEY: meta}
@@ -690,7 +692,8 @@ def _write_store(
                     encoded += len(described)
                     phases = {n: p for n, p in phases.items() if n not in described}
                 header = save_to_ts(tensors, path, metadata, block=block, phases=phases)
-                del tensors
+                _check_expansion(header, originals)
+                del tensors, originals
                 bar.update(nbytes)
             else:  # written by an interrupted run: not part of this run's throughput
                 reused += 1
@@ -745,6 +748,30 @@ def _write_store(
         "resident_parts": [list(part) for part in resident_parts(model, units)],
     }
     _write_json(staging / MANIFEST_NAME, manifest)
+
+
+def _check_expansion(header: TsHeader, originals: Mapping[str, torch.Tensor]) -> None:
+    """Expand the block file just written, as the reader thread and as the model thread do, and compare every tensor
+    with ``originals`` (what transformers' resident load holds): a pre-quantized block that would not stream exactly
+    is an error now, never wrong weights later."""
+    if not originals:
+        return
+    from .format import aligned_empty, read_data
+
+    codec = BlockCodec(header)
+    compact = aligned_empty(header.data_size)
+    read_data(header.path, header, compact)
+    for inline in (True, False):
+        expanded = torch.empty(codec.expanded_bytes, dtype=torch.uint8)
+        codec.decode(compact, expanded, torch.empty(codec.scratch_bytes, dtype=torch.uint8), inline=inline)
+        for name, info in codec.tensors.items():
+            got = expanded[info.start : info.end]
+            want = originals[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            if not torch.equal(got, want):
+                raise TensorStreamError(
+                    f"{header.path}: {name} does not expand to the tensor transformers loaded (a tensorstream bug; "
+                    "please report it). Load this checkpoint without device_map='tensorstream' meanwhile."
+                )
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
