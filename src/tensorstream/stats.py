@@ -27,8 +27,9 @@ class StreamStats:
         blocks_run: streamed block forwards.
         cache_loads: block loads served from the pinned host cache tier instead of storage.
         resident_blocks, streamed_blocks, num_slots, backend: the plan and backend in use.
-        store_kind: ``"plain"``, ``"int8"``, ``"int4"`` or ``"lossless"`` (docs/quantization.md); ``bytes_read``
-            counts the bytes of the store's files, compact for the last three.
+        store_kind: ``"plain"``, ``"int8"``, ``"int4"``, ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized
+            checkpoint's own bytes; docs/quantization.md); ``bytes_read`` counts the bytes of the store's files,
+            compact for all but plain.
         rss_anon_bytes, rss_file_bytes: this process's anonymous and file-backed resident memory now (properties,
             read from ``/proc/self/status``). The budget bounds the anonymous part. File-backed pages are the page
             cache's: with ``backend="mmap"`` on CPU the streamed weights are mapped views of them, which the
