@@ -4,6 +4,7 @@
   ``weight_scale_inv`` (float32, one per 128x128 block), ``quantization_config={"quant_method": "fp8",
   "weight_block_size": [128, 128], ...}``; embeddings, norms and the head stay bf16.
 * GPTQ (4 bits, group 32): ``qweight``/``qzeros`` packed int32, ``scales``, ``g_idx``, ``quant_method: "gptq"``.
+* MXFP4 (gpt-oss): fused experts as ``*_blocks`` and ``*_scales``, ``quant_method: "mxfp4"``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def fp8_convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: tensor}
 
 
-def fp8_moe_convert(name: str, tensor: torch.Tensor) -> dict[str, dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
+def fp8_moe_convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fused experts ``[E, out, in]`` written as per-expert FP8 weights (Qwen3-30B-A3B-FP8's layout)."""
     if ".experts." in name and tensor.dim() == 3:
         prefix, proj = name.rsplit(".", 1)
