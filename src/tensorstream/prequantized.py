@@ -39,13 +39,14 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedQuantizationError
+from .errors import TensorStreamError, UnsupportedQuantizationError
 
 __all__ = [
     "FP8_SCALE_SUFFIX",
     "check_loaded",
     "check_method",
     "check_offload",
+    "check_expansion",
     "checkpoint_parts",
     "fp8_dequantize",
     "mxfp4_dequantize",
@@ -401,6 +402,31 @@ def mxfp4_dequantize(
             flat = pairs.view(n, width * 2)
             torch.ldexp(flat, exponent, out=flat)  # transformers' own call, on the same values
             target[:, r : r + n // groups].copy_(flat.view(n // groups, groups * width * 2).t())
+
+
+def check_expansion(header: Any, originals: Mapping[str, torch.Tensor]) -> None:
+    """Expand the block file just written, as the reader thread and as the model thread do, and compare every tensor
+    with ``originals`` (what transformers' resident load holds): a pre-quantized block that would not stream exactly
+    is an error now, never wrong weights later."""
+    if not originals:
+        return
+    from .encoding import BlockCodec  # encoding imports this module for its dequantize functions
+    from .format import aligned_empty, read_data
+
+    codec = BlockCodec(header)
+    compact = aligned_empty(header.data_size)
+    read_data(header.path, header, compact)
+    for inline in (True, False):
+        expanded = torch.empty(codec.expanded_bytes, dtype=torch.uint8)
+        codec.decode(compact, expanded, torch.empty(codec.scratch_bytes, dtype=torch.uint8), inline=inline)
+        for name, info in codec.tensors.items():
+            got = expanded[info.start : info.end]
+            want = originals[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            if not torch.equal(got, want):
+                raise TensorStreamError(
+                    f"{header.path}: {name} does not expand to the tensor transformers loaded (a tensorstream bug; "
+                    "please report it). Load this checkpoint without device_map='tensorstream' meanwhile."
+                )
 
 
 def describe_quantization(manifest: Mapping[str, Any]) -> str | None:

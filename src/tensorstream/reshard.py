@@ -53,7 +53,14 @@ from .errors import (
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
-from .prequantized import check_loaded, check_method, checkpoint_parts, quantization_identity, quantization_method
+from .prequantized import (
+    check_expansion,
+    check_loaded,
+    check_method,
+    checkpoint_parts,
+    quantization_identity,
+    quantization_method,
+)
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -692,7 +699,7 @@ def _write_store(
                     encoded += len(described)
                     phases = {n: p for n, p in phases.items() if n not in described}
                 header = save_to_ts(tensors, path, metadata, block=block, phases=phases)
-                _check_expansion(header, originals)
+                check_expansion(header, originals)
                 del tensors, originals
                 bar.update(nbytes)
             else:  # written by an interrupted run: not part of this run's throughput
@@ -748,30 +755,6 @@ def _write_store(
         "resident_parts": [list(part) for part in resident_parts(model, units)],
     }
     _write_json(staging / MANIFEST_NAME, manifest)
-
-
-def _check_expansion(header: TsHeader, originals: Mapping[str, torch.Tensor]) -> None:
-    """Expand the block file just written, as the reader thread and as the model thread do, and compare every tensor
-    with ``originals`` (what transformers' resident load holds): a pre-quantized block that would not stream exactly
-    is an error now, never wrong weights later."""
-    if not originals:
-        return
-    from .format import aligned_empty, read_data
-
-    codec = BlockCodec(header)
-    compact = aligned_empty(header.data_size)
-    read_data(header.path, header, compact)
-    for inline in (True, False):
-        expanded = torch.empty(codec.expanded_bytes, dtype=torch.uint8)
-        codec.decode(compact, expanded, torch.empty(codec.scratch_bytes, dtype=torch.uint8), inline=inline)
-        for name, info in codec.tensors.items():
-            got = expanded[info.start : info.end]
-            want = originals[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            if not torch.equal(got, want):
-                raise TensorStreamError(
-                    f"{header.path}: {name} does not expand to the tensor transformers loaded (a tensorstream bug; "
-                    "please report it). Load this checkpoint without device_map='tensorstream' meanwhile."
-                )
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
