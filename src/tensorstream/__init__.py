@@ -38,6 +38,7 @@ from .errors import (
     TooManyOpenFilesError,
     UnsupportedModelError,
     UnsupportedOperationError,
+    UnsupportedQuantizationError,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ __all__ = [
     "TooManyOpenFilesError",
     "UnsupportedModelError",
     "UnsupportedOperationError",
+    "UnsupportedQuantizationError",
     "__version__",
     "detach",
     "load_ts",

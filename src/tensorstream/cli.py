@@ -217,6 +217,8 @@ def _rows(store_path: Path, checksum: bool) -> tuple[Any, list[dict[str, Any]]]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .prequantized import describe_quantization
+
     store, rows = _rows(Path(args.store), args.checksum)
     damaged = any(row["checksum_status"] == "DAMAGED" for row in rows)
     if args.json:
@@ -226,6 +228,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "fingerprint": store.fingerprint,
             "kind": store.kind or "plain",
             "total_bytes": store.total_bytes,
+            "quantization": describe_quantization(store.manifest),
             "files": rows,
         }
         print(json.dumps(info))
@@ -234,6 +237,9 @@ def _inspect(args: argparse.Namespace) -> int:
         f"store {store.path}\nmodel {store.model_class}, fingerprint {store.fingerprint}, "
         f"{len(store.blocks)} blocks, {store.total_bytes / 1e9:.3f} GB, {store.kind or 'plain'} store"
     )
+    quantization = describe_quantization(store.manifest)
+    if quantization:
+        print(quantization)
     width = max(len(row["block"]) for row in rows)
     print(f"{'block':<{width}}  {'tensors':>7}  {'MB':>10}  {'dtypes':<12}  {'aligned':<7}  {'checksum':<14}  status")
     for row in rows:

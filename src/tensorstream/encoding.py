@@ -11,6 +11,11 @@ that is bound by storage reads fewer bytes:
 * ``compression="lossless"``: 16-bit floating-point tensors are split into their two byte planes; the high plane
   (sign, exponent and the top mantissa bit: a few bits of entropy in trained weights) is compressed with zstd, the
   low plane is kept as it is. Expanding gives back the exact bytes.
+* ``"fp8"`` and ``"mxfp4"`` (not settings: chosen for a fine-grained FP8 or an MXFP4 checkpoint that transformers
+  dequantizes at load, `tensorstream.prequantized`): a weight is stored as the checkpoint's own compact tensors
+  (float8 values and per-block scales; FP4 blocks and E8M0 scales) and expanded with transformers' dequantization
+  arithmetic (`tensorstream.prequantized.fp8_dequantize`, `mxfp4_dequantize`). Entries ``name.__q__`` and
+  ``name.__scale__`` hold them as the checkpoint does (``F8_E4M3`` and ``F32``/``BF16``; ``U8`` and ``U8``).
 
 Expansion is one function, `BlockCodec.decode`, used by the engine's slots (on the device for quantized stores on
 CUDA, on the reader thread for the CPU), by the blocks kept resident and by `tensorstream.detach`: every path
@@ -40,7 +45,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +53,12 @@ import torch
 
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
+from .prequantized import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 
 __all__ = [
     "COMPRESSIONS",
     "ENCODING_KEY",
+    "PREQUANTIZED_KINDS",
     "QUANTIZE_SCHEMES",
     "BlockCodec",
     "encode_tensors",
@@ -67,7 +74,15 @@ GROUPS = {"int8": (128, 64, 32), "int4": (64, 32)}
 #: Smaller weights are kept as they are (a few KB: not worth a scale per group).
 MIN_QUANTIZED_NUMEL = 1024
 ZSTD_LEVEL = 3
-_PARTS = {"int8": ("q", "scale"), "int4": ("q", "scale", "zero"), "lossless": ("hi", "lo")}
+_PARTS = {
+    "int8": ("q", "scale"),
+    "int4": ("q", "scale", "zero"),
+    "lossless": ("hi", "lo"),
+    "fp8": ("q", "scale"),
+    "mxfp4": ("q", "scale"),
+}
+#: Store kinds chosen from a pre-quantized checkpoint, never asked for (`tensorstream.prequantized`).
+PREQUANTIZED_KINDS = ("fp8", "mxfp4")
 _SCRATCH_ALIGNMENT = 4096
 #: PyTorch's parallel grain (``at::internal::GRAIN_SIZE``): an elementwise op on fewer values runs on the caller.
 _INLINE = 32768
@@ -180,21 +195,27 @@ def _compress(tensor: torch.Tensor, level: int = ZSTD_LEVEL) -> dict[str, torch.
 
 
 def encode_tensors(
-    tensors: Mapping[str, torch.Tensor], kind: str, *, phases: Mapping[str, int] | None = None
+    tensors: Mapping[str, torch.Tensor],
+    kind: str,
+    *,
+    phases: Mapping[str, int] | None = None,
+    parts_of: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The entries a ``.ts`` file of store kind ``kind`` holds for ``tensors``, and its ``encoding`` metadata.
 
     Args:
         tensors: name -> tensor, one block's tensors (any device; each is moved to CPU while it is encoded).
-        kind: ``"int8"``, ``"int4"`` or ``"lossless"``.
+        kind: ``"int8"``, ``"int4"``, ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized checkpoint's).
         phases: name -> the address phase (mod 64) the tensor had in its source (`tensorstream.save_to_ts`); an
             encoded tensor's is recorded in the encoding, so that the CPU expands it at that phase.
+        parts_of: for ``"fp8"`` and ``"mxfp4"``: name, tensor -> the checkpoint's ``{"q", "scale"}`` that expand to
+            exactly that tensor, or ``None`` to keep it as it is (`tensorstream.prequantized.checkpoint_parts`).
 
     Returns:
         (entries, metadata): the tensors to write with `tensorstream.save_to_ts` and the JSON string to store under
         ``__metadata__["encoding"]``.
     """
-    if kind not in (*QUANTIZE_SCHEMES, *COMPRESSIONS):
+    if kind not in (*QUANTIZE_SCHEMES, *COMPRESSIONS, *PREQUANTIZED_KINDS):
         raise ConfigError(f"store kind {kind!r} is unknown; use one of {(*QUANTIZE_SCHEMES, *COMPRESSIONS)}.")
     stored: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
@@ -206,6 +227,8 @@ def encode_tensors(
                 if tensor.dtype in (torch.bfloat16, torch.float16) and tensor.numel() >= MIN_QUANTIZED_NUMEL
                 else None
             )
+        elif kind in PREQUANTIZED_KINDS:
+            parts = parts_of(name, tensor) if parts_of is not None else None
         else:
             group = _group(kind, tensor)
             parts = None if group is None else _quantize(tensor, kind, group)
@@ -225,6 +248,15 @@ def encode_tensors(
 # -- run time --------------------------------------------------------------------------------------------------------
 
 
+def _scratch_bytes(kind: str, numel: int, shape: tuple[int, ...]) -> int:
+    """Scratch one tensor of ``kind`` needs while it expands (fp8: float32 values of one piece, a row at least)."""
+    if kind == "fp8":
+        return 4 * min(numel, max(FP8_PIECE, shape[-1]))
+    if kind == "mxfp4":  # the blocks' shape [E, R, G, B]: pieces of the model thread's size (the larger ones)
+        return mxfp4_scratch_bytes(shape, FP8_PIECE) if len(shape) == 4 else 0
+    return numel // 2 if kind == "int4" else numel if kind == "lossless" else 0
+
+
 def _align(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
@@ -234,7 +266,7 @@ class _Step:
     """Expand one tensor: from the compact entries ``parts`` (name -> info) into ``out`` of the expanded buffer."""
 
     name: str
-    kind: str  # "copy", "int8", "int4", "lossless"
+    kind: str  # "copy", "int8", "int4", "lossless", "fp8", "mxfp4"
     out: TensorInfo
     parts: dict[str, TensorInfo]
     group: int = 0
@@ -326,7 +358,8 @@ class BlockCodec:
                 claimed.add(_part(name, part))
             numel = math.prod(shape)
             group = self._check_parts(name, kind, entry, DTYPES[dtype], tuple(shape), numel, parts)
-            scratch = max(scratch, numel // 2 if kind == "int4" else numel if kind == "lossless" else 0)
+            compact_shape = parts["q"].shape if kind == "mxfp4" else tuple(shape)  # mxfp4: by its blocks' shape
+            scratch = max(scratch, _scratch_bytes(kind, numel, compact_shape))
             encoded[name] = (dtype, tuple(shape), parts, group, phase)
         suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
         for name in header.tensors:
@@ -378,6 +411,31 @@ class BlockCodec:
                 )
 
         weight_code = DTYPE_CODES[dtype]
+        if kind == "fp8":
+            if len(shape) != 2 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise self._fail(f"{name!r} is {weight_code}{list(shape)}: fp8 entries expand to 2-D float weights")
+            expect("q", "F8_E4M3", shape)
+            scale = parts["scale"]
+            if (
+                scale.dtype not in ("F32", "BF16")
+                or len(scale.shape) != 2
+                or 0 in scale.shape
+                or shape[0] % scale.shape[0]
+                or shape[1] % scale.shape[1]
+            ):
+                raise self._fail(f"{_part(name, 'scale')!r} is not a F32/BF16 block grid dividing {list(shape)}")
+            return 0
+        if kind == "mxfp4":
+            if len(shape) != 3 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise self._fail(f"{name!r} is {weight_code}{list(shape)}: mxfp4 entries expand to 3-D float weights")
+            blocks = parts["q"].shape
+            if len(blocks) != 4 or shape != (blocks[0], blocks[2] * blocks[3] * 2, blocks[1]):
+                raise self._fail(
+                    f"{_part(name, 'q')!r} has shape {list(blocks)}, which does not expand to {list(shape)}"
+                )
+            expect("q", "U8", blocks)
+            expect("scale", "U8", blocks[:3])
+            return 0
         if kind == "lossless":
             if dtype not in (torch.bfloat16, torch.float16):
                 raise self._fail(f"{name!r} is {weight_code}: only 16-bit floats are stored as byte planes")
@@ -427,6 +485,27 @@ class BlockCodec:
                 continue
             if step.kind == "lossless":
                 self._expand_planes(step, compact, out, scratch, inline)
+                continue
+            if step.kind == "mxfp4":
+                q, scale = step.parts["q"], step.parts["scale"]
+                piece = _INLINE - 1 if inline else FP8_PIECE
+                mxfp4_dequantize(
+                    out.view(step.out.torch_dtype).view(step.out.shape),
+                    compact[q.start : q.end].view(q.shape),
+                    compact[scale.start : scale.end].view(scale.shape),
+                    scratch[: mxfp4_scratch_bytes(q.shape, piece)],
+                    piece=piece,
+                )
+                continue
+            if step.kind == "fp8":
+                q, scale = step.parts["q"], step.parts["scale"]
+                fp8_dequantize(
+                    out.view(step.out.torch_dtype).view(step.out.shape),
+                    compact[q.start : q.end].view(q.torch_dtype).view(q.shape),
+                    compact[scale.start : scale.end].view(scale.torch_dtype).view(scale.shape),
+                    scratch[: _scratch_bytes("fp8", math.prod(q.shape), q.shape)].view(torch.float32),
+                    piece=_INLINE - 1 if inline else FP8_PIECE,
+                )
                 continue
             group = step.group
             weight = out.view(step.out.torch_dtype).view(-1, group)  # one row per group

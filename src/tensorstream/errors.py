@@ -13,6 +13,7 @@ already catches ``ValueError``, ``OSError``, ``ImportError`` or ``MemoryError`` 
      ├── BudgetError(MemoryError)              the memory budget cannot hold the minimum working set
      ├── BackendUnavailableError(ImportError)  an I/O backend cannot run here (missing package, no driver)
      ├── UnsupportedModelError(ValueError)     no repeated blocks to stream were found in the model
+     │    └── UnsupportedQuantizationError     a pre-quantized checkpoint or model in a format not streamed yet
      ├── StreamingError(RuntimeError)          a background read failed while the model was running
      ├── HubUnavailableError(ConnectionError)  the Hugging Face Hub cannot be reached and the cache lacks the repo
      ├── UnsupportedOperationError(RuntimeError)  a cast, move or backward a streaming model cannot do correctly
@@ -42,6 +43,7 @@ __all__ = [
     "TooManyOpenFilesError",
     "UnsupportedModelError",
     "UnsupportedOperationError",
+    "UnsupportedQuantizationError",
 ]
 
 
@@ -112,6 +114,22 @@ class BackendUnavailableError(TensorStreamError, ImportError):
 
 class UnsupportedModelError(TensorStreamError, ValueError):
     """The model has no repeated blocks that tensorstream could stream."""
+
+
+class UnsupportedQuantizationError(UnsupportedModelError):
+    """A pre-quantized checkpoint (``quantization_config`` in its ``config.json`` or passed to ``from_pretrained``)
+    or a quantized model given to `offload` is in a format tensorstream does not stream yet.
+
+    Raised before anything is written. The message names the method, why, and what works instead (docs/quantization.md,
+    "Pre-quantized checkpoints").
+
+    Attributes:
+        method: the ``quant_method`` (``"gptq"``, ``"bitsandbytes_8bit"``, ...).
+    """
+
+    def __init__(self, message: str, method: str | None = None) -> None:
+        super().__init__(message)
+        self.method = method
 
 
 class StreamingError(TensorStreamError, RuntimeError):

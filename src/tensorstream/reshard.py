@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import default_storage_path, parse_dtype
-from .encoding import ENCODING_KEY, BlockCodec, encode_tensors, quiet_torchao, store_kind
+from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, quiet_torchao, store_kind
 from .errors import (
     FormatError,
     LockTimeoutError,
@@ -54,6 +54,14 @@ from .experts import EXPERTS_KEY, add_checksums, experts_record, whole_block_rea
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
+from .prequantized import (
+    check_expansion,
+    check_loaded,
+    check_method,
+    checkpoint_parts,
+    quantization_identity,
+    quantization_method,
+)
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -73,9 +81,15 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size lim
 
 
 def source_fingerprint(
-    folder: Path, cls: type, dtype: torch.dtype | None, config: Any, kind: str | None = None
+    folder: Path,
+    cls: type,
+    dtype: torch.dtype | None,
+    config: Any,
+    kind: str | None = None,
+    quantization_arg: Any = None,
 ) -> str:
-    """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind.
+    """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind,
+    and a ``quantization_config`` passed to ``from_pretrained`` (``quantization_arg``, every field of it).
 
     Files are identified by name, size and, for Hub cache snapshots, their blob name (a content hash), else
     their modification time (a link's target's): a large checkpoint is never read to fingerprint it. A source
@@ -86,6 +100,11 @@ def source_fingerprint(
     head = {"format_version": FORMAT_VERSION, "class": cls.__name__, "dtype": str(dtype), "config": config_dict}
     if kind is not None:  # a plain store keeps the fingerprint it always had
         head["encoding"] = kind
+    quantization = quantization_identity(config)
+    if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
+        head["quantization"] = quantization
+    if quantization_arg is not None:
+        head["quantization_arg"] = quantization_identity(quantization_arg)
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     for file in sorted(folder.iterdir()):
         if not (file.suffix in _WEIGHT_SUFFIXES or file.name in _SOURCE_FILES) or not file.is_file():
@@ -321,7 +340,13 @@ def reshard(
     cls = resolve_model_class(config, model_class)
     dtype = parse_dtype(dtype)
     kind = store_kind(quantize, compression)
-    fingerprint = source_fingerprint(folder, cls, dtype, config, kind)
+    # a typed refusal before anything is built or written
+    quantization_arg = (model_kwargs or {}).get("quantization_config")
+    method = quantization_method(config)
+    if method is None and quantization_arg is not None:
+        check_method(quantization_method(quantization_arg) or "unknown", str(source), on_the_fly=True)
+    check_method(method, str(source))
+    fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     root.mkdir(parents=True, exist_ok=True)
     final = root / fingerprint
@@ -352,7 +377,10 @@ def reshard(
                     "unpickles only with torch.load(weights_only=True), which refused it (a checkpoint like this can "
                     "run code when loaded). Convert it to safetensors where you trust it, and reshard that."
                 ) from err
+            check_loaded(model, method, str(source))
             loader = _offload_loader(model, folder)
+            # an FP8 or MXFP4 checkpoint keeps its own compact bytes (unless another store kind was asked for)
+            compact = checkpoint_parts(folder, model, config) if kind is None else None
 
             def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
                 if tensor.device.type != "meta":
@@ -362,11 +390,17 @@ def reshard(
                 except KeyError:  # not in the checkpoint (Marian's sinusoidal tables): as transformers builds it
                     return initialised_tensor(model, name, tensor)
 
-            source_info = {
+            source_info: dict[str, Any] = {
                 "source": str(source),
                 "folder": str(folder),
                 "weight_conversions": weight_conversions(model),
             }
+            if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
+                source_info["quantization"] = {
+                    "method": method,
+                    "dequantized": True,
+                    "checkpoint_bytes": _checkpoint_bytes(folder),
+                }
             _write_store(
                 staging,
                 model,
@@ -376,8 +410,9 @@ def reshard(
                 dtype,
                 source_info,
                 progress,
-                kind,
+                compact[0] if compact is not None else kind,
                 phase_of=_source_phases(loader, staging / "_offload"),
+                parts_of=compact[1] if compact is not None else None,
             )
             for name in ("generation_config.json",):
                 if (folder / name).is_file():
@@ -618,6 +653,7 @@ def _write_store(
     kind: str | None = None,
     *,
     phase_of: Callable[[str, torch.Tensor], int] | None = None,
+    parts_of: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
 ) -> None:
     units = find_units(model)
     blocks = [name for name, _ in units]
@@ -665,14 +701,17 @@ def _write_store(
                 phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
                 phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
                 metadata = None
+                # a pre-quantized block is checked against what transformers made of it once it is written
+                originals = tensors if encoding in PREQUANTIZED_KINDS else {}
                 if encoding is not None:  # phases of the encoded tensors go into the encoding, the rest stay
-                    tensors, meta = encode_tensors(tensors, encoding, phases=phases)
+                    tensors, meta = encode_tensors(tensors, encoding, phases=phases, parts_of=parts_of)
                     metadata = {ENCODING_KEY: meta}
                     described = json.loads(meta)["tensors"]
                     encoded += len(described)
                     phases = {n: p for n, p in phases.items() if n not in described}
                 header = save_to_ts(tensors, path, metadata, block=block, phases=phases, tail=tail)
-                del tensors
+                check_expansion(header, originals)
+                del tensors, originals
                 bar.update(nbytes)
             else:  # written by an interrupted run: not part of this run's throughput
                 reused += 1
@@ -692,7 +731,7 @@ def _write_store(
             weight_map.update(dict.fromkeys(header.tensors, rel))
             if routed:
                 experts[block] = [add_checksums(item, header) for item in routed]
-    if kind is not None and not encoded and not reused:
+    if kind in ("int8", "int4", "lossless") and not encoded and not reused:
         what = "no 16-bit floating-point weight" if kind == "lossless" else "no weight matrix it can quantize"
         logger.warning(
             "tensorstream: the %s store of %s holds %s in its blocks: it is as large as a plain store. %s",

@@ -33,8 +33,9 @@ class StreamStats:
         expert_hits, expert_misses: routed experts served from the expert cache, and read from the store (slots).
         experts_predicted, experts_predicted_used: experts read ahead from the previous layer's guess, and how many
             of those the router then picked (`prediction_accuracy`).
-        store_kind: ``"plain"``, ``"int8"``, ``"int4"`` or ``"lossless"`` (docs/quantization.md); ``bytes_read``
-            counts the bytes of the store's files, compact for the last three.
+        store_kind: ``"plain"``, ``"int8"``, ``"int4"``, ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized
+            checkpoint's own bytes; docs/quantization.md); ``bytes_read`` counts the bytes of the store's files,
+            compact for all but plain.
         rss_anon_bytes, rss_file_bytes: this process's anonymous and file-backed resident memory now (properties,
             read from ``/proc/self/status``). The budget bounds the anonymous part. File-backed pages are the page
             cache's: with ``backend="mmap"`` on CPU the streamed weights are mapped views of them, which the

@@ -285,7 +285,8 @@ class Store:
 
     @property
     def kind(self) -> str | None:
-        """The store kind: ``None`` (plain), ``"int8"``, ``"int4"`` or ``"lossless"`` (`tensorstream.encoding`)."""
+        """The store kind: ``None`` (plain), ``"int8"``, ``"int4"``, ``"lossless"``, ``"fp8"`` or ``"mxfp4"`` (an FP8
+        or MXFP4 checkpoint's own bytes, `tensorstream.prequantized`); see `tensorstream.encoding`."""
         kind = self.manifest.get("encoding")
         return kind if isinstance(kind, str) else None
 
@@ -390,7 +391,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         seen_names.add(parsed.name)
         total += parsed.data_size
     kind = manifest.get("encoding")
-    if kind is not None and kind not in ("int8", "int4", "lossless"):
+    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8", "mxfp4"):
         raise FormatError(f"{where}: encoding {kind!r} is not a store kind this tensorstream reads; {_FIX}")
     tied = manifest.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):

@@ -28,6 +28,7 @@ from .errors import BudgetError, ConfigError, NotStreamingError, StaleStoreError
 from .experts import routed_layouts
 from .hooks import attach_hooks, remove_hooks
 from .plan import Plan, auto_budget_bytes, find_blocks, format_gb, gb_rounded_up, log_plan, make_plan
+from .prequantized import check_offload
 from .reshard import reshard_module
 from .stats import StreamStats
 from .store import Store
@@ -281,6 +282,7 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
     if getattr(model, ENGINE_ATTR, None) is not None:
         raise ConfigError(f"this {type(model).__name__} is already streaming; call tensorstream.detach(model) first.")
     find_blocks(model)  # fail early, before writing anything, on a model without blocks
+    check_offload(model)  # a quantized model's own parameter classes would be lost: refused, typed
     store = Store.open(
         reshard_module(model, config.store_root, dtype=config.dtype, kind=config.kind), verify=config.verify
     )

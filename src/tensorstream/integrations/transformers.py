@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -35,6 +36,7 @@ import torch
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
+from ..prequantized import describe_quantization
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
@@ -149,6 +151,7 @@ def load_streaming(
     dtype = _requested_dtype(kwargs, config)
     hub = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
     hf_config = kwargs.pop("config", None)
+    quantization_arg = kwargs.pop("quantization_config", None)
     folder = resolve_source(
         source,
         **{k: v for k, v in hub.items() if k in ("cache_dir", "revision", "local_files_only", "token", "subfolder")},
@@ -181,8 +184,14 @@ def load_streaming(
             compression=config.compression,
             model_class=cls,
             config=hf_config,
+            # applied to the reshard's load as transformers applies it (its loading attributes override the
+            # checkpoint's), and part of the store's fingerprint
+            model_kwargs=None if quantization_arg is None else {"quantization_config": quantization_arg},
         )
         store = Store.open(store_path, verify=config.verify)
+    if isinstance(store.manifest.get("quantization"), dict):
+        hf_config = _without_quantization(hf_config)
+        logger.info("tensorstream: %s", describe_quantization(store.manifest))
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
     # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
@@ -216,6 +225,17 @@ def load_streaming(
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
     return model
+
+
+def _without_quantization(hf_config: Any) -> Any:
+    """``hf_config`` without ``quantization_config``: the store holds the tensors transformers dequantized at load
+    (`tensorstream.prequantized`), and the resident model drops it after loading too. Built with it, the model's
+    load would run the quantizer's conversions on the stored tensors a second time."""
+    hf_config = copy.deepcopy(hf_config)
+    for config in {id(c): c for c in (hf_config, hf_config.get_text_config(decoder=True))}.values():
+        if "quantization_config" in vars(config):
+            del config.quantization_config
+    return hf_config
 
 
 def check_budget_before_reshard(
