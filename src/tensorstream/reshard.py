@@ -77,6 +77,9 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 _CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"}
 #: A Hub cache blob is named by its content hash: a sha256 (LFS files) or a git blob sha1.
 _HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+#: What a store's layout holds beyond the format version (part of the fingerprint): 2 = converted tensors at the
+#: resident phase (0) and routed experts stored last with their checksums (docs/moe.md).
+LAYOUT_REVISION = 2
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size limit (RLIMIT_FSIZE, quota)
 
 
@@ -98,6 +101,9 @@ def source_fingerprint(
     config_dict = {k: v for k, v in config.to_diff_dict().items() if k not in _CONFIG_KEYS_IGNORED}
     digest = hashlib.sha256()
     head = {"format_version": FORMAT_VERSION, "class": cls.__name__, "dtype": str(dtype), "config": config_dict}
+    # stores written before tensors converted at load were given the resident model's address phase (0), and before
+    # routed experts were stored last, get a new fingerprint: they are rebuilt once, never reused
+    head["layout"] = LAYOUT_REVISION
     if kind is not None:  # a plain store keeps the fingerprint it always had
         head["encoding"] = kind
     quantization = quantization_identity(config)
@@ -436,7 +442,7 @@ def reshard_module(
     store. Weights are converted to ``dtype`` when given; ``kind`` is the store kind (`tensorstream.encoding`).
     """
     dtype = parse_dtype(dtype)
-    digest = hashlib.sha256(f"{FORMAT_VERSION}\0{type(model).__name__}\0{dtype}\n".encode())
+    digest = hashlib.sha256(f"{FORMAT_VERSION}\0{LAYOUT_REVISION}\0{type(model).__name__}\0{dtype}\n".encode())
     if kind is not None:
         digest.update(f"encoding\0{kind}\n".encode())
     needed_bytes = 0
