@@ -103,7 +103,7 @@ def measure(load: Callable[[], Any], prompt: torch.Tensor, tokens: int, repeats:
     """Load a model and time its first ``generate`` call, then ``repeats`` more (the steady state), under `PeakMemory`.
 
     Every call must return the same tokens. Returns the tokens, the first call's seconds, the median seconds of the
-    later calls, the memory peaks and the model's `tensorstream.stats` (None when it is not streaming).
+    later calls, the memory peaks, and the model's `tensorstream.stats` and backend (None when it is not streaming).
     """
     with PeakMemory() as memory:
         model = load()
@@ -114,9 +114,12 @@ def measure(load: Callable[[], Any], prompt: torch.Tensor, tokens: int, repeats:
             if not torch.equal(again, out):
                 raise SystemExit("MISMATCH: a later generate call returned other tokens than the first")
             steady.append(seconds)
-        stats = str(tensorstream.stats(model)) if hasattr(model, "_tensorstream_engine") else None
-    del model
-    return {"tokens": out, "first": first, "steady": statistics.median(steady), "memory": memory, "stats": stats}
+        stats = tensorstream.stats(model) if hasattr(model, "_tensorstream_engine") else None
+        result = {"tokens": out, "first": first, "steady": statistics.median(steady), "memory": memory, "stats": None}
+        if stats is not None:  # str() reads the RSS now, while the model is loaded
+            result.update(stats=str(stats), backend=stats.backend)
+    del model, stats
+    return result
 
 
 def report(title: str, run: dict[str, Any], tokens: int, repeats: int, anon_note: str, file_note: str) -> None:
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="tokens to generate per call")
     parser.add_argument("--repeats", type=int, default=3, help="calls after the first, for the steady-state speed")
     parser.add_argument("--budget-fraction", type=float, default=0.25, help="budget as a fraction of the model")
+    parser.add_argument("--backend", default="auto", help='how blocks are read: "auto" (mmap on CPU here), "posix"')
     parser.add_argument("--workdir", type=Path, default=ROOT, help="where the model and its store are cached")
     args = parser.parse_args()
     root = args.workdir
@@ -160,7 +164,7 @@ def main() -> None:
     print(f"\nstore: {store} ({model_bytes / 1e9:.3f} GB)")
 
     # 2. Stream it: only `budget_gb` of weights is ever held in the process's own (anonymous) memory.
-    config = tensorstream.Config(device="cpu", storage_path=root / "stores", budget_gb=budget_gb)
+    config = tensorstream.Config(device="cpu", storage_path=root / "stores", budget_gb=budget_gb, backend=args.backend)
 
     def load_streamed() -> Any:
         model = AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=config)
@@ -174,7 +178,11 @@ def main() -> None:
         args.tokens,
         args.repeats,
         anon_note="what the weights budget bounds; activations and the KV cache come on top",
-        file_note="the store's pages, mapped: page cache, which the kernel reclaims under memory pressure",
+        file_note=(
+            "the store's pages, mapped: page cache, which the kernel reclaims under memory pressure"
+            if streamed["backend"].startswith("mmap")
+            else f"backend {streamed['backend']} reads the blocks into the budget's arena, in anonymous memory"
+        ),
     )
 
     # 3. The same model fully resident, loaded, timed and measured the same way.

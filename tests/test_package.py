@@ -69,11 +69,23 @@ def test_cli_help_and_version_do_not_import_torch() -> None:
 
 
 def test_device_map_is_registered_whichever_is_imported_first() -> None:
+    """Registered either way; with tensorstream first, the import of transformers' model classes is also quiet.
+
+    transformers imports torchao with its first model class; where torchao's CUDA extensions cannot load (any CPU
+    machine) that prints "Failed to load ..._C_*.so" and torch's "Enum subclass ... deprecated" notices, unless
+    ``import tensorstream`` came first (``tensorstream/_quiet.py``). The loggers' levels are the user's again after.
+    """
     check = (
         "from transformers import PreTrainedModel; assert PreTrainedModel.from_pretrained.__func__.__tensorstream__"
     )
-    for code in (f"import tensorstream\n{check}", f"import transformers.modeling_utils\nimport tensorstream\n{check}"):
-        subprocess.run([sys.executable, "-c", code], check=True)
+    levels = "import logging; print([logging.getLogger(n).level for n in ('torchao', 'torch.utils._pytree')])"
+    first = subprocess.run(
+        [sys.executable, "-c", f"import tensorstream\n{check}\n{levels}"], capture_output=True, text=True, check=True
+    )
+    assert "failed to load" not in first.stderr.lower() and "deprecated" not in first.stderr.lower(), first.stderr
+    assert first.stdout.strip() == "[0, 0]"
+    code = f"import transformers.modeling_utils\nimport tensorstream\n{check}"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
 
 
 def test_reshard_stays_the_function_after_its_module_is_imported() -> None:
@@ -82,31 +94,3 @@ def test_reshard_stays_the_function_after_its_module_is_imported() -> None:
     module = importlib.import_module("tensorstream.reshard")
     assert callable(tensorstream.reshard) and tensorstream.reshard is module.reshard
     assert sorted(set(dir(tensorstream)) & set(tensorstream.__all__)) == tensorstream.__all__
-
-
-def test_torchao_import_noise_stays_off_the_screen_and_loggers_are_restored() -> None:
-    """transformers imports torchao with its first model class; after `import tensorstream` that import is quiet.
-
-    Without tensorstream first, the same import prints torchao's "Failed to load ..._C_*.so" lines and torch's
-    "Enum subclass ... deprecated" notices where torchao's CUDA extensions cannot load (the control below).
-    """
-    import importlib.util
-
-    import pytest
-
-    if importlib.util.find_spec("torchao") is None:
-        pytest.skip("torchao is not installed (it comes with the dev extra)")
-    levels = "import logging; print([logging.getLogger(n).level for n in ('torchao', 'torch.utils._pytree')])"
-    ours = subprocess.run(
-        [sys.executable, "-c", f"import tensorstream\nfrom transformers import LlamaForCausalLM\n{levels}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "failed to load" not in ours.stderr.lower() and "deprecated" not in ours.stderr.lower(), ours.stderr
-    assert ours.stdout.strip() == "[0, 0]"  # the levels are the user's again once the import is done
-    control = subprocess.run(
-        [sys.executable, "-c", "from transformers import LlamaForCausalLM"], capture_output=True, text=True, check=True
-    )
-    if "failed to load" not in control.stderr.lower():
-        pytest.skip("torchao imports quietly on this machine: nothing to silence")
