@@ -127,11 +127,10 @@ def report(title: str, run: dict[str, Any], tokens: int, repeats: int, anon_note
     memory: PeakMemory = run["memory"]
     anon, file = memory.peak_anon - memory.before_anon, memory.peak_file - memory.before_file
     first, steady = run["first"], run["steady"]
+    later = f"median of the next {repeats} calls" if repeats > 1 else "the next call"
     print(f"\n{title}, {tokens} new tokens per generate call:")
     print(f"  speed, first call:    {tokens / first:5.1f} tokens/s ({first:.2f} s)")
-    print(
-        f"  speed, steady state:  {tokens / steady:5.1f} tokens/s ({steady:.2f} s, median of the next {repeats} calls)"
-    )
+    print(f"  speed, steady state:  {tokens / steady:5.1f} tokens/s ({steady:.2f} s, {later})")
     before_anon, before_file = memory.before_anon / 1e9, memory.before_file / 1e9
     print(f"  memory, anonymous:    {anon / 1e9:5.3f} GB peak above the {before_anon:.3f} GB before loading")
     if anon_note:
