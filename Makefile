@@ -18,11 +18,12 @@ SMOKE ?= tests/test_streaming.py::test_logits_and_generation_bit_identical \
 	tests/test_quantization.py::test_quantized_values_expand_exactly_as_torchao_dequantizes_them \
 	-k "not (qwen2 or gpt2)"
 
-.PHONY: install test mindeps demo bench quality style docs clean help
+.PHONY: install test test-slow mindeps demo bench quality style docs clean help
 
 help:
 	@echo "make demo     build a ~480 MB random Llama and stream it with a quarter of its size as budget"
-	@echo "make test     run the test suite (CPU)"
+	@echo "make test     run the test suite (CPU; the slow sweeps are left out)"
+	@echo "make test-slow  the slow sweeps make test leaves out (pytest -m slow; CI runs both)"
 	@echo "make mindeps  install the declared minimum versions in $(MIN_VENV) and run a smoke subset"
 	@echo "make bench    tensorstream bench --compare accelerate on the standard ~1.9 GB model (minutes)"
 	@echo "make quality  ruff check, ruff format --check, mypy"
@@ -40,6 +41,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 # torch's floor (2.13) is installed as the CPU wheel of TORCH_SPEC: the same release without a CUDA download.
 mindeps:

@@ -1,15 +1,17 @@
 """The figures docs/index.md quotes for ``make demo``, measured by running the demo itself.
 
 Runs ``examples/demo.py`` ``--runs`` times in fresh interpreters (the model and its store are built once, in the
-demo's work folder) and parses the lines it prints. Measured, per run:
+demo's work folder) and parses the lines it prints. Measured, per run, for the streamed and the fully resident
+model, each loaded, timed and measured the same way:
 
-* streamed and fully resident decode speed (tokens/s over the whole ``generate`` call, warm page cache: the
-  store was just read by the run before, or by the reshard),
-* the peak RSS above the interpreter while streaming (``VmHWM`` minus the ``VmRSS`` before loading), next to the
-  weights budget; the difference is activations, the KV cache, thread stacks and allocator slack,
+* decode speed (tokens/s over a whole ``generate`` call) of the first call and in the steady state (the median of
+  the calls after the first); warm page cache: the store was just read by the run before, or by the reshard,
+* the peak anonymous RSS above what the process held before loading the model (what the weights budget bounds,
+  with activations and the KV cache on top) and the peak file-backed RSS above the same point (mapped pages of the
+  store, or of the checkpoint for the resident model: page cache),
 * whether the streamed output equals the resident one.
 
-Reports the median speeds and the largest peak RSS, and writes ``benchmarks/results/demo-figures.json``::
+Reports the medians of the speeds and the largest memory peaks, and writes ``benchmarks/results/demo-figures.json``::
 
     python benchmarks/demo_figures.py --runs 3
 """
@@ -27,13 +29,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PATTERNS = {
-    "streamed_tokens_per_s": r"streamed generation \(\d+ tokens in [0-9.]+ s, ([0-9.]+) tokens/s\)",
-    "resident_tokens_per_s": r"fully resident generation \(([0-9.]+) tokens/s\)",
-    "peak_rss_above_interpreter_gb": r"peak RSS while streaming: ([0-9.]+) GB above",
-    "budget_gb": r"weights budget ([0-9.]+) GB",
-    "store_gb": r"store: .* \(([0-9.]+) GB\)",
+NUMBER = r"([0-9.]+)"
+SECTIONS = {"streamed": "streamed with a weights budget of", "resident": "fully resident,"}
+#: Per section of the demo's output: the key in the results and the line's pattern.
+SECTION_PATTERNS = {
+    "first_call_tokens_per_s": rf"speed, first call: +{NUMBER} tokens/s",
+    "steady_state_tokens_per_s": rf"speed, steady state: +{NUMBER} tokens/s",
+    "peak_anon_above_start_gb": rf"memory, anonymous: +{NUMBER} GB peak above",
+    "peak_file_above_start_gb": rf"memory, file-backed: +{NUMBER} GB peak above",
 }
+PATTERNS = {"budget_gb": rf"weights budget of {NUMBER} GB", "store_gb": rf"store: .* \({NUMBER} GB\)"}
 
 
 def run_demo(workdir: Path, tokens: int) -> dict[str, float | bool]:
@@ -42,12 +47,20 @@ def run_demo(workdir: Path, tokens: int) -> dict[str, float | bool]:
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     row: dict[str, float | bool] = {}
     for key, pattern in PATTERNS.items():
-        match = re.search(pattern, out)
-        if match is None:
-            raise SystemExit(f"the demo's output has no line matching {pattern!r}:\n{out}")
-        row[key] = float(match.group(1))
+        row[key] = _number(out, pattern)
+    for name, title in SECTIONS.items():
+        section = out[out.index(title) :] if title in out else ""
+        for key, pattern in SECTION_PATTERNS.items():
+            row[f"{name}_{key}"] = _number(section, pattern)
     row["identical"] = "OK: the streamed output is bit-identical" in out
     return row
+
+
+def _number(text: str, pattern: str) -> float:
+    match = re.search(pattern, text)
+    if match is None:
+        raise SystemExit(f"the demo's output has no line matching {pattern!r}:\n{text}")
+    return float(match.group(1))
 
 
 def main() -> None:
@@ -58,25 +71,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo-figures.json")
     args = parser.parse_args()
     runs = [run_demo(args.workdir, args.tokens) for _ in range(args.runs)]
-    summary = {
+    summary: dict[str, object] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1min": os.getloadavg()[0]},
         "tokens": args.tokens,
         "runs": runs,
         "store_gb": runs[0]["store_gb"],
         "budget_gb": runs[0]["budget_gb"],
-        "median_streamed_tokens_per_s": statistics.median(float(r["streamed_tokens_per_s"]) for r in runs),
-        "median_resident_tokens_per_s": statistics.median(float(r["resident_tokens_per_s"]) for r in runs),
-        "max_peak_rss_above_interpreter_gb": max(float(r["peak_rss_above_interpreter_gb"]) for r in runs),
         "all_identical": all(r["identical"] for r in runs),
     }
+    for name in SECTIONS:
+        for key in ("first_call_tokens_per_s", "steady_state_tokens_per_s"):
+            summary[f"median_{name}_{key}"] = statistics.median(float(r[f"{name}_{key}"]) for r in runs)
+        for key in ("peak_anon_above_start_gb", "peak_file_above_start_gb"):
+            summary[f"max_{name}_{key}"] = max(float(r[f"{name}_{key}"]) for r in runs)
     args.out.write_text(json.dumps(summary, indent=1))
     print(
         f"`make demo` ({summary['store_gb']:.3f} GB store, {summary['budget_gb']:.3f} GB budget, warm page cache, "
-        f"{args.runs} runs): {summary['median_streamed_tokens_per_s']:.1f} tokens/s streamed vs "
-        f"{summary['median_resident_tokens_per_s']:.1f} resident (medians); peak RSS above the interpreter while "
-        f"streaming up to {summary['max_peak_rss_above_interpreter_gb']:.3f} GB; identical output: "
-        f"{summary['all_identical']}; 1-minute load average at the end {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} CPUs\nwrote {args.out}"
+        f"{args.runs} runs, medians): steady state {summary['median_streamed_steady_state_tokens_per_s']:.1f} "
+        f"tokens/s streamed vs {summary['median_resident_steady_state_tokens_per_s']:.1f} resident; first call "
+        f"{summary['median_streamed_first_call_tokens_per_s']:.1f} vs "
+        f"{summary['median_resident_first_call_tokens_per_s']:.1f}; peak above the start while streaming: "
+        f"{summary['max_streamed_peak_anon_above_start_gb']:.3f} GB anonymous, "
+        f"{summary['max_streamed_peak_file_above_start_gb']:.3f} GB file-backed (resident: "
+        f"{summary['max_resident_peak_anon_above_start_gb']:.3f} GB, "
+        f"{summary['max_resident_peak_file_above_start_gb']:.3f} GB); identical output: {summary['all_identical']}; "
+        f"1-minute load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\nwrote {args.out}"
     )
 
 

@@ -63,6 +63,16 @@ def test_reshard_inspect_verify(
     assert statuses["model.layers.1"] == "DAMAGED" and statuses["model.layers.0"] == "ok"
 
 
+def test_reshard_prints_no_optional_dependency_noise(model_dirs: dict[str, Path], storage: Path) -> None:
+    """A command that loads a model, run as users run it: no torchao "Failed to load" or torch "deprecated" lines."""
+    command = [sys.executable, "-m", "tensorstream.cli", "reshard", str(model_dirs["llama"]), str(storage)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    screen = (result.stdout + result.stderr).lower()
+    assert "failed to load" not in screen and "deprecated" not in screen, result.stderr
+    assert "store: " in result.stdout
+
+
 def test_errors_exit_1_with_the_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tmp_path)]) == 1
     assert "not a complete tensorstream store" in capsys.readouterr().err

@@ -80,19 +80,21 @@ def reference(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return tensorstream.reshard(model_dirs["llama"], tmp_path_factory.mktemp("reference"), progress=False)
 
 
-@pytest.fixture(scope="module")
-def crash_runs(model_dirs: dict[str, Path], reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Run every kill point and the three-process race in one helper process (imports once, forks per job)."""
-    work = tmp_path_factory.mktemp("crash")
-    source = model_dirs["llama"]
+#: The kill points `make test` runs (one of each kind: load, bytes, fsync, save, json, the --force swap); the
+#: others run in `make test-slow`.
+FAST_KILLS = {0, 3, 7, 10, 13, 15}
+
+
+def _crash_runs(source: Path, reference: Path, work: Path, indices: list[int], race: bool) -> Any:
+    """Run the kill points at ``indices`` (and the three-process race) in one helper process (imports once, forks
+    per job); returns ``(source, {index: (job, outcome)}, race report, stderr)``."""
     written = sum(f.stat().st_size for f in reference.rglob("*.ts.safetensors"))
-    rng = random.Random(RANDOM_SEED)
+    rng = random.Random(RANDOM_SEED)  # every point drawn in order, so a point is the same whichever subset runs
     points = [f"bytes:{rng.randrange(1, written)}" if p == "bytes:random" else p for p in KILL_POINTS]
-    jobs = {
-        "source": str(source),
-        "kills": [{"point": point, "storage": str(work / f"kill-{i}")} for i, point in enumerate(points)],
-        "race": {"storage": str(work / "race"), "processes": 3, "log": str(work / "race.log")},
-    }
+    kills = [{"point": points[i], "storage": str(work / f"kill-{i}")} for i in indices]
+    jobs: dict[str, Any] = {"source": str(source), "kills": kills}
+    if race:
+        jobs["race"] = {"storage": str(work / "race"), "processes": 3, "log": str(work / "race.log")}
     (work / "jobs.json").write_text(json.dumps(jobs))
     before = tree_digest(source)
     result = subprocess.run(
@@ -104,15 +106,37 @@ def crash_runs(model_dirs: dict[str, Path], reference: Path, tmp_path_factory: p
     assert result.returncode == 0, result.stderr[-5000:]
     assert tree_digest(source) == before  # the source is byte-identical after every killed run
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    return source, jobs, report, result.stderr
+    runs = dict(zip(indices, zip(kills, report["kills"], strict=True), strict=True))
+    return source, runs, (jobs.get("race"), report.get("race")), result.stderr
 
 
-@pytest.mark.parametrize("index", range(len(KILL_POINTS)), ids=lambda i: f"{i}-{KILL_POINTS[i]}")
+@pytest.fixture(scope="module")
+def crash_runs(model_dirs: dict[str, Path], reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The fast kill points and the three-process race."""
+    work = tmp_path_factory.mktemp("crash")
+    return _crash_runs(model_dirs["llama"], reference, work, sorted(FAST_KILLS), race=True)
+
+
+@pytest.fixture(scope="module")
+def crash_runs_slow(model_dirs: dict[str, Path], reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The other kill points."""
+    work = tmp_path_factory.mktemp("crash-slow")
+    indices = [i for i in range(len(KILL_POINTS)) if i not in FAST_KILLS]
+    return _crash_runs(model_dirs["llama"], reference, work, indices, race=False)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(i, id=f"{i}-{point}", marks=() if i in FAST_KILLS else pytest.mark.slow)
+        for i, point in enumerate(KILL_POINTS)
+    ],
+)
 def test_sigkill_leaves_nothing_trusted_and_the_rerun_equals_an_uninterrupted_reshard(
-    crash_runs: Any, reference: Path, index: int, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, reference: Path, index: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source, jobs, report, stderr = crash_runs
-    job, outcome = jobs["kills"][index], report["kills"][index]
+    source, runs, _, stderr = request.getfixturevalue("crash_runs" if index in FAST_KILLS else "crash_runs_slow")
+    job, outcome = runs[index]
     point, storage = job["point"], Path(job["storage"])
     assert outcome["signal"] == signal.SIGKILL, (point, outcome, stderr[-3000:])  # killed where the point says
 
@@ -145,9 +169,8 @@ def test_sigkill_leaves_nothing_trusted_and_the_rerun_equals_an_uninterrupted_re
 
 
 def test_three_processes_resharding_at_once_write_one_store_once(crash_runs: Any, reference: Path) -> None:
-    _, jobs, report, stderr = crash_runs
-    race = jobs["race"]
-    assert [r["exit"] for r in report["race"]] == [0, 0, 0], stderr[-3000:]
+    _, _, (race, outcome), stderr = crash_runs
+    assert [r["exit"] for r in outcome] == [0, 0, 0], stderr[-3000:]
     lines = [line.split() for line in Path(race["log"]).read_text().splitlines()]
     writes = [line for line in lines if line[0] == "write"]
     done = [line for line in lines if line[0] == "done"]

@@ -69,11 +69,23 @@ def test_cli_help_and_version_do_not_import_torch() -> None:
 
 
 def test_device_map_is_registered_whichever_is_imported_first() -> None:
+    """Registered either way; with tensorstream first, the import of transformers' model classes is also quiet.
+
+    transformers imports torchao with its first model class; where torchao's CUDA extensions cannot load (any CPU
+    machine) that prints "Failed to load ..._C_*.so" and torch's "Enum subclass ... deprecated" notices, unless
+    ``import tensorstream`` came first (``tensorstream/_quiet.py``). The loggers' levels are the user's again after.
+    """
     check = (
         "from transformers import PreTrainedModel; assert PreTrainedModel.from_pretrained.__func__.__tensorstream__"
     )
-    for code in (f"import tensorstream\n{check}", f"import transformers.modeling_utils\nimport tensorstream\n{check}"):
-        subprocess.run([sys.executable, "-c", code], check=True)
+    levels = "import logging; print([logging.getLogger(n).level for n in ('torchao', 'torch.utils._pytree')])"
+    first = subprocess.run(
+        [sys.executable, "-c", f"import tensorstream\n{check}\n{levels}"], capture_output=True, text=True, check=True
+    )
+    assert "failed to load" not in first.stderr.lower() and "deprecated" not in first.stderr.lower(), first.stderr
+    assert first.stdout.strip() == "[0, 0]"
+    code = f"import transformers.modeling_utils\nimport tensorstream\n{check}"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
 
 
 def test_reshard_stays_the_function_after_its_module_is_imported() -> None:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import tensorstream
 from helpers.attacks import rewrite_header
 from helpers.models import budgets, streaming
+from helpers.sweep import sweep
 from tensorstream.encoding import BlockCodec, encode_tensors, store_kind
 from tensorstream.errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError, StaleStoreError
 from tensorstream.format import FORMAT_VERSION, aligned_empty, load_ts, read_data, read_ts_header, save_to_ts
@@ -200,11 +201,19 @@ def _outputs(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return model(ids).logits, model.generate(ids, **args)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(
-    ("layout", "backend"), [("stream_all", "posix"), ("some_resident", "posix"), ("stream_all", "mmap")]
+#: layout-backend-kind-family; the fast cases cover every kind, layout, backend and family once or more.
+STREAM_CASES = sweep(
+    [[("stream_all", "posix"), ("some_resident", "posix"), ("stream_all", "mmap")], KINDS, ["llama", "gpt2"]],
+    fast={
+        ("stream_all", "posix", "int8", "llama"),
+        ("some_resident", "posix", "int4", "gpt2"),
+        ("stream_all", "mmap", "lossless", "gpt2"),
+        ("stream_all", "mmap", "int4", "llama"),
+    },
 )
+
+
+@pytest.mark.parametrize(("layout", "backend", "kind", "family"), STREAM_CASES)
 def test_streamed_equals_its_detached_reference(
     model_dirs: dict[str, Path], storage: Path, family: str, kind: str, layout: str, backend: str
 ) -> None:

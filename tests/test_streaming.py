@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import tensorstream
 from helpers.models import budgets, streaming
+from helpers.sweep import sweep
 
 HELPERS = Path(__file__).parent / "helpers"
 FAMILIES = ["llama", "qwen2", "gpt2"]
@@ -33,9 +34,24 @@ def inputs(batch: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("budget", ["stream_all", "some_resident", "all_resident"])
-@pytest.mark.parametrize("prefetch", [0, 1, 3])
+#: prefetch-budget-family; the fast cases cover every prefetch depth, budget and family (all of Llama's budgets).
+CASES = sweep(
+    [[0, 1, 3], ["stream_all", "some_resident", "all_resident"], FAMILIES],
+    fast={
+        (0, "stream_all", "llama"),
+        (1, "stream_all", "llama"),
+        (3, "stream_all", "llama"),
+        (1, "some_resident", "llama"),
+        (1, "all_resident", "llama"),
+        (1, "stream_all", "qwen2"),
+        (3, "some_resident", "qwen2"),
+        (0, "some_resident", "gpt2"),
+        (1, "stream_all", "gpt2"),
+    },
+)
+
+
+@pytest.mark.parametrize(("prefetch", "budget", "family"), CASES)
 def test_logits_and_generation_bit_identical(
     model_dirs: dict[str, Path],
     references: dict[str, torch.nn.Module],

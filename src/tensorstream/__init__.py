@@ -145,7 +145,10 @@ class _InstallWhenImported:
         exec_module = loader.exec_module
 
         def exec_then_install(module: types.ModuleType) -> None:
-            exec_module(module)
+            from ._quiet import quiet_torchao
+
+            with quiet_torchao():  # transformers imports torchao here: CUDA-extension noise on a CPU (see _quiet)
+                exec_module(module)
             _remove_finder()
             _install_transformers()
 

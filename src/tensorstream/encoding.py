@@ -41,16 +41,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ._quiet import quiet_torchao
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
 from .prequantized import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
@@ -124,21 +123,6 @@ def _group(kind: str, tensor: torch.Tensor) -> int | None:
     if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
     return next((g for g in GROUPS[kind] if tensor.shape[-1] % g == 0), None)
-
-
-@contextlib.contextmanager
-def quiet_torchao() -> Iterator[None]:
-    # torchao logs a warning for each CUDA extension it cannot load on a machine without one, and its import makes
-    # torch log a deprecation notice about one of its enums: noise for someone resharding on a CPU
-    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(logs, levels, strict=True):
-            log.setLevel(level)
 
 
 def _torchao() -> Any:

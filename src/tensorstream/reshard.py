@@ -41,8 +41,9 @@ from huggingface_hub.utils import are_progress_bars_disabled
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._quiet import quiet_torchao
 from .config import default_storage_path, parse_dtype
-from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, quiet_torchao, store_kind
+from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, store_kind
 from .errors import (
     FormatError,
     LockTimeoutError,
