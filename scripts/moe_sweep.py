@@ -1,7 +1,7 @@
 """Every mixture-of-experts causal LM of transformers' registry at realistic routing, streamed vs resident.
 
     python scripts/moe_sweep.py                       # all families; results + the docs tables
-    python scripts/moe_sweep.py --only qwen3_moe mixtral
+    python scripts/moe_sweep.py --only qwen3_moe mixtral      # rerun these rows of the last full run
 
 Each family is built by `tests/test_moe.py`'s rule (64 experts, top-4, its own shared experts, dense first layers
 and expert groups), in a subprocess of its own (a crash or a hang is one row, not the sweep), and compared with
@@ -127,9 +127,12 @@ def main() -> int:
             row = {"model_type": model_type, "bit_exact": None, "error": f"timed out after {args.timeout:.0f} s"}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if not args.only:
-        RESULTS.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        write_docs(rows)
+    if args.only and RESULTS.exists():  # rerun rows replace theirs in the last full run
+        fresh = {row["model_type"]: row for row in rows}
+        previous = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        rows = [fresh.pop(row["model_type"], row) for row in previous] + list(fresh.values())
+    RESULTS.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_docs(rows)
     return 0 if all(row.get("bit_exact") for row in rows) else 1
 
 
