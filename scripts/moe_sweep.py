@@ -24,7 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "moe-sweep.jsonl"
 DOCS = ROOT / "docs" / "models.md"
+MOE_DOCS = ROOT / "docs" / "moe.md"
 BEGIN, END = "<!-- moe-sweep:begin -->", "<!-- moe-sweep:end -->"
+FAMILIES = ("<!-- moe-families:begin -->", "<!-- moe-families:end -->")
 
 
 def _tests() -> Any:
@@ -77,6 +79,31 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
         note = row.get("error") or row.get("reason") or ""
         lines.append(f"| {row['model_type']} | {routed if row.get('bit_exact') else ''} | {exact} | {note} |")
     lines += ["", END]
+    routed = sorted(r["model_type"] for r in rows if r.get("bit_exact") and r.get("routed"))
+    whole = sorted(r["model_type"] for r in rows if r.get("bit_exact") and not r.get("routed"))
+    unbuilt = sorted(r["model_type"] for r in rows if r.get("bit_exact") is None)
+    differ = sorted(r["model_type"] for r in rows if r.get("bit_exact") is False)
+    table = [
+        FAMILIES[0],
+        "| streaming | families |",
+        "| --- | --- |",
+        f"| routed experts, bit-exact ({len(routed)}) | {', '.join(routed)} |",
+        f"| whole blocks, bit-exact ({len(whole)}) | {', '.join(whole)}: their experts are not behind the interface "
+        "(Llama 4 multiplies every expert; JetMoE and Doge keep their own expert modules; LongCat-Flash routes to "
+        "zero-computation experts in its own forward), so the routing is not known before the weights are needed. "
+        "`Plan.describe()` says so. |",
+    ]
+    if differ:
+        table.append(f"| not bit-exact ({len(differ)}) | {', '.join(differ)} |")
+    if unbuilt:
+        table.append(
+            f"| not built ({len(unbuilt)}) | {', '.join(unbuilt)}: the tiny config does not build a model in this "
+            "transformers (nothing to stream) |"
+        )
+    table.append(FAMILIES[1])
+    moe = MOE_DOCS.read_text()
+    head, rest = moe.split(FAMILIES[0], 1)
+    MOE_DOCS.write_text(head + "\n".join(table) + rest.split(FAMILIES[1], 1)[1])
     text = DOCS.read_text()
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
