@@ -173,6 +173,10 @@ def test_cli_reshard_inspect_verify_and_cache_on_a_diffusers_model(
         tensorstream_config=tensorstream.Config(device="cpu", storage_path=storage),
     )
     assert str(model._tensorstream_engine.store.path) == store
+    # a store folder (what a preshard repo holds) loads as it is, without the checkpoint
+    direct = _class(checkpoints["unet"]).from_pretrained(store, device_map="tensorstream")
+    assert str(direct._tensorstream_engine.store.path) == store
+    assert torch.equal(_run(direct, "unet"), _run(model, "unet"))
 
 
 def test_misuse_is_a_clear_error(checkpoints: dict[str, Path], tmp_path: Path) -> None:
