@@ -10,9 +10,10 @@ model = AutoModelForCausalLM.from_pretrained(
 print(tensorstream.stats(model))
 ```
 
-``import tensorstream`` is cheap: it imports neither torch nor transformers. Each public name is imported when it
-is first used, and ``device_map="tensorstream"`` is registered the moment transformers' ``modeling_utils`` is
-imported (at once if it already is). ``tensorstream --help`` and ``--version`` never import torch.
+``import tensorstream`` is cheap: it imports neither torch nor transformers nor diffusers. Each public name is
+imported when it is first used, and ``device_map="tensorstream"`` is registered the moment transformers'
+``modeling_utils`` (or diffusers' ``models.modeling_utils`` and ``pipelines.pipeline_utils``) is imported (at once if
+it already is). ``tensorstream --help`` and ``--version`` never import torch.
 """
 
 from __future__ import annotations
@@ -122,14 +123,19 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-_TRANSFORMERS_MODELING = "transformers.modeling_utils"
+#: Modules whose import installs a ``device_map="tensorstream"`` wrapper: module name -> the installer's name.
+_HOOKED = {
+    "transformers.modeling_utils": "_install_transformers",
+    "diffusers.models.modeling_utils": "_install_diffusers_models",
+    "diffusers.pipelines.pipeline_utils": "_install_diffusers_pipelines",
+}
 
 
 class _InstallWhenImported:
-    """A ``sys.meta_path`` finder that wraps ``from_pretrained`` right after transformers' modeling_utils runs."""
+    """A ``sys.meta_path`` finder that wraps ``from_pretrained`` right after one of `_HOOKED`'s modules runs."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TRANSFORMERS_MODELING:
+        if fullname not in _HOOKED:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -149,24 +155,46 @@ class _InstallWhenImported:
 
             with quiet_torchao():  # transformers imports torchao here: CUDA-extension noise on a CPU (see _quiet)
                 exec_module(module)
-            _remove_finder()
-            _install_transformers()
+            _install(fullname, module)
 
         loader.exec_module = exec_then_install  # type: ignore[method-assign]  # this loader serves this module only
         return spec
+
+
+_installed: set[str] = set()
+
+
+def _install(name: str, module: types.ModuleType) -> None:
+    _installed.add(name)
+    if _installed >= set(_HOOKED):
+        _remove_finder()
+    globals()[_HOOKED[name]](module)
 
 
 def _remove_finder() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _InstallWhenImported)]
 
 
-def _install_transformers() -> None:
+def _install_transformers(module: types.ModuleType) -> None:
     from .integrations.transformers import install
 
     install()
 
 
-if _TRANSFORMERS_MODELING in sys.modules:
-    _install_transformers()
-elif not any(isinstance(f, _InstallWhenImported) for f in sys.meta_path):
+def _install_diffusers_models(module: types.ModuleType) -> None:
+    from .integrations.diffusers import install_models
+
+    install_models(module)
+
+
+def _install_diffusers_pipelines(module: types.ModuleType) -> None:
+    from .integrations.diffusers import install_pipelines
+
+    install_pipelines(module)
+
+
+for _name in _HOOKED:
+    if _name in sys.modules:
+        _install(_name, sys.modules[_name])
+if _installed < set(_HOOKED) and not any(isinstance(f, _InstallWhenImported) for f in sys.meta_path):
     sys.meta_path.insert(0, _InstallWhenImported())

@@ -236,6 +236,32 @@ class Engine(BlockReaders):
             self._release(b)
             self._dirty = False
 
+    def follow_order(self, order: list[str]) -> None:
+        """Predict the streamed blocks in ``order`` (a traced forward) before any of them ran.
+
+        The successor of each streamed block becomes the next streamed block in ``order`` (wrapping around); the
+        reads already in flight are kept when they are the first blocks of ``order``, else dropped and the read-ahead
+        restarts at its first block. Once a block has run, the engine learns the order from execution instead.
+        """
+        streamed = [self.index[name] for name in order if name in self.index]
+        if not streamed:
+            return
+        with self.lock:
+            if self.last_run is not None or self.bound is not None:
+                return  # blocks ran already: the engine learns from them
+            for current, following in zip(streamed, [*streamed[1:], streamed[0]], strict=True):
+                self.successor[current] = following
+            expected = []
+            b = streamed[0]
+            for _ in self.pipeline:
+                expected.append(b)
+                b = self.successor[b]
+            if list(self.pipeline) != expected:
+                for pending in list(self.pipeline):
+                    self._drop(pending)
+            self.next = streamed[0]
+            self._fill()
+
     def _acquire(self, b: int) -> None:
         if self.bound is not None:  # the previous block raised before its release ran
             self._unbind()

@@ -6,7 +6,8 @@ transformers' ``_no_split_modules`` (which may mix classes: a hybrid stack of at
 of lists (Funnel's ``encoder.blocks``) is never called itself: the lists inside it are the stacks. Large modules
 outside the stacks that run as a whole (an untied head, a vision tower, the stages of a model with no repeated
 stack) are units of their own (`find_units`). A block larger than all the others together (CvT's last stage, 95 % of
-the model) is replaced by the stack of layers inside it (`_split_oversized`), so that a budget above the non-block
+the model) or than twice the median block (a UNet's widest up block) is replaced by the stacks of layers inside it
+(`_split_oversized`), so that a budget above the non-block
 weights plus the two largest consecutive units streams any model with weights.
 The structural order is registration order (encoder blocks before decoder blocks); the engine then learns the
 order blocks actually run in (see `tensorstream.engine`).
@@ -164,13 +165,15 @@ def resident_parts(model: nn.Module, units: Sequence[tuple[str, str]], limit: in
 
 
 def _split_oversized(model: nn.Module, blocks: list[str]) -> list[str]:
-    """``blocks`` with each block larger than all the others together replaced by the repeated layers inside it.
+    """``blocks`` with each oversized block replaced by the repeated layers inside it.
 
-    Such a block (CvT's last stage, 95 % of the model) would set the smallest budget that streams almost to the
-    whole model. Inside it, the outermost stack of layers of one class (a ``ModuleList`` or an ``nn.Sequential``,
-    which calls each of its children in turn) streams instead, layer by layer; what the block holds outside that
-    stack (CvT's ``cls_token``, its patch embedding) becomes non-block weights. A block with no such stack stays
-    whole. Repeated until no block is split further.
+    A block is oversized when it is larger than all the others together (CvT's last stage, 95 % of the model) or
+    more than twice the median block (a UNet's widest up block, 46 % of the model, next to blocks a tenth of its
+    size): it would set the smallest budget that streams. Inside it, the outermost stacks of layers of one class
+    (``ModuleList`` or ``nn.Sequential`` containers, whose children are called each in turn: a UNet block's
+    ``resnets`` and ``attentions``) stream instead, layer by layer; what the block holds outside those stacks
+    (CvT's ``cls_token``, a UNet block's upsampler) becomes non-block weights. A block with no such stack stays
+    whole. Repeated until no block is split further. Blocks of one size (a decoder's layers) are never split.
 
     Example:
         ```python
@@ -182,8 +185,9 @@ def _split_oversized(model: nn.Module, blocks: list[str]) -> list[str]:
     while True:
         sizes = {name: _bytes(modules[name]) for name in blocks}
         total = sum(sizes.values())
+        median = sorted(sizes.values())[len(sizes) // 2] if sizes else 0
         for i, name in enumerate(blocks):
-            if sizes[name] * 2 <= total:
+            if sizes[name] * 2 <= total and sizes[name] <= 2 * median:
                 continue
             inner = _repeated_blocks(modules[name], sequential=True)
             if inner:

@@ -65,7 +65,7 @@ from .prequantized import (
 )
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
-__all__ = ["reshard", "reshard_module", "resolve_source", "weight_conversions"]
+__all__ = ["build_store", "reshard", "reshard_module", "resolve_source", "weight_conversions"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,22 @@ logger = logging.getLogger(__name__)
 TS_SUFFIX = ".ts.safetensors"
 NON_BLOCK_FILE = f"non_block{TS_SUFFIX}"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_SOURCE_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SOURCE_FILES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
+)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-_CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"}
+_CONFIG_KEYS_IGNORED = {
+    "_name_or_path",
+    "transformers_version",
+    "_diffusers_version",
+    "_commit_hash",
+    "dtype",
+    "torch_dtype",
+}
 #: A Hub cache blob is named by its content hash: a sha256 (LFS files) or a git blob sha1.
 _HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 #: What a store's layout holds beyond the format version (part of the fingerprint): 2 = converted tensors at the
@@ -95,11 +108,14 @@ def source_fingerprint(
     """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind,
     and a ``quantization_config`` passed to ``from_pretrained`` (``quantization_arg``, every field of it).
 
+    ``config`` is a transformers config or, for a diffusers model, its config dict.
+
     Files are identified by name, size and, for Hub cache snapshots, their blob name (a content hash), else
     their modification time (a link's target's): a large checkpoint is never read to fingerprint it. A source
     changed since resharding therefore gets a new store; the old one is never used for it.
     """
-    config_dict = {k: v for k, v in config.to_diff_dict().items() if k not in _CONFIG_KEYS_IGNORED}
+    values = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)  # a diffusers config: a dict
+    config_dict = {k: v for k, v in values.items() if k not in _CONFIG_KEYS_IGNORED}
     digest = hashlib.sha256()
     head = {"format_version": FORMAT_VERSION, "class": cls.__name__, "dtype": str(dtype), "config": config_dict}
     # stores written before tensors converted at load were given the resident model's address phase (0), and before
@@ -341,6 +357,20 @@ def reshard(
         token=token,
         subfolder=subfolder,
     )
+    from .integrations.diffusers_reshard import is_diffusers_model, reshard_diffusers
+
+    if is_diffusers_model(folder, model_class):  # a diffusers model folder or class: its own loading rules
+        return reshard_diffusers(
+            folder,
+            storage_path,
+            source=source,
+            dtype=dtype,
+            kind=store_kind(quantize, compression),
+            model_class=model_class,
+            config=config,
+            force=force,
+            progress=progress,
+        )
     if config is None:
         check_model_folder(folder, source)
         config = AutoConfig.from_pretrained(folder)
@@ -355,6 +385,82 @@ def reshard(
     check_method(method, str(source))
     fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
+
+    def write(staging: Path) -> None:
+        if progress and not are_progress_bars_disabled():  # building the model takes a while before the bar
+            print(
+                f"tensorstream: resharding {source} into {root / fingerprint} (building the model first)",
+                file=sys.stderr,
+            )
+        try:
+            with quiet_transformers():
+                model = cls.from_pretrained(
+                    str(folder),
+                    config=config,
+                    device_map={"": "disk"},
+                    offload_folder=str(staging / "_offload"),
+                    dtype=dtype or "auto",
+                    **dict(model_kwargs or {}),
+                )
+        except pickle.UnpicklingError as err:  # raised by torch.load(weights_only=True): nothing was run
+            raise FormatError(
+                f"{folder}: a PyTorch weight file holds pickled objects other than tensors. tensorstream "
+                "unpickles only with torch.load(weights_only=True), which refused it (a checkpoint like this can "
+                "run code when loaded). Convert it to safetensors where you trust it, and reshard that."
+            ) from err
+        check_loaded(model, method, str(source))
+        loader = _offload_loader(model, folder)
+        # an FP8 or MXFP4 checkpoint keeps its own compact bytes (unless another store kind was asked for)
+        compact = checkpoint_parts(folder, model, config) if kind is None else None
+
+        def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.device.type != "meta":
+                return tensor.detach()
+            try:
+                return loader[name]
+            except KeyError:  # not in the checkpoint (Marian's sinusoidal tables): as transformers builds it
+                return initialised_tensor(model, name, tensor)
+
+        source_info: dict[str, Any] = {
+            "source": str(source),
+            "folder": str(folder),
+            "weight_conversions": weight_conversions(model),
+        }
+        if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
+            source_info["quantization"] = {
+                "method": method,
+                "dequantized": True,
+                "checkpoint_bytes": _checkpoint_bytes(folder),
+            }
+        _write_store(
+            staging,
+            model,
+            get_tensor,
+            fingerprint,
+            cls.__name__,
+            dtype,
+            source_info,
+            progress,
+            compact[0] if compact is not None else kind,
+            phase_of=_source_phases(loader, staging / "_offload"),
+            parts_of=compact[1] if compact is not None else None,
+        )
+        for name in ("generation_config.json",):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, staging / name)
+
+    return build_store(root, fingerprint, str(source), _checkpoint_bytes(folder), write, force=force)
+
+
+def build_store(
+    root: Path, fingerprint: str, source: str, needed_bytes: int | None, write: Callable[[Path], None], *, force: bool
+) -> Path:
+    """``<root>/<fingerprint>``, written by ``write(staging)`` unless an up-to-date store is there already.
+
+    The one way a checkpoint becomes a store (transformers' and diffusers' loaders alike): under the store lock,
+    into the staging folder (resumed after a kill, removed on a full disk), published atomically when ``write``
+    returns.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / fingerprint
     if not force and _is_complete(final):
@@ -365,65 +471,8 @@ def reshard(
         if not force and _is_complete(final):
             logger.info("tensorstream: store %s was written by another process; reusing it", final)
             return final
-        with staging_folder(root, fingerprint, str(source), _checkpoint_bytes(folder)) as staging:
-            if progress and not are_progress_bars_disabled():  # building the model takes a while before the bar
-                print(f"tensorstream: resharding {source} into {final} (building the model first)", file=sys.stderr)
-            try:
-                with quiet_transformers():
-                    model = cls.from_pretrained(
-                        str(folder),
-                        config=config,
-                        device_map={"": "disk"},
-                        offload_folder=str(staging / "_offload"),
-                        dtype=dtype or "auto",
-                        **dict(model_kwargs or {}),
-                    )
-            except pickle.UnpicklingError as err:  # raised by torch.load(weights_only=True): nothing was run
-                raise FormatError(
-                    f"{folder}: a PyTorch weight file holds pickled objects other than tensors. tensorstream "
-                    "unpickles only with torch.load(weights_only=True), which refused it (a checkpoint like this can "
-                    "run code when loaded). Convert it to safetensors where you trust it, and reshard that."
-                ) from err
-            check_loaded(model, method, str(source))
-            loader = _offload_loader(model, folder)
-            # an FP8 or MXFP4 checkpoint keeps its own compact bytes (unless another store kind was asked for)
-            compact = checkpoint_parts(folder, model, config) if kind is None else None
-
-            def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-                if tensor.device.type != "meta":
-                    return tensor.detach()
-                try:
-                    return loader[name]
-                except KeyError:  # not in the checkpoint (Marian's sinusoidal tables): as transformers builds it
-                    return initialised_tensor(model, name, tensor)
-
-            source_info: dict[str, Any] = {
-                "source": str(source),
-                "folder": str(folder),
-                "weight_conversions": weight_conversions(model),
-            }
-            if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
-                source_info["quantization"] = {
-                    "method": method,
-                    "dequantized": True,
-                    "checkpoint_bytes": _checkpoint_bytes(folder),
-                }
-            _write_store(
-                staging,
-                model,
-                get_tensor,
-                fingerprint,
-                cls.__name__,
-                dtype,
-                source_info,
-                progress,
-                compact[0] if compact is not None else kind,
-                phase_of=_source_phases(loader, staging / "_offload"),
-                parts_of=compact[1] if compact is not None else None,
-            )
-            for name in ("generation_config.json",):
-                if (folder / name).is_file():
-                    shutil.copyfile(folder / name, staging / name)
+        with staging_folder(root, fingerprint, source, needed_bytes) as staging:
+            write(staging)
             shutil.rmtree(staging / "_offload", ignore_errors=True)
             _publish(staging, final)
     return final
@@ -442,16 +491,23 @@ def reshard_module(
     The fingerprint hashes every tensor's bytes (crc32, several GB/s), so a model changed in memory gets a new
     store. Weights are converted to ``dtype`` when given; ``kind`` is the store kind (`tensorstream.encoding`).
     """
+    from .integrations.diffusers_reshard import kept_in_fp32
+
     dtype = parse_dtype(dtype)
+    keep = kept_in_fp32(model) if dtype is not None else None
     digest = hashlib.sha256(f"{FORMAT_VERSION}\0{LAYOUT_REVISION}\0{type(model).__name__}\0{dtype}\n".encode())
     if kind is not None:
         digest.update(f"encoding\0{kind}\n".encode())
+    if keep is not None:  # a diffusers model's modules kept in float32 under any dtype
+        digest.update(f"fp32\0{sorted(keep.modules)}\n".encode())
     needed_bytes = 0
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.device.type == "meta":
             raise TensorStreamError(
                 f"{type(model).__name__}.{name} is on the meta device: offload() needs a model with its weights "
-                "loaded. Use from_pretrained(..., device_map='tensorstream') to stream straight from a checkpoint."
+                "loaded. Use from_pretrained(..., device_map='tensorstream') to stream straight from a checkpoint: "
+                "it works on transformers models, on diffusers models (FluxTransformer2DModel.from_pretrained(...)) "
+                "and on diffusers pipelines (DiffusionPipeline.from_pretrained(...))."
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy())) if data.numel() else 0
@@ -470,7 +526,9 @@ def reshard_module(
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.detach()
-            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            if dtype is None or not tensor.is_floating_point():
+                return tensor
+            return tensor.to(torch.float32 if keep is not None and keep(name) else dtype)
 
         def phase_of(name: str, tensor: torch.Tensor) -> int:  # where the model's own tensor sits
             original = state[name]

@@ -27,6 +27,7 @@ from .engine import Engine
 from .errors import BudgetError, ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
 from .experts import routed_layouts
 from .hooks import attach_hooks, remove_hooks
+from .integrations.diffusers_reshard import kept_in_fp32
 from .plan import Plan, auto_budget_bytes, find_blocks, format_gb, gb_rounded_up, log_plan, make_plan
 from .prequantized import check_offload
 from .reshard import reshard_module
@@ -290,11 +291,14 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
     # an encoded store's blocks all leave memory: the resident ones come back expanded from the store
     streamed = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
     device, dtype = config.execution_device, parse_dtype(config.dtype)
+    keep = kept_in_fp32(model) if dtype is not None else None  # as the reshard converted them
     moved: dict[int, torch.Tensor] = {}
 
-    def convert(tensor: torch.Tensor, to_meta: bool) -> torch.Tensor:
+    def convert(tensor: torch.Tensor, to_meta: bool, name: str) -> torch.Tensor:
         if id(tensor) not in moved:  # tied tensors stay tied
             target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            if keep is not None and tensor.is_floating_point() and keep(name):
+                target_dtype = torch.float32
             data = tensor.detach().to(device="meta" if to_meta else device, dtype=target_dtype)
             moved[id(tensor)] = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
         return moved[id(tensor)]
@@ -302,12 +306,13 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
     with torch.no_grad():
         for module_name, module in model.named_modules():
             in_streamed = _owner(module_name, streamed) is not None
+            prefix = f"{module_name}." if module_name else ""
             for attr, param in list(module._parameters.items()):
                 if param is not None:
-                    module._parameters[attr] = convert(param, to_meta=in_streamed)
+                    module._parameters[attr] = convert(param, in_streamed, prefix + attr)
             for attr, buffer in list(module._buffers.items()):
                 if buffer is not None:
-                    module._buffers[attr] = convert(buffer, to_meta=False)
+                    module._buffers[attr] = convert(buffer, False, prefix + attr)
     moved.clear()
     start_streaming(model, store, plan, config)
     return model
