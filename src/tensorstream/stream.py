@@ -111,10 +111,25 @@ def _plan_with_experts(
     # gathered experts keep the resident phases only when each expert's slice is a multiple of 64 bytes
     every = routed_layouts(store)
     layouts = {name: layout for name, layout in every.items() if mapped or layout.gathers_exactly}
-    plain = make_plan(
-        store.non_block.data_size, blocks, budget, config.prefetch, host_cache_bytes=host_cache, prefer_resident=units
-    )
-    if not layouts or not plain.streamed or not config.routed_experts:
+
+    def whole_blocks() -> Plan:
+        return make_plan(
+            store.non_block.data_size,
+            blocks,
+            budget,
+            config.prefetch,
+            host_cache_bytes=host_cache,
+            prefer_resident=units,
+        )
+
+    if not layouts or not config.routed_experts:
+        return whole_blocks()
+    whole_error: BudgetError | None = None
+    try:
+        plain: Plan | None = whole_blocks()
+    except BudgetError as err:  # too small for whole blocks; routed blocks may still fit
+        plain, whole_error = None, err
+    if plain is not None and not plain.streamed:
         return plain
     loads = {name: -(-layout.prefix_bytes // 4096) * 4096 for name, layout in layouts.items()}
     work = 0 if mapped else max(layout.all_bytes for layout in layouts.values())
@@ -130,7 +145,12 @@ def _plan_with_experts(
             stream_sizes=loads,
         )
     except BudgetError as err:
+        if plain is not None:  # whole blocks fit where gathering experts does not
+            return plain
         minimum = None if err.minimum_bytes is None else err.minimum_bytes + work + wanted
+        whole_minimum = None if whole_error is None else whole_error.minimum_bytes
+        if whole_error is not None and whole_minimum is not None and minimum is not None and whole_minimum <= minimum:
+            raise whole_error from None  # streaming whole blocks needs less: that is the minimum
         raise BudgetError(
             f"{err} This mixture-of-experts model also needs {format_gb(work)} to gather one layer's routed experts"
             f"{f' and {format_gb(wanted)} of expert cache (expert_cache_gb)' if wanted else ''}: budget_gb of at "
@@ -139,7 +159,7 @@ def _plan_with_experts(
         ) from None
     routed = tuple(name for name in plan.streamed if name in layouts)
     if not routed:
-        return plain
+        return plain if plain is not None else whole_blocks()
     if len(layouts) < len(every):
         logger.info(
             "tensorstream: %d blocks' expert slices are not multiples of 64 bytes: gathering them would move them "

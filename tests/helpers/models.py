@@ -26,9 +26,24 @@ def store_sizes(storage: Path) -> tuple[int, list[int]]:
 
 
 def budgets(storage: Path, prefetch: int = 2) -> dict[str, float]:
-    """Budgets (GB) that stream every block, keep some resident, and hold everything, at this prefetch depth."""
+    """Budgets (GB) that stream every block, keep some resident, and hold everything, at this prefetch depth.
+
+    A block whose experts are routed (docs/moe.md) takes only its part before the experts in a slot (the CPU's
+    mapped mode, what ``backend="auto"`` picks), so "stream_all" is sized from those parts.
+    """
+    from tensorstream.experts import routed_layouts
+
     non_block, blocks = store_sizes(storage)
-    slot = -(-max(blocks) // 4096) * 4096
+    (path,) = [p for p in storage.iterdir() if not p.name.startswith(".")]
+    store = Store.open(path)
+    routed = routed_layouts(store)
+    units = set(store.manifest.get("units", []))
+    loads = [
+        routed[b.name].prefix_bytes if b.name in routed else b.memory_size or b.data_size
+        for b in store.blocks
+        if b.name not in units
+    ]
+    slot = -(-max(loads) // 4096) * 4096
     slots = prefetch + 1
     return {
         "stream_all": (non_block + slots * slot) / 1e9,
