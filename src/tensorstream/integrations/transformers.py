@@ -268,8 +268,8 @@ def check_budget_before_reshard(
     except BudgetError:
         try:
             plan(max(sizes), upper=True)
-        except BudgetError as err:
-            raise BudgetError(str(err), err.minimum_bytes) from None
+        except BudgetError as err:  # an upper bound, not the exact minimum: that needs the store's file sizes
+            raise BudgetError(str(err), None, err.suggested_bytes) from None
         raise
 
 
