@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .binding import bind_expanded, block_memory, expands_from_mapping, load_resident_blocks
+from .binding import (
+    StateGuard,
+    bind_expanded,
+    block_memory,
+    expands_from_mapping,
+    guard_of,
+    install_placeholders,
+    load_resident_blocks,
+)
 from .config import Config, parse_dtype
 from .engine import Engine
 from .errors import ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
@@ -127,6 +135,8 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
             store, resident, {n: model.get_submodule(n) for n in resident}, config.execution_device, config.verify
         )
     engine = Engine(store, plan, modules, config)
+    install_placeholders(model, engine.blocks, engine.device)
+    StateGuard(model, engine.blocks, engine.device)  # every later change to the weights passes through it (see `guard_of`)
     attach_hooks(model, engine)
     _guard_casts(model, engine)
     setattr(model, ENGINE_ATTR, engine)
@@ -255,6 +265,9 @@ def detach(model: nn.Module) -> nn.Module:
         # off the CPU, each tensor sits at a 64-byte aligned place, as the engine binds them.
         loaded = [(block.targets, engine.read_block(block, engine.device)) for block in engine.blocks]
         engine.close()
+        guard = guard_of(model)
+        if guard is not None:
+            guard.release(model)
         for targets, data in loaded:
             bind_expanded(targets, data, engine.realign)
         _unguard_casts(model)
