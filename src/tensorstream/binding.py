@@ -14,8 +14,9 @@ Everything that changes which tensors a streaming model's modules hold goes thro
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import sys
 import weakref
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -206,7 +207,8 @@ class StreamedParameter(nn.Parameter):
         placeholder = next(a for a in _flat(args, kwargs) if isinstance(a, StreamedParameter))
         what = f"p.{owner} = ..." if name == "__set__" else f"{name}()"
         raise UnsupportedOperationError(
-            f"{what} on {placeholder._describe()}: a streamed weight's values exist only while its block runs, so "
+            f"{what} on {placeholder._describe()}{_caller()}: a streamed weight's values exist only while its block "
+            "runs, so "
             "this would read or change nothing the model uses (the store is unchanged). To change or compute with "
             "weights, load the model resident (from_pretrained without device_map='tensorstream', or "
             "tensorstream.detach(model)), make the change, save_pretrained it, and stream the saved folder. The "
@@ -215,6 +217,18 @@ class StreamedParameter(nn.Parameter):
 
     def _describe(self) -> str:
         return f"the streamed parameter {self.__dict__.get('_ts_name', '?')!r}"
+
+
+def _caller() -> str:
+    """`` (called from module.function)`` for the first caller outside torch and tensorstream: names the library
+    call that tried (``peft.tuners.lora.dora`` for DoRA's weight norm, ``diffusers...attention_processor``)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if not module.startswith(("torch", "tensorstream")):
+            return f" (called from {module}.{frame.f_code.co_name})"
+        frame = frame.f_back  # type: ignore[assignment]
+    return ""
 
 
 def _alias(tensor: torch.Tensor, like: StreamedParameter) -> StreamedParameter:

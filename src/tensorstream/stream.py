@@ -136,7 +136,9 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
         )
     engine = Engine(store, plan, modules, config)
     install_placeholders(model, engine.blocks, engine.device)
-    StateGuard(model, engine.blocks, engine.device)  # every later change to the weights passes through it (see `guard_of`)
+    StateGuard(
+        model, engine.blocks, engine.device
+    )  # every later change to the weights passes through it (see `guard_of`)
     attach_hooks(model, engine)
     _guard_casts(model, engine)
     setattr(model, ENGINE_ATTR, engine)

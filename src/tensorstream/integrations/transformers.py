@@ -215,6 +215,7 @@ def load_streaming(
     _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
+    model.name_or_path = str(source)  # not the scratch folder it was loaded from (PEFT records it in adapter configs)
     return model
 
 
