@@ -178,7 +178,7 @@ def test_unload_restores_the_streaming_base_model(setup: dict[str, Any]) -> None
     same(model, resident(setup))
 
 
-# -- diffusers: Flux transformer ---------------------------------------------------------------------------------------
+# -- diffusers: Flux transformer --------------------------------------------------------------------------------------
 
 
 WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -165,11 +165,11 @@ def block_targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping
 #: Tensor methods that only read a placeholder's metadata, or make a view or copy of it on meta: allowed.
 _METADATA = frozenset(
     {
-        "__deepcopy__", "__format__", "_has_compatible_shallow_copy_type", "__hash__", "__len__", "__reduce_ex__", "__repr__", "__setstate__",
-        "_is_view", "clone", "contiguous", "data_ptr", "detach", "dim", "element_size", "flatten", "has_names",
-        "is_complex", "is_contiguous", "is_floating_point", "is_pinned", "is_shared", "ndimension", "nelement",
-        "numel", "requires_grad_", "reshape", "share_memory_", "size", "storage_offset", "stride", "t",
-        "transpose", "untyped_storage", "view", "view_as",
+        "__deepcopy__", "__format__", "__hash__", "__len__", "__reduce_ex__", "__repr__", "__setstate__",
+        "_has_compatible_shallow_copy_type", "_is_view", "clone", "contiguous", "data_ptr", "detach", "dim",
+        "element_size", "flatten", "has_names", "is_complex", "is_contiguous", "is_floating_point", "is_pinned",
+        "is_shared", "ndimension", "nelement", "numel", "requires_grad_", "reshape", "share_memory_", "size",
+        "storage_offset", "stride", "t", "transpose", "untyped_storage", "view", "view_as",
     }
 )  # fmt: skip
 
@@ -409,9 +409,9 @@ class StateGuard:
             self.names.setdefault(module, local)
             if inside:
                 self.streamed.add(module)
-                if isinstance(device_map, dict) and module not in self.targets and local:
-                    if any(t is not None for t in module._parameters.values()):
-                        device_map[local] = self.device_value
+                holds = any(t is not None for t in module._parameters.values())
+                if isinstance(device_map, dict) and module not in self.targets and local and holds:
+                    device_map[local] = self.device_value
             if module in _GUARDS:
                 continue
             _GUARDS[module] = self
