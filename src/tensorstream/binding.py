@@ -188,8 +188,8 @@ class StreamedParameter(nn.Parameter):
     _ts_name: str
     _ts_device: torch.device
 
-    @property  # type: ignore[override]
-    def device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
         return self.__dict__.get("_ts_device", torch.device("meta"))
 
     @classmethod
@@ -370,7 +370,8 @@ class StateGuard:
 
     def check_merge(self, layer: nn.Module) -> None:
         for wrapper in list(self.wrappers):
-            base = wrapper.get_base_layer() if hasattr(wrapper, "get_base_layer") else wrapper.base_layer
+            base = wrapper.get_base_layer() if hasattr(wrapper, "get_base_layer") else wrapper.base_layer  # type: ignore[operator]
+            assert isinstance(base, nn.Module)
             if base in self.targets:
                 raise UnsupportedOperationError(
                     f"merging the adapter of a {type(layer).__name__} of this streaming {self.model_name} "
@@ -419,7 +420,7 @@ class StateGuard:
             merge = getattr(type(module), "merge", None)
             if isinstance(getattr(module, "base_layer", None), nn.Module) and callable(merge):
                 self.wrappers.add(module)
-                module.merge = _GuardedMerge(module, self)  # type: ignore[method-assign]
+                module.merge = _GuardedMerge(module, self)
 
     def release(self, model: nn.Module) -> None:
         """Remove the guard (`tensorstream.detach`): the model is an ordinary resident model again."""
@@ -444,7 +445,7 @@ class _GuardedMerge:
         if layer is None:
             raise ReferenceError("the layer of this merge was deleted")
         self._guard.check_merge(layer)
-        return type(layer).merge(layer, *args, **kwargs)  # type: ignore[operator]
+        return type(layer).merge(layer, *args, **kwargs)  # type: ignore[attr-defined]
 
 
 #: every module of every streaming model -> its guard

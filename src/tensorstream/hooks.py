@@ -165,8 +165,8 @@ class _LockedForward:
                 return forward(*args, **kwargs)
             # streamed even when another library put its own hook on the block over this forward (PEFT's
             # dispatch_model for a model whose device map names "cpu" or "disk"): the block's weights are here only
-            args, kwargs = hook.pre_forward(module, *args, **kwargs)  # type: ignore[union-attr]
-            return hook.post_forward(module, forward(*args, **kwargs))  # type: ignore[union-attr]
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)
+            return hook.post_forward(module, forward(*args, **kwargs))
 
 
 def attach_hooks(model: nn.Module, engine: Engine) -> None:
