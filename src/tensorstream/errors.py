@@ -129,7 +129,9 @@ class HubUnavailableError(TensorStreamError, ConnectionError):
 
 class UnsupportedOperationError(TensorStreamError, RuntimeError):
     """An operation a streaming model cannot do correctly: ``model.to(dtype)``/``.half()``/``.to(device)`` (the
-    store holds one dtype and the slots live on one device), or a backward through streamed weights.
+    store holds one dtype and the slots live on one device), a backward through streamed weights, or a change the
+    unchanged store cannot take (``load_state_dict`` of streamed weights, assigning or modifying a streamed parameter
+    in place, merging an adapter into one; see ``docs/adapters.md``).
 
     The model is unchanged and stays usable; the message says what to do instead.
     """
