@@ -9,7 +9,10 @@ blocks of an encoded store). The layout decisions live here too: where an encode
 store is read with (`backend_name`, `expands_from_mapping`).
 
 Everything that changes which tensors a streaming model's modules hold goes through this module (see
-`tensorstream.engine` for the per-step binding, which uses `parameter`).
+`tensorstream.engine` for the per-step binding, which uses `parameter`). Between forwards a streamed parameter is a
+`StreamedParameter` placeholder (`install_placeholders`), and every change a user or a library makes to the model's
+weights — PEFT adapters, ``load_state_dict``, assignment, in-place ops, merges — passes through `StateGuard`: exact
+when the change can reach the blocks the next forward uses, `UnsupportedOperationError` at the call otherwise.
 """
 
 from __future__ import annotations
@@ -297,7 +300,7 @@ class StateGuard:
         #: module -> its qualified name in the model (kept for modules added later too)
         self.names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         #: the device map value of the execution device, as transformers' ``hf_device_map`` spells it
-        self.device_value: Any = device.index if device.type == "cuda" else str(device)
+        self.device_value: Any = device.index if device.type == "cuda" and device.index is not None else str(device)
         #: streamed modules -> the attributes the engine binds on them
         self.targets: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
         #: every module inside a streamed block (modules added there later included)
