@@ -238,3 +238,26 @@ def test_a_budget_below_the_minimum_fails_before_any_reshard(model_dirs: dict[st
     assert advised is not None
     model = streaming(model_dirs["llama"], storage, budget_gb=float(advised.group(1)))  # the advice works
     assert model._tensorstream_engine.plan.streamed
+
+
+def test_budget_error_minimum_bytes_is_exact_or_none(model_dirs: dict[str, Path], storage: Path) -> None:
+    """Before a reshard only an upper bound is known: ``minimum_bytes`` is None and ``suggested_bytes`` works. With
+    the store, ``minimum_bytes`` is the true minimum: exactly that budget plans, one byte less fails."""
+    from tensorstream.store import Store
+    from tensorstream.stream import plan_for
+
+    with pytest.raises(tensorstream.BudgetError) as info:
+        streaming(model_dirs["llama"], storage, budget_gb=1e-4)
+    assert info.value.minimum_bytes is None and info.value.suggested_bytes is not None
+    streaming(model_dirs["llama"], storage, budget_gb=info.value.suggested_bytes / 1e9)  # works as given
+    (path,) = [p for p in storage.iterdir() if not p.name.startswith(".")]
+    store = Store.open(path)
+    with pytest.raises(tensorstream.BudgetError) as exact:
+        plan_for(store, tensorstream.Config(device="cpu", budget_gb=1e-4, storage_path=storage))
+    minimum = exact.value.minimum_bytes
+    assert minimum is not None and exact.value.suggested_bytes is not None
+    assert exact.value.suggested_bytes >= minimum
+    plan = plan_for(store, tensorstream.Config(device="cpu", budget_gb=minimum / 1e9, storage_path=storage))
+    assert plan.budget_bytes == minimum and plan.device_bytes <= minimum
+    with pytest.raises(tensorstream.BudgetError):
+        plan_for(store, tensorstream.Config(device="cpu", budget_gb=(minimum - 1) / 1e9, storage_path=storage))

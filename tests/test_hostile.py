@@ -184,6 +184,54 @@ def test_a_hostile_config_json_is_refused_before_any_parser_reads_it(
         open_store(store, cls=cls)
 
 
+@pytest.mark.parametrize("name", ["config.json", MANIFEST_NAME])
+@pytest.mark.parametrize("attack", ["nesting bomb", "fifo", "link out"])
+def test_a_store_json_that_is_a_fifo_or_a_nesting_bomb_is_a_format_error_and_nothing_outside_is_opened(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, attack: str
+) -> None:
+    """A FIFO (in the store, or linked from outside it) is refused without blocking and without opening anything
+    outside the store; JSON nested 100000 deep is a `FormatError` naming the file (not a `RecursionError`)."""
+    import builtins
+    import io
+
+    budget = _budget(store, "some_resident")
+    target = store / name
+    target.unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if attack == "nesting bomb":
+        head = '{"model_type": "llama"' if name == "config.json" else '{"format": "tensorstream-store"'
+        target.write_text(head + ', "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    elif attack == "fifo":
+        _fifo(target)
+    else:
+        target.symlink_to(_fifo(outside / name))
+    opened: list[str] = []
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(os.path.realpath(path))
+        return real_os_open(path, *args, **kwargs)
+
+    def py_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str | os.PathLike):
+            opened.append(os.path.realpath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", py_open)
+    monkeypatch.setattr(io, "open", py_open)
+    cfg = tensorstream.Config(device="cpu", storage_path=tmp_path / "unused", budget_gb=budget, prefetch=1)
+    with pytest.raises(tensorstream.TensorStreamError, match=name.replace(".", r"\.")) as info:
+        within(
+            60, lambda: AutoModelForCausalLM.from_pretrained(store, device_map="tensorstream", tensorstream_config=cfg)
+        )
+    assert isinstance(info.value, tensorstream.FormatError | tensorstream.StaleStoreError), info.value
+    if attack == "nesting bomb":
+        assert isinstance(info.value, tensorstream.FormatError) and "nested deeper" in str(info.value)
+    assert not [path for path in opened if path.startswith(str(outside))]
+
+
 # -- 6, 7. damaged or replaced blocks ---------------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ def test_offload_is_bit_identical_and_frees_the_blocks(
     engine = model._tensorstream_engine
     assert engine.plan.streamed
     for name in engine.plan.streamed:
-        assert all(p.device.type == "meta" for p in model.get_submodule(name).parameters())
+        assert all(p.is_meta for p in model.get_submodule(name).parameters())
     with torch.inference_mode():
         assert torch.equal(model(ids()).logits, expected)
         assert torch.equal(model.generate(ids()[:1], max_new_tokens=20, do_sample=False), expected_gen)

@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -129,6 +130,74 @@ def test_a_huge_prefetch_costs_no_more_than_the_blocks(monkeypatch: pytest.Monke
     plan = make_plan(0, blocks(n), 3 * 4 * MB, prefetch=10**7)
     assert plan.num_slots == 3
     assert len(calls) <= n * n and max(calls) <= n
+
+
+def _reference_plan(non_block: int, sizes: list[tuple[str, int]], budget: int, prefetch: int) -> tuple[Any, ...]:
+    """The planner's rule by exhaustive search: the deepest read-ahead that fits, then the most residency."""
+    from tensorstream.plan import arena_bytes
+
+    names = [name for name, _ in sizes]
+    size = dict(sizes)
+    for wanted in range(min(prefetch + 1, len(names)), 0, -1):
+        for keep in range(len(names) - 1, -1, -1):
+            resident = non_block + sum(size[n] for n in names[:keep])
+            streamed = names[keep:]
+            slots = min(wanted, len(streamed))
+            if resident + arena_bytes([size[n] for n in streamed], slots) <= budget:
+                return tuple(names[:keep]), slots
+    return None, 0
+
+
+def test_the_bisected_plan_is_the_exhaustive_one() -> None:
+    import random
+
+    rng = random.Random(1)
+    for _ in range(400):
+        sizes = [(f"b{i}", rng.randint(1, 9) * MB) for i in range(rng.randint(1, 9))]
+        non_block = rng.randint(0, 4) * MB
+        total = non_block + sum(s for _, s in sizes)
+        budget = rng.randint(non_block, total + MB)
+        prefetch = rng.randint(0, 10)
+        resident, slots = _reference_plan(non_block, sizes, budget, prefetch)
+        if total <= budget:
+            continue  # everything resident: no search
+        if resident is None:
+            with pytest.raises(BudgetError):
+                make_plan(non_block, sizes, budget, prefetch)
+            continue
+        plan = make_plan(non_block, sizes, budget, prefetch)
+        assert (plan.resident, plan.num_slots) == (resident, slots), (sizes, non_block, budget, prefetch)
+
+
+@pytest.mark.parametrize("share", ["minimum", "half", "all but one byte"])
+def test_a_huge_prefetch_plans_in_well_under_a_second(share: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefetch=10**7 on 400 blocks: bisection over the depth, n log n arenas (it took 19.6 s in a review, n * depth
+    arenas); counted, so that the bound holds on a loaded machine too."""
+    import math
+    import time
+
+    from tensorstream import plan as plan_module
+
+    calls = []
+    real = plan_module.arena_bytes
+    monkeypatch.setattr(plan_module, "arena_bytes", lambda sizes, k: calls.append(k) or real(sizes, k))
+
+    n = 400
+    sizes = [(f"layers.{i}", (1 + i % 3) * MB) for i in range(n)]
+    total = MB + sum(s for _, s in sizes)
+    if share == "minimum":
+        with pytest.raises(BudgetError) as info:
+            make_plan(MB, sizes, 0, prefetch=10**7)
+        budget = info.value.minimum_bytes
+        assert budget is not None
+    else:
+        budget = total // 2 if share == "half" else total - 1
+    calls.clear()
+    start = time.perf_counter()
+    plan = make_plan(MB, sizes, budget, prefetch=10**7)
+    assert time.perf_counter() - start < 2  # about 0.1 s unloaded
+    assert len(calls) <= 2 * n * (math.ceil(math.log2(n)) + 2)
+    assert plan.device_bytes <= budget
 
 
 class Block(nn.Module):

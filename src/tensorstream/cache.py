@@ -214,10 +214,13 @@ def _entry(root: Path, path: Path, kind: str, fingerprint: str) -> CacheEntry:
     damaged = False
     if kind == "store":
         try:
-            manifest = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+            manifest_path = path / _MANIFEST
+            if manifest_path.is_symlink() or not manifest_path.is_file():  # a FIFO would block, a link lead out
+                raise OSError(errno.EINVAL, "not a regular file", str(manifest_path))
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             source = str(manifest.get("source", ""))
             model_class = str(manifest.get("model_class", ""))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: a nesting bomb
             damaged = True
     return CacheEntry(
         path=str(path),

@@ -324,7 +324,9 @@ class Engine(BlockReaders):
                 self._views.clear()
             self._views[key] = views
         self.bound = (b, slot)  # first: an interrupt while binding leaves placeholders that `_unbind` restores
-        for (module, attr, *_), param in zip(block.bound_targets, views, strict=True):
+        for (module, attr, placeholder, *_), param in zip(block.bound_targets, views, strict=True):
+            if param.requires_grad != placeholder.requires_grad:  # changed since the view was made (requires_grad_)
+                param.requires_grad_(placeholder.requires_grad)
             module._parameters[attr] = param
 
     def _unbind(self) -> None:

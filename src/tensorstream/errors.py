@@ -100,12 +100,17 @@ class BudgetError(TensorStreamError, MemoryError):
     """The memory budget cannot hold the non-block weights plus the minimum number of streaming slots.
 
     Attributes:
-        minimum_bytes: the smallest budget that would work, in bytes (``None`` when unknown).
+        minimum_bytes: the smallest budget that works, exactly: a budget one byte smaller fails, this one plans
+            (``None`` when it is not known exactly: before a reshard only bounds are, from the model's parameter
+            counts).
+        suggested_bytes: the budget the message names, in bytes: ``budget_gb`` as printed holds it (the minimum
+            rounded up to the printed digits, or the upper bound before a reshard).
     """
 
-    def __init__(self, message: str, minimum_bytes: int | None = None) -> None:
+    def __init__(self, message: str, minimum_bytes: int | None = None, suggested_bytes: int | None = None) -> None:
         super().__init__(message)
         self.minimum_bytes = minimum_bytes
+        self.suggested_bytes = suggested_bytes if suggested_bytes is not None else minimum_bytes
 
 
 class BackendUnavailableError(TensorStreamError, ImportError):
@@ -142,7 +147,9 @@ class HubUnavailableError(TensorStreamError, ConnectionError):
 
 class UnsupportedOperationError(TensorStreamError, RuntimeError):
     """An operation a streaming model cannot do correctly: ``model.to(dtype)``/``.half()``/``.to(device)`` (the
-    store holds one dtype and the slots live on one device), or a backward through streamed weights.
+    store holds one dtype and the slots live on one device), a backward through streamed weights, or a change the
+    unchanged store cannot take (``load_state_dict`` of streamed weights, assigning or modifying a streamed parameter
+    in place, merging an adapter into one; see ``docs/adapters.md``).
 
     The model is unchanged and stays usable; the message says what to do instead.
     """

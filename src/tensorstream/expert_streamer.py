@@ -53,10 +53,17 @@ class _Layer:
         self.module = module
         self.block = block  #: the engine's `StreamedBlock` (file handle, header)
         self.router = router  #: a resident copy of the router weight ``[E, hidden]``, for prediction
-        self.placeholders = {t.attr: module._parameters[t.attr] for t in layout.tensors}
+        self.attrs = [t.attr for t in layout.tensors]
         self.next: _Layer | None = None  #: the routed layer expected to run next
         self.predicted: set[int] = set()
         self.top_k = 0
+
+    @property
+    def placeholders(self) -> dict[str, Any]:
+        """The fused tensors' placeholders, as the block's targets hold them now (they may be replaced after the
+        engine is built: `tensorstream.binding.install_placeholders`)."""
+        held = {attr: placeholder for module, attr, placeholder, *_ in self.block.targets if module is self.module}
+        return {attr: held[attr] for attr in self.attrs}
 
 
 class ExpertStreamer:

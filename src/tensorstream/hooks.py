@@ -27,6 +27,7 @@ import torch
 from accelerate.hooks import ModelHook
 from torch import nn
 
+from .binding import guard_of
 from .engine import Engine
 from .errors import UnsupportedOperationError
 
@@ -156,11 +157,16 @@ class _LockedForward:
         with self._engine.lock:
             hook = self._hook
             if hook is None:  # the model's own forward
+                guard = guard_of(module)
+                if guard is not None:
+                    guard.check()  # after a change to the weights: nothing left on meta (cheap otherwise)
                 return forward(*args, **kwargs)
-            if getattr(module, "_hf_hook", None) is not hook:  # the hook was removed (accelerate's remove_hook...)
+            if guard_of(module) is None:  # no longer streaming (detached under another library's wrapper)
                 return forward(*args, **kwargs)
-            args, kwargs = hook.pre_forward(module, *args, **kwargs)  # type: ignore[union-attr]
-            return hook.post_forward(module, forward(*args, **kwargs))  # type: ignore[union-attr]
+            # streamed even when another library put its own hook on the block over this forward (PEFT's
+            # dispatch_model for a model whose device map names "cpu" or "disk"): the block's weights are here only
+            args, kwargs = hook.pre_forward(module, *args, **kwargs)
+            return hook.post_forward(module, forward(*args, **kwargs))
 
 
 def attach_hooks(model: nn.Module, engine: Engine) -> None:

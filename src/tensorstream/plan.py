@@ -532,27 +532,47 @@ def make_plan(
         return sorted(chosen, key=position.__getitem__)
 
     deepest = min(prefetch + 1, len(names))  # more blocks in flight than blocks is meaningless
-    for wanted in range(deepest, min_slots - 1, -1):  # the deepest read-ahead that fits, then residency
-        for keep in range(len(names) - 1, -1, -1):
-            if resident_prefix[keep] > budget_bytes:
-                continue
-            streamed = in_order(names[keep:])
-            num_slots = min(wanted, len(streamed))
-            arena = arena_bytes([loads[name] for name in streamed], num_slots)
-            if resident_prefix[keep] + arena <= budget_bytes:
-                cached = _spread(streamed, sizes, host_cache_bytes)
-                slot = _aligned(max(loads[name] for name in streamed))
-                return Plan(
-                    budget_bytes,
-                    non_block_bytes,
-                    tuple(in_order(names[:keep])),
-                    tuple(streamed),
-                    slot,
-                    num_slots,
-                    sizes,
-                    cached,
-                    arena,
-                )
+
+    def fits(keep: int, wanted: int) -> bool:
+        streamed = [loads[name] for name in in_order(names[keep:])]
+        return resident_prefix[keep] + arena_bytes(streamed, min(wanted, len(streamed))) <= budget_bytes
+
+    # the deepest read-ahead that fits, then the most residency at that depth. For a given residency the arena
+    # grows with the depth, so the deepest depth that fits is found by bisection: n log n arenas, not n * depth
+    best: tuple[int, int] | None = None  # (depth, keep)
+    for keep in range(len(names) - 1, -1, -1):
+        if resident_prefix[keep] > budget_bytes or not fits(keep, min_slots):
+            continue
+        low, high = min_slots, deepest  # fits(keep, low) holds
+        if best is not None:
+            if best[0] >= deepest or not fits(keep, best[0] + 1):
+                continue  # no deeper than the depth already found with more residency
+            low = best[0] + 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(keep, mid):
+                low = mid
+            else:
+                high = mid - 1
+        best = (low, keep)
+    if best is not None:
+        wanted, keep = best
+        streamed = in_order(names[keep:])
+        num_slots = min(wanted, len(streamed))
+        arena = arena_bytes([loads[name] for name in streamed], num_slots)
+        cached = _spread(streamed, sizes, host_cache_bytes)
+        slot = _aligned(max(loads[name] for name in streamed))
+        return Plan(
+            budget_bytes,
+            non_block_bytes,
+            tuple(in_order(names[:keep])),
+            tuple(streamed),
+            slot,
+            num_slots,
+            sizes,
+            cached,
+            arena,
+        )
     slots = min(min_slots, len(names))
     minimum, keep = min(
         (resident_prefix[k] + arena_bytes([loads[n] for n in in_order(names[k:])], slots), -k)
@@ -567,6 +587,7 @@ def make_plan(
         f"(non-block weights {format_gb(non_block_bytes)}{resident} plus the {what} streaming through "
         f"{format_gb(arena)}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {suggested}.",
         minimum,
+        round(float(suggested) * 1e9),
     )
 
 

@@ -87,8 +87,8 @@ class StreamedBlock:
         #: experts (`route`)
         self.read_bytes = codec.header.data_size
         self.checksum = entry.checksum
-        #: the targets a load binds (the routed experts' are bound by `tensorstream.experts.ExpertStreamer`)
-        self.bound_targets = targets
+        #: ``(id(module), attribute)`` of the routed experts' fused tensors, which the expert streamer binds (`route`)
+        self.expert_attrs: set[tuple[int, str]] = set()
 
     def route(self, prefix_bytes: int, prefix_checksum: str, expert_attrs: set[tuple[int, str]], mapped: bool) -> None:
         """Load only the data before the routed experts; with slots, leave the experts' parameters to the streamer
@@ -98,7 +98,16 @@ class StreamedBlock:
         self.checksum = prefix_checksum
         self.runs = [(s, min(e, prefix_bytes), shift) for s, e, shift in self.runs if s < prefix_bytes]
         if not mapped:
-            self.bound_targets = [t for t in self.targets if (id(t[0]), t[1]) not in expert_attrs]
+            self.expert_attrs = expert_attrs
+
+    @property
+    def bound_targets(self) -> list[Any]:
+        """The targets a load binds: all of them, less the routed experts' (bound by
+        `tensorstream.expert_streamer.ExpertStreamer`). Derived from ``targets``, whose placeholders may be replaced
+        (`tensorstream.binding.install_placeholders`)."""
+        if not self.expert_attrs:
+            return self.targets
+        return [t for t in self.targets if (id(t[0]), t[1]) not in self.expert_attrs]
 
 
 class BlockReaders:

@@ -66,7 +66,10 @@ def repair_command(store: str | os.PathLike[str]) -> str:
     """
     path = Path(store)
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_bytes()[:MAX_MANIFEST_BYTES].decode("utf-8"))
+        manifest_path = path / MANIFEST_NAME
+        if not Path(os.path.realpath(manifest_path)).is_relative_to(_link_root(Path(os.path.realpath(path)))):
+            raise OSError(f"{manifest_path} leads out of the store")  # never opened
+        manifest = read_json(manifest_path)  # a FIFO, a nesting bomb: FormatError (a ValueError)
         source, cls, dtype, kind = (manifest.get(k) for k in ("source", "model_class", "dtype", "encoding"))
     except (OSError, ValueError, AttributeError):
         source = cls = dtype = kind = None
@@ -152,7 +155,7 @@ class Store:
         """
         path = Path(path).resolve()
         manifest_path = path / MANIFEST_NAME
-        if not path.is_dir() or not manifest_path.is_file():
+        if not path.is_dir() or not os.path.lexists(manifest_path):  # a FIFO or link: refused by `_open`
             raise StaleStoreError(
                 f"{path} is not a complete tensorstream store (no {MANIFEST_NAME}); `tensorstream cache ls` lists "
                 "the stores, `tensorstream reshard MODEL` builds one."
@@ -292,13 +295,12 @@ class Store:
 
 
 def read_json(path: Path) -> Any:
-    """Parse the JSON file ``path`` of a store (at most 64 MB), or raise `FormatError` naming it."""
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise FormatError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a tensorstream file. {_FIX}")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-        raise FormatError(f"{path} is not valid UTF-8 JSON ({err}); {_FIX}") from None
+    """Parse the JSON file ``path`` of a store (a regular file of at most 64 MB), or raise `FormatError` naming it.
+
+    A FIFO or device is refused without blocking; JSON nested deeper than Python's parser goes (a nesting bomb) is a
+    `FormatError`, not a `RecursionError`.
+    """
+    return _parse_json(path, _read_regular(path, MAX_MANIFEST_BYTES, "it is not a tensorstream file"))
 
 
 def read_config(path: Path, root: Path | None = None) -> dict[str, Any]:
@@ -306,7 +308,7 @@ def read_config(path: Path, root: Path | None = None) -> dict[str, Any]:
 
     The file must be a regular file (a FIFO or device would block or never end) of at most 16 MB, UTF-8 JSON, an
     object nested at most 32 deep. With ``root`` (a store), it must also resolve inside the store (in a Hub cache
-    snapshot: inside the repo's cache folder), so a link out of the store is refused before anything is read.
+    snapshot: inside the repo's cache folder), so a link out of the store is refused before anything is opened.
 
     Raises:
         `FormatError`: naming the file and what is wrong with it.
@@ -318,30 +320,44 @@ def read_config(path: Path, root: Path | None = None) -> dict[str, Any]:
                 f"{path} leads to {target}, outside the store {root}; refusing to read it. Replace the link with the "
                 "file it points to if you trust it."
             )
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        raise FormatError(f"{path} cannot be read ({err.strerror}); the model folder needs a config.json.") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FormatError(f"{path} is not a regular file; refusing to read it. {_FIX}")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise FormatError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not a model config. {_FIX}")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    finally:
-        os.close(fd)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise FormatError(f"{path} is not valid UTF-8 JSON ({str(err)[:200]}); {_FIX}") from None
+    raw = _read_regular(path, MAX_CONFIG_BYTES, "it is not a model config", "the model folder needs a config.json.")
+    data = _parse_json(path, raw)
     if not isinstance(data, dict):
         raise FormatError(f"{path} is not a JSON object; {_FIX}")
     if _depth(data) > MAX_CONFIG_DEPTH:
         raise FormatError(f"{path} is nested deeper than {MAX_CONFIG_DEPTH} levels; it is not a model config. {_FIX}")
     return data
+
+
+def _read_regular(path: Path, limit: int, what: str, missing: str = _FIX) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes (opened without blocking, so a
+    FIFO is refused instead of waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise FormatError(f"{path} cannot be read ({err.strerror}); {missing}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FormatError(f"{path} is not a regular file (a FIFO, device or socket); refusing to read it; {_FIX}")
+        if info.st_size > limit:
+            raise FormatError(f"{path} is larger than {limit} bytes; {what}. {_FIX}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > limit:
+        raise FormatError(f"{path} is larger than {limit} bytes; {what}. {_FIX}")
+    return raw
+
+
+def _parse_json(path: Path, raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:  # a nesting bomb: deeper than the parser's recursion limit
+        raise FormatError(f"{path} is JSON nested deeper than any tensorstream or model file is; {_FIX}") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"{path} is not valid UTF-8 JSON ({str(err)[:200]}); {_FIX}") from None
 
 
 def _depth(value: Any) -> int:

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .binding import bind_expanded, block_memory, expands_from_mapping, load_resident_blocks, maps_store
+from .binding import (
+    StateGuard,
+    bind_expanded,
+    block_memory,
+    expands_from_mapping,
+    guard_of,
+    install_placeholders,
+    load_resident_blocks,
+    maps_store,
+)
 from .config import Config, parse_dtype
 from .engine import Engine
 from .errors import BudgetError, ConfigError, NotStreamingError, StaleStoreError, UnsupportedOperationError
@@ -151,11 +160,17 @@ def _plan_with_experts(
         whole_minimum = None if whole_error is None else whole_error.minimum_bytes
         if whole_error is not None and whole_minimum is not None and minimum is not None and whole_minimum <= minimum:
             raise whole_error from None  # streaming whole blocks needs less: that is the minimum
+        if minimum is None:
+            raise
+        suggested = gb_rounded_up(minimum)
+        extra = f" and {format_gb(wanted)} of expert cache (expert_cache_gb)" if wanted else ""
         raise BudgetError(
-            f"{err} This mixture-of-experts model also needs {format_gb(work)} to gather one layer's routed experts"
-            f"{f' and {format_gb(wanted)} of expert cache (expert_cache_gb)' if wanted else ''}: budget_gb of at "
-            f"least {gb_rounded_up(minimum or 0)} in all.",
+            f"budget_gb={budget / 1e9:.6g} is too small for this mixture-of-experts model: it needs at least "
+            f"{suggested} GB (the non-block weights and the streamed blocks without their experts "
+            f"{format_gb(err.minimum_bytes or 0)}, a buffer that gathers one layer's routed experts {format_gb(work)}"
+            f"{extra}). Raise budget_gb (or TENSORSTREAM_BUDGET_GB) to at least {suggested}.",
             minimum,
+            round(float(suggested) * 1e9),
         ) from None
     routed = tuple(name for name in plan.streamed if name in layouts)
     if not routed:
@@ -223,6 +238,10 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
             store, resident, {n: model.get_submodule(n) for n in resident}, config.execution_device, config.verify
         )
     engine = Engine(store, plan, modules, config)
+    install_placeholders(model, engine.blocks, engine.device)
+    StateGuard(
+        model, engine.blocks, engine.device
+    )  # every later change to the weights passes through it (see `guard_of`)
     attach_hooks(model, engine)
     _guard_casts(model, engine)
     setattr(model, ENGINE_ATTR, engine)
@@ -356,6 +375,9 @@ def detach(model: nn.Module) -> nn.Module:
         # off the CPU, each tensor sits at a 64-byte aligned place, as the engine binds them.
         loaded = [(block.targets, engine.read_block(block, engine.device)) for block in engine.blocks]
         engine.close()
+        guard = guard_of(model)
+        if guard is not None:
+            guard.release(model)
         for targets, data in loaded:
             bind_expanded(targets, data, engine.realign)
         _unguard_casts(model)

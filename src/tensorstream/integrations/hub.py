@@ -87,7 +87,7 @@ class PushResult:
 
 def is_preshard(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` holds a store at its root (a ``tensorstream.json`` manifest), as a preshard repo does."""
-    return (Path(folder) / MANIFEST_NAME).is_file()
+    return os.path.lexists(Path(folder) / MANIFEST_NAME)  # a FIFO or link too: `Store.open` refuses those, typed
 
 
 def store_files(store: Store) -> list[str]:

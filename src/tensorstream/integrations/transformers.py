@@ -224,6 +224,7 @@ def load_streaming(
     _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
     model.config._name_or_path = str(source)
+    model.name_or_path = str(source)  # not the scratch folder it was loaded from (PEFT records it in adapter configs)
     return model
 
 
@@ -298,8 +299,8 @@ def check_budget_before_reshard(
     except BudgetError:
         try:
             plan(max(sizes), upper=True)
-        except BudgetError as err:
-            raise BudgetError(str(err), err.minimum_bytes) from None
+        except BudgetError as err:  # an upper bound, not the exact minimum: that needs the store's file sizes
+            raise BudgetError(str(err), None, err.suggested_bytes) from None
         raise
 
 
