@@ -232,7 +232,7 @@ def trace_order(
             continue
         module_name, _, attr = name.rpartition(".")
         module = empty.get_submodule(module_name)
-        meta = torch.empty_like(source, device="meta")
+        meta = torch.empty(source.shape, dtype=source.dtype, device="meta")  # a placeholder allows no op on it
         if attr in module._parameters:
             module._parameters[attr] = nn.Parameter(meta, requires_grad=False)
         else:
