@@ -235,8 +235,10 @@ def write_docs(path: Path, results: list[dict[str, Any]], summary: dict[str, Any
     """Rewrite the table between the ``moe-bench`` markers of ``path`` from this run's figures."""
     names = {
         "routed": "tensorstream, routed experts",
-        "whole": "tensorstream, whole blocks",
-        "accelerate": "accelerate",
+        "routed-warm": "tensorstream, routed experts, warm (same tokens again: the compute bound)",
+        "routed, verify=off": "tensorstream, routed experts, `verify=\"off\"`",
+        "whole": "tensorstream, whole blocks (`routed_experts=False`)",
+        "accelerate": "accelerate disk offload",
     }
     lines = [
         "<!-- moe-bench:begin -->",
