@@ -172,9 +172,13 @@ def main() -> None:
         path = tensorstream.reshard(source, storage, progress=False)  # up to date: reads the manifest only
         store = Store.open(path)
         prefetch = 2
-        if budget_arg == "min":
+        if budget_arg == "min":  # a block with routed experts takes its part before them (docs/moe.md)
+            from tensorstream.experts import routed_layouts
+
             prefetch = 1
-            slot = -(-max(b.data_size for b in store.blocks) // 4096) * 4096
+            routed = routed_layouts(store)
+            loads = [routed[b.name].prefix_bytes if b.name in routed else b.data_size for b in store.blocks]
+            slot = -(-max(loads) // 4096) * 4096
             budget = store.non_block.data_size + 2 * slot
         else:
             budget = float(budget_arg) * store.total_bytes
