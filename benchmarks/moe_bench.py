@@ -236,7 +236,7 @@ def write_docs(path: Path, results: list[dict[str, Any]], summary: dict[str, Any
     names = {
         "routed": "tensorstream, routed experts",
         "routed-warm": "tensorstream, routed experts, warm (same tokens again: the compute bound)",
-        "routed, verify=off": "tensorstream, routed experts, `verify=\"off\"`",
+        "routed, verify=off": 'tensorstream, routed experts, `verify="off"`',
         "whole": "tensorstream, whole blocks (`routed_experts=False`)",
         "accelerate": "accelerate disk offload",
     }

@@ -5,9 +5,11 @@
 
 Each family is built by `tests/test_moe.py`'s rule (64 experts, top-4, its own shared experts, dense first layers
 and expert groups), in a subprocess of its own (a crash or a hang is one row, not the sweep), and compared with
-`torch.equal` against the resident load of the same checkpoint: logits and a greedy generation, POSIX backend, a
-budget where the blocks stream. Rows go to ``benchmarks/results/moe-sweep.jsonl``; the table between the
-``moe-sweep`` markers of ``docs/models.md`` is rewritten from them.
+`torch.equal` against the resident load of the same checkpoint: logits and a greedy generation, a budget where the
+blocks stream, with the mapped backend (``routed``) and the POSIX one (``gathered``: experts gathered into compact
+tensors, where a layer's gather buffer leaves room for streaming). Rows go to
+``benchmarks/results/moe-sweep.jsonl``; the tables between the ``moe-sweep`` markers of ``docs/models.md`` and the
+``moe-families`` markers of ``docs/moe.md`` are rewritten from them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def one(model_type: str) -> dict[str, Any]:
     row: dict[str, Any] = {"model_type": model_type}
     with tempfile.TemporaryDirectory() as work:
         try:
-            streamed, _ = tests.check_streamed_equals_resident(model_type, Path(work), "posix")
+            gathered = tests.check_streamed_equals_resident(model_type, Path(work) / "posix", "posix")[0]
+            row["gathered"] = bool(gathered._tensorstream_engine.plan.routed)
+            del gathered
+            streamed, _ = tests.check_streamed_equals_resident(model_type, Path(work) / "mmap", "mmap")
         except AssertionError as err:
             row.update(bit_exact=False, error=str(err).splitlines()[0][:300])
             return row
@@ -70,14 +75,17 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
     lines = [
         BEGIN,
         "",
-        "| family | routed experts | logits and generation | notes |",
-        "| --- | --- | --- | --- |",
+        "| family | routed experts (mapped) | gathered (POSIX) | logits and generation | notes |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for row in sorted(rows, key=lambda r: r["model_type"]):
         exact = {True: "bit-exact", False: "differs", None: "not built"}[row.get("bit_exact")]
         routed = "yes" if row.get("routed") else "no: whole blocks"
         note = row.get("error") or row.get("reason") or ""
-        lines.append(f"| {row['model_type']} | {routed if row.get('bit_exact') else ''} | {exact} | {note} |")
+        gathered = ("yes" if row.get("gathered") else "no") if row.get("bit_exact") else ""
+        lines.append(
+            f"| {row['model_type']} | {routed if row.get('bit_exact') else ''} | {gathered} | {exact} | {note} |"
+        )
     lines += ["", END]
     routed = sorted(r["model_type"] for r in rows if r.get("bit_exact") and r.get("routed"))
     whole = sorted(r["model_type"] for r in rows if r.get("bit_exact") and not r.get("routed"))
@@ -114,11 +122,9 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
             + (
                 "`scripts/moe_sweep.py` builds every mixture-of-experts causal LM of the registry with 64 experts, "
                 "top-4 and the family's own shared experts, dense first layers and expert groups (the sweep above "
-                "caps "
-                "them at 4 experts, where tensor alignment hides differences), streams it with the POSIX backend and "
-                "compares "
-                "logits and a greedy generation with the resident load; `tests/test_moe.py` runs the same check (all "
-                "families under `-m slow`). See [moe](moe.md).\n\n"
+                "caps them at 4 experts, where tensor alignment hides differences), streams it with the mapped and "
+                "the POSIX backend and compares logits and a greedy generation with the resident load; "
+                "`tests/test_moe.py` runs the same check (all families under `-m slow`). See [moe](moe.md).\n\n"
             )
             + "\n".join(lines)
             + "\n"
