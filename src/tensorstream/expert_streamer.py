@@ -88,6 +88,8 @@ class ExpertStreamer:
         self.bound: _Layer | None = None
         self.work: torch.Tensor | None = None
         self.cache: torch.Tensor | None = None
+        #: host memory that reads land in before their copy to the device (CUDA); None where reads land in place
+        self.staging: torch.Tensor | None = None
         self.slots: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot, LRU first
         self.loading: dict[tuple[int, int], Future[Any]] = {}
         self.verified: set[tuple[int, str, int]] = set()  # (layer, tensor, expert) checked once (verify="header")
