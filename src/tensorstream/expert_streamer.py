@@ -392,9 +392,10 @@ class ExpertStreamer:
     def _bind(self, layer: _Layer, offsets: list[int], count: int) -> None:
         assert self.work is not None
         self.bound = layer
+        placeholders = layer.placeholders
         for t, base in zip(layer.layout.tensors, offsets, strict=True):
             view = self.work[base : base + count * t.per_expert].view(t.dtype).view(count, *t.shape[1:])
-            placeholder = layer.placeholders[t.attr]
+            placeholder = placeholders[t.attr]
             grad = placeholder is not None and placeholder.requires_grad
             layer.module._parameters[t.attr] = nn.Parameter(view, requires_grad=grad)
         setattr(layer.module, "num_experts", count)  # noqa: B010  (the kernel's group count: the compact experts)
