@@ -38,6 +38,7 @@ from ..errors import BudgetError, ConfigError, FormatError, StaleStoreError
 from ..plan import auto_budget_bytes
 from ..store import Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
+from . import wrap_classmethod
 from .diffusers_reshard import reshard_diffusers, skeleton
 from .hub import is_preshard, resolve_source
 
@@ -72,26 +73,22 @@ STREAM_FRACTION = 1 / 8
 
 def install_models(module: Any) -> None:
     """Wrap ``ModelMixin.from_pretrained`` of diffusers' ``modeling_utils`` ``module`` (idempotent)."""
-    mixin = module.ModelMixin
-    current = mixin.__dict__["from_pretrained"]
-    if getattr(current.__func__, "__tensorstream__", False):
-        return
-    original = current.__func__
 
-    @functools.wraps(original)
-    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-        ts_config = kwargs.pop("tensorstream_config", None)
-        if kwargs.get("device_map") != DEVICE_MAP:
-            if ts_config is not None:
-                raise ConfigError(
-                    "tensorstream_config= is only used with device_map='tensorstream'; add "
-                    "device_map='tensorstream' or drop tensorstream_config."
-                )
-            return original(cls, pretrained_model_name_or_path, **kwargs)
-        return load_model(cls, pretrained_model_name_or_path, kwargs, ts_config)
+    def make(original: Any) -> Any:
+        def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+            ts_config = kwargs.pop("tensorstream_config", None)
+            if kwargs.get("device_map") != DEVICE_MAP:
+                if ts_config is not None:
+                    raise ConfigError(
+                        "tensorstream_config= is only used with device_map='tensorstream'; add "
+                        "device_map='tensorstream' or drop tensorstream_config."
+                    )
+                return original(cls, pretrained_model_name_or_path, **kwargs)
+            return load_model(cls, pretrained_model_name_or_path, kwargs, ts_config)
 
-    from_pretrained.__tensorstream__ = True  # type: ignore[attr-defined]
-    mixin.from_pretrained = classmethod(from_pretrained)
+        return from_pretrained
+
+    wrap_classmethod(module.ModelMixin, "from_pretrained", make)
 
 
 def _resolve_config(config: Any) -> Config:
@@ -277,35 +274,31 @@ def _learn_order_at_first_forward(
 
 def install_pipelines(module: Any) -> None:
     """Wrap ``DiffusionPipeline.from_pretrained`` of diffusers' ``pipeline_utils`` ``module`` (idempotent)."""
-    pipeline = module.DiffusionPipeline
-    current = pipeline.__dict__["from_pretrained"]
-    if getattr(current.__func__, "__tensorstream__", False):
-        return
-    original = current.__func__
 
-    @functools.wraps(original)
-    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-        ts_config = kwargs.pop("tensorstream_config", None)
-        components = kwargs.pop("tensorstream_components", None)
-        if kwargs.get("device_map") != DEVICE_MAP:
-            if ts_config is not None or components is not None:
-                raise ConfigError(
-                    "tensorstream_config= and tensorstream_components= are only used with device_map='tensorstream'; "
-                    "add device_map='tensorstream' or drop them."
-                )
-            return original(cls, pretrained_model_name_or_path, **kwargs)
-        kwargs.pop("device_map")
-        return load_pipeline(
-            pretrained_model_name_or_path,
-            tensorstream_config=ts_config,
-            components=components,
-            pipeline_class=cls,
-            _from_pretrained=functools.partial(original, cls),
-            **kwargs,
-        )
+    def make(original: Any) -> Any:
+        def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+            ts_config = kwargs.pop("tensorstream_config", None)
+            components = kwargs.pop("tensorstream_components", None)
+            if kwargs.get("device_map") != DEVICE_MAP:
+                if ts_config is not None or components is not None:
+                    raise ConfigError(
+                        "tensorstream_config= and tensorstream_components= are only used with "
+                        "device_map='tensorstream'; add device_map='tensorstream' or drop them."
+                    )
+                return original(cls, pretrained_model_name_or_path, **kwargs)
+            kwargs.pop("device_map")
+            return load_pipeline(
+                pretrained_model_name_or_path,
+                tensorstream_config=ts_config,
+                components=components,
+                pipeline_class=cls,
+                _from_pretrained=functools.partial(original, cls),
+                **kwargs,
+            )
 
-    from_pretrained.__tensorstream__ = True  # type: ignore[attr-defined]
-    pipeline.from_pretrained = classmethod(from_pretrained)
+        return from_pretrained
+
+    wrap_classmethod(module.DiffusionPipeline, "from_pretrained", make)
 
 
 def _component_classes(folder: Path) -> dict[str, tuple[Any, int]]:

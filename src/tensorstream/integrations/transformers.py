@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from ..prequantized import describe_quantization
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
+from . import wrap_classmethod
 from .hub import check_preshard, is_preshard
 
 __all__ = ["DEVICE_MAP", "install"]
@@ -63,25 +63,21 @@ def install() -> None:
     global _original
     from transformers import PreTrainedModel
 
-    current = PreTrainedModel.__dict__["from_pretrained"]
-    if getattr(current.__func__, "__tensorstream__", False):
-        return
-    _original = current.__func__
+    def make(original: Any) -> Any:
+        def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+            ts_config = kwargs.pop("tensorstream_config", None)
+            if kwargs.get("device_map") != DEVICE_MAP:
+                if ts_config is not None:
+                    raise ConfigError(
+                        "tensorstream_config= is only used with device_map='tensorstream'; add "
+                        "device_map='tensorstream' or drop tensorstream_config."
+                    )
+                return original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+            return load_streaming(cls, pretrained_model_name_or_path, model_args, kwargs, ts_config)
 
-    @functools.wraps(_original)
-    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
-        ts_config = kwargs.pop("tensorstream_config", None)
-        if kwargs.get("device_map") != DEVICE_MAP:
-            if ts_config is not None:
-                raise ConfigError(
-                    "tensorstream_config= is only used with device_map='tensorstream'; add "
-                    "device_map='tensorstream' or drop tensorstream_config."
-                )
-            return _original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
-        return load_streaming(cls, pretrained_model_name_or_path, model_args, kwargs, ts_config)
+        return from_pretrained
 
-    from_pretrained.__tensorstream__ = True  # type: ignore[attr-defined]
-    PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
+    _original = wrap_classmethod(PreTrainedModel, "from_pretrained", make)
     _install_auto()
 
 
@@ -91,21 +87,17 @@ def _install_auto() -> None:
     keyword arguments, ``device_map`` included, to ``AutoConfig.from_pretrained``: that is where we step in."""
     from transformers import AutoConfig
 
-    current = AutoConfig.__dict__["from_pretrained"]
-    if getattr(current.__func__, "__tensorstream__", False):
-        return
-    original = current.__func__
+    def make(original: Any) -> Any:
+        def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+            if kwargs.get("device_map") != DEVICE_MAP:
+                return original(cls, pretrained_model_name_or_path, **kwargs)
+            return_unused = kwargs.pop("return_unused_kwargs", False)
+            config, unused = _auto_config(pretrained_model_name_or_path, kwargs)
+            return (config, unused) if return_unused else config
 
-    @functools.wraps(original)
-    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
-        if kwargs.get("device_map") != DEVICE_MAP:
-            return original(cls, pretrained_model_name_or_path, **kwargs)
-        return_unused = kwargs.pop("return_unused_kwargs", False)
-        config, unused = _auto_config(pretrained_model_name_or_path, kwargs)
-        return (config, unused) if return_unused else config
+        return from_pretrained
 
-    from_pretrained.__tensorstream__ = True  # type: ignore[attr-defined]
-    AutoConfig.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
+    wrap_classmethod(AutoConfig, "from_pretrained", make)
 
 
 _HUB_ONLY = ("cache_dir", "revision", "local_files_only", "token", "subfolder", "force_download", "proxies")
