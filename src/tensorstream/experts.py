@@ -71,7 +71,7 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def whole_block_reason(model: nn.Module, blocks: Sequence[str]) -> str | None:
+def whole_block_reason(model: nn.Module) -> str | None:
     """Why a mixture-of-experts model's blocks stream whole, or None (not a mixture of experts, or routed)."""
     config: Any = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

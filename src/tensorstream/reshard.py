@@ -834,7 +834,7 @@ def _write_store(
     }
     if experts:  # each block's routed experts (tensorstream.experts): stored last, with per-expert checksums
         manifest[EXPERTS_KEY] = experts
-    reason = whole_block_reason(model, blocks)
+    reason = whole_block_reason(model)
     if reason:  # a mixture of experts outside transformers' experts interface: said by Plan.describe
         manifest["whole_block_experts"] = reason
     _write_json(staging / MANIFEST_NAME, manifest)
