@@ -60,6 +60,7 @@ from .prequantized import (
     check_loaded,
     check_method,
     checkpoint_parts,
+    quantization_details,
     quantization_identity,
     quantization_method,
 )
@@ -426,12 +427,17 @@ def reshard(
             "folder": str(folder),
             "weight_conversions": weight_conversions(model),
         }
+        if quantization_arg is not None:  # part of the fingerprint: a rebuild must pass it again (`repair_command`)
+            source_info["quantization_arg"] = quantization_identity(quantization_arg)
         if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
             source_info["quantization"] = {
                 "method": method,
                 "dequantized": True,
                 "checkpoint_bytes": _checkpoint_bytes(folder),
+                **quantization_details(config),
             }
+            if compact is not None:  # filled in as the blocks are written (the manifest is written last)
+                source_info["quantization"]["expanded"] = compact.expanded_summary
         _write_store(
             staging,
             model,
@@ -441,9 +447,9 @@ def reshard(
             dtype,
             source_info,
             progress,
-            compact[0] if compact is not None else kind,
+            compact.kind if compact is not None else kind,
             phase_of=_source_phases(loader, staging / "_offload"),
-            parts_of=compact[1] if compact is not None else None,
+            parts_of=compact,
         )
         for name in ("generation_config.json",):
             if (folder / name).is_file():

@@ -38,7 +38,7 @@ from .experts import routed_layouts
 from .hooks import attach_hooks, remove_hooks
 from .integrations.diffusers_reshard import kept_in_fp32
 from .plan import Plan, auto_budget_bytes, find_blocks, format_gb, gb_rounded_up, log_plan, make_plan
-from .prequantized import check_offload
+from .prequantized import check_offload, describe_quantization
 from .reshard import reshard_module
 from .stats import StreamStats
 from .store import Store
@@ -101,6 +101,8 @@ def plan_for(store: Store, config: Config) -> Plan:
         units=tuple(units),
         non_block_parts=_non_block_parts(store),
         whole_block_reason=reason if isinstance(reason, str) and store.kind is None else "",
+        read_bytes={entry.name: entry.data_size for entry in store.blocks} if store.kind is not None else {},
+        quantization=describe_quantization(store.manifest) or "",
     )
     log_plan(plan, config.prefetch)
     return plan
