@@ -241,3 +241,48 @@ def test_gptq_and_awq_models_are_refused_by_offload(tmp_path: Path, method: str)
     assert info.value.method == method and f"this LlamaForCausalLM is quantized with {method}," in str(info.value)
     assert "keep it resident (without tensorstream.offload)" in str(info.value)
     assert not any(tmp_path.iterdir())
+
+
+# -- FP8 weights that are not whole 128x128 blocks: transformers' own load fails or misplaces scales -----------------
+
+
+def fp8_partial_convert(name: str, tensor: torch.Tensor, block: int = 128) -> dict[str, torch.Tensor]:
+    """Block linears as fine-grained FP8 with a ceil-sized scale grid (the last blocks partial), as DeepSeek-V3's
+    ``kv_a_proj_with_mqa`` (``[576, 7168]``, ``[5, 56]`` scales) is published."""
+    if not (".layers." in name and name.endswith("proj.weight")):
+        return {name: tensor}
+    rows, cols = tensor.shape
+    grid = (-(-rows // block), -(-cols // block))
+    padded = torch.zeros(grid[0] * block, grid[1] * block)
+    padded[:rows, :cols] = tensor.float()
+    blocks = padded.reshape(grid[0], block, grid[1], block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(padded.shape)[:rows, :cols]
+    return {name: q.contiguous(), name.replace(".weight", ".weight_scale_inv"): scale}
+
+
+@pytest.mark.parametrize("intermediate", [320, 192], ids=["grid_does_not_divide", "grid_divides_wrongly"])
+def test_fp8_weights_of_partial_blocks_are_refused_naming_the_tensor(tmp_path: Path, intermediate: int) -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=128,
+            intermediate_size=intermediate,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=128,
+            vocab_size=96,
+            max_position_embeddings=64,
+        )
+    )
+    folder = write_quantized(tmp_path / "fp8", model, fp8_partial_convert, FP8_CONFIG)
+    if intermediate == 320:  # transformers' own resident load fails: 320 rows over 3 scale rows
+        with pytest.raises(RuntimeError, match="conversion of the weights"):
+            AutoModelForCausalLM.from_pretrained(folder)
+    storage = tmp_path / "store"
+    with pytest.raises(UnsupportedQuantizationError, match=r"mlp\.\w+_proj\.weight is \[") as info:
+        streaming(folder, storage)
+    assert info.value.method == "fp8" and "not a whole number of the checkpoint's 128x128 blocks" in str(info.value)
+    assert main(["reshard", str(folder), str(storage)]) == EXIT_ERROR
+    assert not storage.exists() or not any(storage.iterdir())

@@ -50,9 +50,9 @@ from typing import Any
 import torch
 
 from ._quiet import quiet_torchao
+from .dequantize import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
-from .prequantized import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 
 __all__ = [
     "COMPRESSIONS",

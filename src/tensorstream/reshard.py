@@ -57,6 +57,7 @@ from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .prequantized import (
     check_expansion,
+    check_fp8_blocks,
     check_loaded,
     check_method,
     checkpoint_parts,
@@ -384,6 +385,7 @@ def reshard(
     if method is None and quantization_arg is not None:
         check_method(quantization_method(quantization_arg) or "unknown", str(source), on_the_fly=True)
     check_method(method, str(source))
+    check_fp8_blocks(folder, config, str(source))
     fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
 
