@@ -41,7 +41,7 @@ from .plan import Plan, auto_budget_bytes, find_blocks, format_gb, gb_rounded_up
 from .prequantized import check_offload, describe_quantization
 from .reshard import reshard_module
 from .stats import StreamStats
-from .store import Store
+from .store import Store, repair_hint
 
 __all__ = ["check_device", "detach", "offload", "plan_for", "start_streaming", "stats"]
 
@@ -231,8 +231,7 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
         except AttributeError:
             raise StaleStoreError(
                 f"the store {store.path} streams the block {name!r}, which this {type(model).__name__} does not have: "
-                "the store was built for a different model or configuration. Rerun `tensorstream reshard --force` "
-                "on the source."
+                f"the store was built for a different model or configuration; {repair_hint(store.path)}"
             ) from None
     resident = [name for name in plan.resident if store.codec(_entry(store, name)).encoded]
     if resident:  # an encoded store's resident blocks: expanded here, as the engine expands the streamed ones
