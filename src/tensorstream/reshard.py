@@ -56,6 +56,7 @@ from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, 
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .prequantized import (
+    DEQUANTIZED_METHODS,
     check_expansion,
     check_fp8_blocks,
     check_loaded,
@@ -128,6 +129,9 @@ def source_fingerprint(
     quantization = quantization_identity(config)
     if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
         head["quantization"] = quantization
+        if quantization_method(config) in DEQUANTIZED_METHODS:
+            # FP8 stores written before fused experts were stored compact held them as bf16: rebuilt once
+            head["compact_experts"] = 1
     if quantization_arg is not None:
         head["quantization_arg"] = quantization_identity(quantization_arg)
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
