@@ -378,7 +378,7 @@ def test_inspect_names_the_quantization_and_the_bytes(
     tensorstream.reshard(fp8_checkpoint, storage, progress=False)
     assert main(["inspect", str(only_store(storage).path)]) == 0
     out = capsys.readouterr().out
-    assert "pre-quantized checkpoint (fp8): the store holds the checkpoint's float8 weights" in out
+    assert "fp8 (fine-grained, 128x128 blocks): the store holds the checkpoint's float8 weights" in out
     assert "x the checkpoint's" in out
     assert main(["inspect", "--json", str(only_store(storage).path)]) == 0
-    assert json.loads(capsys.readouterr().out)["quantization"].startswith("pre-quantized checkpoint (fp8)")
+    assert json.loads(capsys.readouterr().out)["quantization"].startswith("fp8 (fine-grained, 128x128 blocks)")

@@ -50,9 +50,9 @@ from typing import Any
 import torch
 
 from ._quiet import quiet_torchao
+from .dequantize import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
-from .prequantized import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 
 __all__ = [
     "COMPRESSIONS",
@@ -395,17 +395,18 @@ class BlockCodec:
                 )
 
         weight_code = DTYPE_CODES[dtype]
-        if kind == "fp8":
-            if len(shape) != 2 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
-                raise self._fail(f"{name!r} is {weight_code}{list(shape)}: fp8 entries expand to 2-D float weights")
+        if kind == "fp8":  # a 2-D weight, or fused [E, R, C] experts with an [E, ...] grid of scales
+            if len(shape) not in (2, 3) or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise self._fail(f"{name!r} is {weight_code}{list(shape)}: fp8 entries expand to 2-D or 3-D weights")
             expect("q", "F8_E4M3", shape)
             scale = parts["scale"]
             if (
                 scale.dtype not in ("F32", "BF16")
-                or len(scale.shape) != 2
+                or len(scale.shape) != len(shape)
                 or 0 in scale.shape
-                or shape[0] % scale.shape[0]
-                or shape[1] % scale.shape[1]
+                or scale.shape[:-2] != shape[:-2]
+                or shape[-2] % scale.shape[-2]
+                or shape[-1] % scale.shape[-1]
             ):
                 raise self._fail(f"{_part(name, 'scale')!r} is not a F32/BF16 block grid dividing {list(shape)}")
             return 0

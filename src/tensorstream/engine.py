@@ -120,6 +120,7 @@ class Engine(BlockReaders):
             num_slots=plan.num_slots,
             backend=self.backend.name,
             store_kind=store.kind or "plain",
+            quantization=plan.quantization,
         )
         entries = {entry.name: entry for entry in store.blocks}
         tied = store.manifest.get("tied", {})
@@ -193,7 +194,7 @@ class Engine(BlockReaders):
     ) -> list[tuple[ExpertLayout, nn.Module, StreamedBlock]]:
         """The routed experts of the plan's routed blocks: each block loads without them (`StreamedBlock.route`)."""
         layouts = {name: layout for name, layout in routed_layouts(store).items() if name in plan.routed}
-        check_modules(layouts, modules)
+        check_modules(layouts, modules, store)
         layers = []
         for name, layout in layouts.items():
             block = self.blocks[self.index[name]]

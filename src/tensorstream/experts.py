@@ -250,7 +250,7 @@ def _layout(store: Store, entry: BlockEntry, header: TsHeader, item: Any) -> Exp
     return ExpertLayout(entry.name, module, count, tuple(tensors), prefix, item["prefix_checksum"])
 
 
-def check_modules(layouts: Mapping[str, ExpertLayout], modules: Mapping[str, nn.Module]) -> None:
+def check_modules(layouts: Mapping[str, ExpertLayout], modules: Mapping[str, nn.Module], store: Store) -> None:
     """`StaleStoreError` when a layout's module is not an experts module of the model with its fused tensors."""
     for block, layout in layouts.items():
         local = layout.module[len(block) + 1 :]
@@ -260,7 +260,6 @@ def check_modules(layouts: Mapping[str, ExpertLayout], modules: Mapping[str, nn.
             module = None
         if module is None or getattr(module, "num_experts", None) != layout.num_experts:
             raise StaleStoreError(
-                f"the store names experts at {layout.module!r} ({layout.num_experts}), which this model lacks: "
-                "the store was built for a different model or transformers version. Rerun `tensorstream reshard "
-                "--force` on the source."
+                f"{store.path} names experts at {layout.module!r} ({layout.num_experts}), which this model lacks: "
+                f"the store was built for a different model or transformers version; {repair_hint(store.path)}"
             )

@@ -313,6 +313,10 @@ class Plan:
         expert_mode: ``"mapped"`` (the page cache is the expert cache) or ``"slots"`` (a compact buffer of
             ``expert_work_bytes`` and an expert cache of ``expert_cache_bytes``, both in the budget).
         whole_block_reason: why a mixture-of-experts model streams whole blocks (empty when it does not).
+        read_bytes: bytes a load of each block reads from the store, where that differs from ``block_bytes`` (a
+            quantized store's compact file, expanded into a larger region).
+        quantization: what a store of a pre-quantized checkpoint streams
+            (`tensorstream.prequantized.describe_quantization`; empty for any other store).
     """
 
     budget_bytes: int
@@ -335,6 +339,8 @@ class Plan:
     expert_cache_bytes: int = 0
     expert_slot_bytes: int = 0
     whole_block_reason: str = ""
+    read_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    quantization: str = ""
 
     @property
     def prefetch(self) -> int:
@@ -400,6 +406,8 @@ class Plan:
                 f"{name} ({format_gb(self.block_bytes[name])})" for name in kept
             )
         total = len(self.resident) + len(self.streamed)
+        if self.quantization:
+            head = f"{self.quantization}; {head}"
         if not self.streamed:
             return f"{head}, all {total} blocks resident, nothing streamed"
         if self.whole_block_reason:
@@ -407,10 +415,14 @@ class Plan:
         cached = (
             f", {len(self.cached)} of them from pinned RAM ({format_gb(self.cached_bytes)})" if self.cached else ""
         )
+        read = sum(self.read_bytes.get(name, self.block_bytes[name]) for name in self.streamed)
+        per_pass = f"{format_gb(self.streamed_bytes)} per pass"
+        if read != self.streamed_bytes:  # an encoded store: compact bytes read, expanded in memory
+            per_pass = f"{format_gb(read)} read per pass, {format_gb(self.streamed_bytes)} once expanded"
         return (
             f"{head}, {len(self.resident)}/{total} blocks resident "
             f"({format_gb(self.resident_bytes - self.non_block_bytes)}), {len(self.streamed)} streamed "
-            f"({format_gb(self.streamed_bytes)} per pass) through an arena of {format_gb(self.arena_bytes)} "
+            f"({per_pass}) through an arena of {format_gb(self.arena_bytes)} "
             f"(up to {self.num_slots} block{'s' * (self.num_slots > 1)} in flight, "
             f"largest {format_gb(self.slot_bytes)}; prefetch {self.prefetch}){cached}{self._describe_experts()}"
         )

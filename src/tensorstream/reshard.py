@@ -56,10 +56,13 @@ from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, 
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .prequantized import (
+    DEQUANTIZED_METHODS,
     check_expansion,
+    check_fp8_blocks,
     check_loaded,
     check_method,
     checkpoint_parts,
+    quantization_details,
     quantization_identity,
     quantization_method,
 )
@@ -126,6 +129,9 @@ def source_fingerprint(
     quantization = quantization_identity(config)
     if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
         head["quantization"] = quantization
+        if quantization_method(config) in DEQUANTIZED_METHODS:
+            # FP8 stores written before fused experts were stored compact held them as bf16: rebuilt once
+            head["compact_experts"] = 1
     if quantization_arg is not None:
         head["quantization_arg"] = quantization_identity(quantization_arg)
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
@@ -383,6 +389,7 @@ def reshard(
     if method is None and quantization_arg is not None:
         check_method(quantization_method(quantization_arg) or "unknown", str(source), on_the_fly=True)
     check_method(method, str(source))
+    check_fp8_blocks(folder, config, str(source))
     fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
 
@@ -426,12 +433,17 @@ def reshard(
             "folder": str(folder),
             "weight_conversions": weight_conversions(model),
         }
+        if quantization_arg is not None:  # part of the fingerprint: a rebuild must pass it again (`repair_command`)
+            source_info["quantization_arg"] = quantization_identity(quantization_arg)
         if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
             source_info["quantization"] = {
                 "method": method,
                 "dequantized": True,
                 "checkpoint_bytes": _checkpoint_bytes(folder),
+                **quantization_details(config),
             }
+            if compact is not None:  # filled in as the blocks are written (the manifest is written last)
+                source_info["quantization"]["expanded"] = compact.expanded_summary
         _write_store(
             staging,
             model,
@@ -441,9 +453,9 @@ def reshard(
             dtype,
             source_info,
             progress,
-            compact[0] if compact is not None else kind,
+            compact.kind if compact is not None else kind,
             phase_of=_source_phases(loader, staging / "_offload"),
-            parts_of=compact[1] if compact is not None else None,
+            parts_of=compact,
         )
         for name in ("generation_config.json",):
             if (folder / name).is_file():

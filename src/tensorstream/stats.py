@@ -36,6 +36,9 @@ class StreamStats:
         store_kind: ``"plain"``, ``"int8"``, ``"int4"``, ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized
             checkpoint's own bytes; docs/quantization.md); ``bytes_read`` counts the bytes of the store's files,
             compact for all but plain.
+        quantization: for a store of a pre-quantized checkpoint, what it streams: the method, where it is
+            dequantized, its bytes and why it is larger than the checkpoint if it is
+            (`tensorstream.prequantized.describe_quantization`); empty for any other store.
         rss_anon_bytes, rss_file_bytes: this process's anonymous and file-backed resident memory now (properties,
             read from ``/proc/self/status``). The budget bounds the anonymous part. File-backed pages are the page
             cache's: with ``backend="mmap"`` on CPU the streamed weights are mapped views of them, which the
@@ -61,12 +64,20 @@ class StreamStats:
     num_slots: int = 0
     backend: str = ""
     store_kind: str = "plain"
+    quantization: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def read_gb_per_s(self) -> float:
         """Read throughput while reads were in progress, in GB/s (10^9 bytes)."""
         return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds else 0.0
+
+    @property
+    def bytes_per_pass(self) -> float:
+        """Bytes read from the store (blocks and routed experts) per forward pass over the streamed blocks: per
+        generated token at batch 1 without assisted decoding (0 before the first pass)."""
+        passes = self.blocks_run / self.streamed_blocks if self.streamed_blocks else 0
+        return (self.bytes_read + self.expert_bytes_read) / passes if passes else 0.0
 
     @property
     def prediction_accuracy(self) -> float:
@@ -112,11 +123,13 @@ class StreamStats:
             "num_slots",
             "backend",
             "store_kind",
+            "quantization",
         )
         memory = process_memory()
         return {
             **{name: getattr(self, name) for name in fields},
             "read_gb_per_s": self.read_gb_per_s,
+            "bytes_per_pass": self.bytes_per_pass,
             "prediction_accuracy": self.prediction_accuracy,
             "rss_anon_bytes": memory["anon"],
             "rss_file_bytes": memory["file"],
@@ -136,6 +149,8 @@ class StreamStats:
             f"waited {self.wait_seconds:.3f} s over {self.blocks_run} block forwards; {self.resident_blocks} "
             f"resident / {self.streamed_blocks} streamed blocks, {self.num_slots} slots, backend {self.backend}"
             f"{'' if self.store_kind == 'plain' else f', {self.store_kind} store'}{experts}; "
+            f"{self.bytes_per_pass / 1e9:.3g} GB read per pass; "
+            f"{f'{self.quantization}; ' if self.quantization else ''}"
             f"RSS {self.rss_anon_bytes / 1e9:.3f} GB anonymous + {self.rss_file_bytes / 1e9:.3f} GB file-backed)"
         )
 

@@ -56,7 +56,8 @@ def repair_command(store: str | os.PathLike[str]) -> str:
 
     Read from the manifest without trusting it further than its ``source``, ``dtype`` and ``model_class``
     strings. A store with no readable source (damaged manifest, or built by `tensorstream.offload` from a model in
-    memory) can only be removed; the next load rebuilds it.
+    memory), or built with a ``quantization_config`` passed to ``from_pretrained`` (part of its fingerprint, which
+    ``tensorstream reshard`` cannot pass), can only be removed; the next load rebuilds it.
 
     Example:
         ```python
@@ -71,9 +72,13 @@ def repair_command(store: str | os.PathLike[str]) -> str:
             raise OSError(f"{manifest_path} leads out of the store")  # never opened
         manifest = read_json(manifest_path)  # a FIFO, a nesting bomb: FormatError (a ValueError)
         source, cls, dtype, kind = (manifest.get(k) for k in ("source", "model_class", "dtype", "encoding"))
+        # a quantization_config passed to from_pretrained is part of the fingerprint, and `tensorstream reshard`
+        # cannot pass one: a reshard would write another store. Removing this one lets the next load rebuild it.
+        passed = manifest.get("quantization_arg") is not None
     except (OSError, ValueError, AttributeError):
         source = cls = dtype = kind = None
-    if not isinstance(source, str) or not source or source.startswith("in-memory "):
+        passed = False
+    if not isinstance(source, str) or not source or source.startswith("in-memory ") or passed:
         root = path.parent
         return f"tensorstream cache rm {path.name} --storage-path {shlex.quote(str(root))}"
     parts = ["tensorstream", "reshard", "--force", source, str(path.parent)]
@@ -93,8 +98,8 @@ def repair_hint(store: str | os.PathLike[str], *, sentence: bool = False) -> str
     command = repair_command(store)
     if command.startswith("tensorstream cache rm"):
         hint = (
-            f"remove the store with `{command}`, then load the model again (or run tensorstream reshard on its "
-            "source) to rebuild it."
+            f"remove the store with `{command}`, then load the model again with the same arguments (its "
+            "quantization_config included, if one was passed) to rebuild it."
         )
     else:
         hint = f"rebuild the store with `{command}`."

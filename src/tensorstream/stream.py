@@ -38,10 +38,10 @@ from .experts import routed_layouts
 from .hooks import attach_hooks, remove_hooks
 from .integrations.diffusers_reshard import kept_in_fp32
 from .plan import Plan, auto_budget_bytes, find_blocks, format_gb, gb_rounded_up, log_plan, make_plan
-from .prequantized import check_offload
+from .prequantized import check_offload, describe_quantization
 from .reshard import reshard_module
 from .stats import StreamStats
-from .store import Store
+from .store import Store, repair_hint
 
 __all__ = ["check_device", "detach", "offload", "plan_for", "start_streaming", "stats"]
 
@@ -101,6 +101,8 @@ def plan_for(store: Store, config: Config) -> Plan:
         units=tuple(units),
         non_block_parts=_non_block_parts(store),
         whole_block_reason=reason if isinstance(reason, str) and store.kind is None else "",
+        read_bytes={entry.name: entry.data_size for entry in store.blocks} if store.kind is not None else {},
+        quantization=describe_quantization(store.manifest) or "",
     )
     log_plan(plan, config.prefetch)
     return plan
@@ -229,8 +231,7 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
         except AttributeError:
             raise StaleStoreError(
                 f"the store {store.path} streams the block {name!r}, which this {type(model).__name__} does not have: "
-                "the store was built for a different model or configuration. Rerun `tensorstream reshard --force` "
-                "on the source."
+                f"the store was built for a different model or configuration; {repair_hint(store.path)}"
             ) from None
     resident = [name for name in plan.resident if store.codec(_entry(store, name)).encoded]
     if resident:  # an encoded store's resident blocks: expanded here, as the engine expands the streamed ones
