@@ -237,3 +237,40 @@ def test_peak_anonymous_memory_while_loading_is_about_one_block(tmp_path: Path) 
     # one fp32 block read and its bf16 copy, the resident bf16 weights and the budget's arena, plus overhead
     assert growth <= 0.1e9 + 3 * figures["largest_block_bytes"] * 2 + 64e6, figures
     assert growth < size / 3, figures
+
+
+def test_bench_diffusion_row(checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``tensorstream bench`` on a diffusers model folder: seconds per denoising step resident, streamed (cold and
+    warm) and with diffusers' group offload to disk; the streamed rows are bit-identical and read each streamed
+    block once per step (timings are not asserted)."""
+    from tensorstream.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", str(checkpoints["flux"]), "--device", "cpu", "--budget-fraction", "0.8", "--runs", "2",
+        "--compare", "diffusers", "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["kind"] == "diffusion" and result["model"]["class"] == "FluxTransformer2DModel"
+    rows = {(r["system"], r["cache"]): r for r in result["results"]}
+    group = "diffusers group offload"
+    assert set(rows) == {("resident", "warm"), *((s, c) for s in ("tensorstream", group) for c in ("cold", "warm"))}
+    streamed = result["budget"]["streamed_bytes_per_step"]
+    assert result["budget"]["streamed_blocks"] > 0 and streamed > 0
+    for cache in ("cold", "warm"):
+        row = rows[("tensorstream", cache)]
+        assert row["bit_identical"] is True and row["s_per_step"] > 0
+        assert row["bytes_read_per_step"] == streamed  # each streamed block once per step, read-ahead included
+        assert rows[(group, cache)]["bytes_read_per_step"] > 0  # the group files it loaded
+        assert isinstance(rows[(group, cache)]["bit_identical"], bool)
+    resident = rows[("resident", "warm")]
+    assert resident["bit_identical"] is None and resident["bytes_read_per_step"] == 0
+    ratio = next(r for r in result["ratios"] if (r["system"], r["cache"]) == ("tensorstream", "warm"))
+    assert ratio["read_over_streamed"] == 1.0 and ratio["s_per_step_over_group_offload"] > 0
+    assert "| tensorstream | warm | 1 |" in table and f"wrote {out}" in table
+
+    argv = ["bench", "--diffusers", "--compare", "accelerate", "--workdir", str(tmp_path / "work")]
+    assert main(argv) == 1
+    assert "--compare accelerate measures causal language models" in capsys.readouterr().err
