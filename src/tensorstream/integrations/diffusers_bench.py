@@ -299,6 +299,8 @@ def run_diffusion_bench(
     def stats_read(model: Any) -> int:
         from .. import stats
 
+        for load in list(getattr(model, ENGINE_ATTR).pipeline.values()):  # the read-ahead in flight, counted once done
+            load.done.wait()
         return stats(model).bytes_read
 
     store_files = [store.file(entry) for entry in store.entries()]
