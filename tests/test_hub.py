@@ -386,3 +386,41 @@ def test_push_dry_run_of_a_diffusers_model(flux: Path, tmp_path: Path, capsys: p
     result = json.loads(capsys.readouterr().out)
     assert set(result["files"]) == {"README.md", *FLUX_REPO_FILES}
     assert "FluxTransformer2DModel.from_pretrained(" in result["model_card"]
+
+
+def test_preshard_pipeline_repo_streams_its_store_components(tmp_path: Path) -> None:
+    """A Flux pipeline repo whose transformer and T5 encoder folders are stores: ``DiffusionPipeline.from_pretrained(
+    repo, device_map="tensorstream")`` from the offline Hub cache streams them in place (no reshard; they stream
+    even where the default choice would not), and the images equal the resident pipeline's."""
+    from diffusers import DiffusionPipeline
+
+    from helpers.diffusers_models import save_flux_pipeline
+
+    folder = save_flux_pipeline(tmp_path)
+    call = {"prompt": "a cat", "num_inference_steps": 2, "height": 16, "width": 16, "max_sequence_length": 16}
+    expected = DiffusionPipeline.from_pretrained(folder)(
+        **call, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    files = folder_files(folder)
+    for name in ("transformer", "text_encoder_2"):
+        store = tensorstream.reshard(folder / name, tmp_path / "stores", progress=False)
+        files = {n: p for n, p in files.items() if not n.startswith(f"{name}/")}
+        files.update({f"{name}/{n}": p for n, p in folder_files(store).items()})
+    snapshot = make_hub_cache(tmp_path / "hub", "org/tiny-flux-pipeline-tensorstream", files)
+    config = tensorstream.Config(device="cpu", storage_path=tmp_path / "s", budget_gb=0.0008)
+    pipe = DiffusionPipeline.from_pretrained(
+        "org/tiny-flux-pipeline-tensorstream",
+        device_map="tensorstream",
+        tensorstream_config=config,
+        tensorstream_components=["vae"],
+        cache_dir=tmp_path / "hub",
+        local_files_only=True,
+    )
+    engines = {
+        name: c._tensorstream_engine for name, c in pipe.components.items() if hasattr(c, "_tensorstream_engine")
+    }
+    assert set(engines) == {"vae", "transformer", "text_encoder_2"}
+    for name in ("transformer", "text_encoder_2"):
+        assert engines[name].store.path == (snapshot / name).resolve()
+    assert torch.equal(pipe(**call, output_type="pt", generator=torch.Generator().manual_seed(0)).images, expected)
+    assert len([p for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")]) == 1  # the VAE alone
