@@ -249,7 +249,11 @@ def run_diffusion_bench(
     model_config = read_config(folder / "config.json", folder)
     cls = model_class_of(model_config, None, folder)
     dtype = parse_dtype(base.dtype) or torch.float32
-    step = {batch: step_inputs(cls.__name__, model_config, batch, dtype) for batch in batches}
+    step = {
+        batch: {k: v.to(run_device) if isinstance(v, torch.Tensor) else v
+                for k, v in step_inputs(cls.__name__, model_config, batch, dtype).items()}
+        for batch in batches
+    }  # fmt: skip
     storage = base.store_root if config is not None else work / "stores"
     store = Store.open(reshard(folder, storage, dtype=base.dtype, progress=False))
     budget = round(budget_gb * 1e9) if budget_gb is not None else round(budget_fraction * store.total_bytes)
