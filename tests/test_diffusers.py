@@ -274,3 +274,16 @@ def test_bench_diffusion_row(checkpoints: dict[str, Path], tmp_path: Path, capsy
     argv = ["bench", "--diffusers", "--compare", "accelerate", "--workdir", str(tmp_path / "work")]
     assert main(argv) == 1
     assert "--compare accelerate measures causal language models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bench_step_inputs_run_each_model_class(kind: str) -> None:
+    """The bench has a denoising step for each class it names (from the config alone); others are a ConfigError."""
+    from tensorstream.integrations.diffusers_bench import step_inputs
+
+    model = tiny_model(kind)
+    with torch.no_grad():
+        out = model(**step_inputs(type(model).__name__, model.config, 2, torch.float32))[0]
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    with pytest.raises(tensorstream.ConfigError, match="no denoising-step inputs for PriorTransformer"):
+        step_inputs("PriorTransformer", {}, 1, torch.float32)
