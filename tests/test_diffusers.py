@@ -177,6 +177,11 @@ def test_cli_reshard_inspect_verify_and_cache_on_a_diffusers_model(
     direct = _class(checkpoints["unet"]).from_pretrained(store, device_map="tensorstream")
     assert str(direct._tensorstream_engine.store.path) == store
     assert torch.equal(_run(direct, "unet"), _run(model, "unet"))
+    assert main(["cache", "ls", str(storage), "--json"]) == 0
+    (entry,) = [e for e in json.loads(capsys.readouterr().out)["entries"] if e["kind"] == "store"]
+    assert entry["source"] == str(checkpoints["unet"]) and entry["model_class"] == "UNet2DConditionModel"
+    assert main(["cache", "rm", entry["fingerprint"], "--storage-path", str(storage)]) == 0
+    assert not Path(store).exists() and "removed 2 entries" in capsys.readouterr().out  # the store and its lock
 
 
 def test_misuse_is_a_clear_error(checkpoints: dict[str, Path], tmp_path: Path) -> None:
