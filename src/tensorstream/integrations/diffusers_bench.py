@@ -149,8 +149,9 @@ def _counting_group_reads() -> Iterator[list[int]]:
 def _steps(
     model: Any, inputs: dict[str, Any], runs: int, cold_files: Callable[[], list[Path]] | None, read: Callable[[], int]
 ) -> dict[str, Any]:
-    """A warm-up step, then ``runs`` timed steps (the page cache of ``cold_files()`` dropped before each forward)."""
-    from ..bench import cold_steps, drop_page_cache
+    """A warm-up step, then ``runs`` timed steps (the page cache of ``cold_files()`` dropped before each forward,
+    but for the files a read-ahead is reading then: `tensorstream.bench.cold_steps`)."""
+    from ..bench import cold_steps
 
     times = []
     with torch.no_grad():
@@ -159,7 +160,6 @@ def _steps(
         for _ in range(runs):
             cold: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
             if cold_files is not None:
-                drop_page_cache(cold_files())
                 cold = cold_steps(model, cold_files())
             with cold:
                 start = time.perf_counter()
@@ -233,9 +233,10 @@ def run_diffusion_bench(
     unknown = [name for name in compare if name != "diffusers"]
     if unknown:
         raise ConfigError(f"compare={list(compare)}: a diffusion model is compared with 'diffusers' only.")
-    for cache in caches:
-        if cache not in ("cold", "warm"):
-            raise ConfigError(f"caches={list(caches)}: each must be 'cold' or 'warm'.")
+    if not caches or any(cache not in ("cold", "warm") for cache in caches):
+        raise ConfigError(f"caches={list(caches)}: each must be 'cold' or 'warm'.")
+    if not batches:
+        raise ConfigError("batches=[]: measure at least one batch size.")
     base = config or Config.from_env()
     if device is not None:
         base = base.replace(device=device)
@@ -258,7 +259,7 @@ def run_diffusion_bench(
     store = Store.open(reshard(folder, storage, dtype=base.dtype, progress=False))
     budget = round(budget_gb * 1e9) if budget_gb is not None else round(budget_fraction * store.total_bytes)
     _check_budget(store, budget, base.prefetch)
-    dtype_kwargs = {"torch_dtype": base.dtype} if base.dtype is not None else {}
+    dtype_kwargs = {"torch_dtype": parse_dtype(base.dtype)} if base.dtype is not None else {}
     streaming = base.replace(storage_path=storage, budget_gb=budget / 1e9)
     results: list[dict[str, Any]] = []
     expected: dict[int, torch.Tensor] = {}
