@@ -174,10 +174,12 @@ def _steps(
 
 
 def _row(system: str, cache: str, batch: int, measured: dict[str, Any], expected: torch.Tensor | None) -> dict:
-    """A result row; ``bit_identical`` is ``None`` without a reference (the resident row, or none measured)."""
+    """A result row; ``bit_identical`` and ``max_abs_diff`` (to the resident output) are ``None`` without a
+    reference (the resident row, or none measured)."""
     out = measured.pop("output")
     exact = None if expected is None else bool(torch.equal(out, expected))
-    return {"system": system, "cache": cache, "batch": batch, **measured, "bit_identical": exact}
+    diff = None if expected is None else (out.double() - expected.double()).abs().max().item()
+    return {"system": system, "cache": cache, "batch": batch, **measured, "bit_identical": exact, "max_abs_diff": diff}
 
 
 def run_diffusion_bench(
@@ -230,6 +232,7 @@ def run_diffusion_bench(
     from .hub import resolve_source
 
     say = progress or (lambda line: None)
+    load_before = os.getloadavg()[0]  # the step times are only as steady as the machine: reported with them
     unknown = [name for name in compare if name != "diffusers"]
     if unknown:
         raise ConfigError(f"compare={list(compare)}: a diffusion model is compared with 'diffusers' only.")
@@ -331,6 +334,7 @@ def run_diffusion_bench(
         "kind": "diffusion",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "device": str(run_device), "threads": torch.get_num_threads(),
+                    "load_average_1min": [load_before, os.getloadavg()[0]],
                     "gpu": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else None},
         "model": {"source": str(source), "class": cls.__name__, "store": str(store.path), "bytes": store.total_bytes,
                   "blocks": len(store.blocks), "dtype": store.manifest.get("dtype")},
@@ -377,7 +381,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"{model['class']} {model['bytes'] / 1e9:.3f} GB ({model['dtype'] or 'checkpoint dtype'}), "
         f"{model['blocks']} blocks; budget {budget['bytes'] / 1e9:.3f} GB ({budget['fraction']:.0%}): "
         f"{budget['streamed_blocks']} blocks streamed, {budget['streamed_bytes_per_step'] / 1e6:.0f} MB per step; "
-        f"device {result['machine']['device']}",
+        f"device {result['machine']['device']}, {result['machine']['threads']} threads, load average "
+        + " -> ".join(f"{load:.1f}" for load in result["machine"]["load_average_1min"]),
         "",
         "| way | cache | batch | s / step | vs resident | read / step | / streamed bytes | bit-identical | "
         "peak anonymous memory |",
@@ -388,7 +393,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         ratio = ratios.get((row["system"], row["cache"], row["batch"]), {})
         over = ratio.get("s_per_step_over_resident")
         read = ratio.get("read_over_streamed")
-        exact = {True: "yes", False: "**no**", None: "-"}[row["bit_identical"]]
+        exact = "-" if row["bit_identical"] is None else "yes" if row["bit_identical"] else "**no**"
+        if row["bit_identical"] is False:
+            exact += f" (max diff {row['max_abs_diff']:.1e})"
         lines.append(
             f"| {row['system']} | {row['cache']} | {row['batch']} | {row['s_per_step']:.3f} | "
             f"{'-' if over is None else f'{over:.2f}'} | {row['bytes_read_per_step'] / 1e6:.0f} MB | "
