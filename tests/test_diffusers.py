@@ -279,6 +279,10 @@ def test_bench_diffusion_row(checkpoints: dict[str, Path], tmp_path: Path, capsy
     argv = ["bench", "--diffusers", "--compare", "accelerate", "--workdir", str(tmp_path / "work")]
     assert main(argv) == 1
     assert "--compare accelerate measures causal language models" in capsys.readouterr().err
+    from tensorstream.bench import run_bench
+
+    with pytest.raises(tensorstream.ConfigError, match="measured per denoising step"):
+        run_bench(checkpoints["flux"], workdir=tmp_path / "work", device="cpu")
 
 
 @pytest.mark.parametrize("kind", KINDS)

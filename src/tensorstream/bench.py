@@ -384,6 +384,13 @@ def run_bench(
     _check_kv_caches(kv_caches, run_device)
     storage = base.store_root if config is not None else work / "stores"
     given_store = (Path(source) / MANIFEST_NAME).is_file()
+    from .integrations.diffusers_reshard import is_diffusers_model
+
+    if not given_store and Path(source).is_dir() and is_diffusers_model(Path(source)):
+        raise ConfigError(
+            f"{source} is a diffusers model: it is measured per denoising step by "
+            "tensorstream.integrations.diffusers_bench.run_diffusion_bench (`tensorstream bench --diffusers`)."
+        )
     if given_store:  # a store (or preshard snapshot): benchmark it as it is, not the source it was built from
         if kinds:
             raise ConfigError(
