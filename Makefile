@@ -21,7 +21,10 @@ SMOKE ?= tests/test_streaming.py::test_logits_and_generation_bit_identical \
 # floor to 1.32), in a venv of its own, and the diffusers tests on them.
 MIN_DIFFUSERS_VENV ?= .venv-min-diffusers
 MIN_DIFFUSERS_PY := $(MIN_DIFFUSERS_VENV)/bin/python
-DIFFUSERS_SMOKE ?= tests/test_diffusers.py tests/test_package.py
+DIFFUSERS_SMOKE ?= tests/test_diffusers.py tests/test_package.py \
+	tests/test_hub.py::test_offline_preshard_repo_of_a_diffusers_model_streams_in_place \
+	tests/test_hub.py::test_push_a_diffusers_model_and_stream_it_from_the_hub \
+	tests/test_hub.py::test_preshard_pipeline_repo_streams_its_store_components
 
 .PHONY: install test test-slow mindeps mindeps-diffusers demo bench quality style docs clean help
 
