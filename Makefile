@@ -17,14 +17,23 @@ SMOKE ?= tests/test_streaming.py::test_logits_and_generation_bit_identical \
 	tests/test_quantization.py::test_streamed_equals_its_detached_reference \
 	tests/test_quantization.py::test_quantized_values_expand_exactly_as_torchao_dequantizes_them \
 	-k "not (qwen2 or gpt2)"
+# `make mindeps-diffusers`: the core floors with the diffusers extra's (diffusers 0.42.1 raises huggingface_hub's
+# floor to 1.32), in a venv of its own, and the diffusers tests on them.
+MIN_DIFFUSERS_VENV ?= .venv-min-diffusers
+MIN_DIFFUSERS_PY := $(MIN_DIFFUSERS_VENV)/bin/python
+DIFFUSERS_SMOKE ?= tests/test_diffusers.py tests/test_package.py \
+	tests/test_hub.py::test_offline_preshard_repo_of_a_diffusers_model_streams_in_place \
+	tests/test_hub.py::test_push_a_diffusers_model_and_stream_it_from_the_hub \
+	tests/test_hub.py::test_preshard_pipeline_repo_streams_its_store_components
 
-.PHONY: install test test-slow mindeps demo bench quality style docs clean help
+.PHONY: install test test-slow mindeps mindeps-diffusers demo bench quality style docs clean help
 
 help:
 	@echo "make demo     build a ~480 MB random Llama and stream it with a quarter of its size as budget"
 	@echo "make test     run the test suite (CPU; the slow sweeps are left out)"
 	@echo "make test-slow  the slow sweeps make test leaves out (pytest -m slow; CI runs both)"
 	@echo "make mindeps  install the declared minimum versions in $(MIN_VENV) and run a smoke subset"
+	@echo "make mindeps-diffusers  the same with the diffusers extra's floors, in $(MIN_DIFFUSERS_VENV)"
 	@echo "make bench    tensorstream bench --compare accelerate on the standard ~1.9 GB model (minutes)"
 	@echo "make quality  ruff check, ruff format --check, mypy"
 	@echo "make style    ruff format and autofix"
@@ -58,6 +67,20 @@ mindeps:
 	$(MIN_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|safetensors|huggingface.hub|tqdm|torchao|zstandard) "
 	$(MIN_PY) -m pytest -q -p no:cacheprovider $(SMOKE)
 
+# The extra's floors raise core ones where diffusers needs it (scripts/min_requirements.py pins each package once, at
+# its highest floor); the diffusers tests run on them.
+mindeps-diffusers:
+	$(PYTHON) -m venv $(MIN_DIFFUSERS_VENV)
+	$(MIN_DIFFUSERS_PY) -m pip install --quiet --upgrade pip
+	$(MIN_DIFFUSERS_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(MIN_DIFFUSERS_PY) -m pip install --quiet \
+		$$($(PYTHON) scripts/min_requirements.py --skip torch --extra diffusers) \
+		"pytest>=8" "hypothesis>=6.100" "psutil>=5.9"
+	$(MIN_DIFFUSERS_PY) -m pip install --quiet --no-deps -e .
+	$(MIN_DIFFUSERS_PY) -m pip check
+	$(MIN_DIFFUSERS_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|safetensors|huggingface.hub|tqdm|diffusers) "
+	$(MIN_DIFFUSERS_PY) -m pytest -q -p no:cacheprovider $(DIFFUSERS_SMOKE)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
@@ -86,4 +109,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .demo .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) $(MIN_VENV) $(MIN_DIFFUSERS_VENV) .demo .pytest_cache .mypy_cache .ruff_cache site

@@ -177,6 +177,11 @@ def test_cli_reshard_inspect_verify_and_cache_on_a_diffusers_model(
     direct = _class(checkpoints["unet"]).from_pretrained(store, device_map="tensorstream")
     assert str(direct._tensorstream_engine.store.path) == store
     assert torch.equal(_run(direct, "unet"), _run(model, "unet"))
+    assert main(["cache", "ls", str(storage), "--json"]) == 0
+    (entry,) = [e for e in json.loads(capsys.readouterr().out)["entries"] if e["kind"] == "store"]
+    assert entry["source"] == str(checkpoints["unet"]) and entry["model_class"] == "UNet2DConditionModel"
+    assert main(["cache", "rm", entry["fingerprint"], "--storage-path", str(storage)]) == 0
+    assert not Path(store).exists() and "removed 2 entries" in capsys.readouterr().out  # the store and its lock
 
 
 def test_misuse_is_a_clear_error(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -237,3 +242,57 @@ def test_peak_anonymous_memory_while_loading_is_about_one_block(tmp_path: Path) 
     # one fp32 block read and its bf16 copy, the resident bf16 weights and the budget's arena, plus overhead
     assert growth <= 0.1e9 + 3 * figures["largest_block_bytes"] * 2 + 64e6, figures
     assert growth < size / 3, figures
+
+
+def test_bench_diffusion_row(checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``tensorstream bench`` on a diffusers model folder: seconds per denoising step resident, streamed (cold and
+    warm) and with diffusers' group offload to disk; the streamed rows are bit-identical and read each streamed
+    block once per step (timings are not asserted)."""
+    from tensorstream.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench", str(checkpoints["flux"]), "--device", "cpu", "--budget-fraction", "0.8", "--runs", "2",
+        "--compare", "diffusers", "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["kind"] == "diffusion" and result["model"]["class"] == "FluxTransformer2DModel"
+    rows = {(r["system"], r["cache"]): r for r in result["results"]}
+    group = "diffusers group offload"
+    assert set(rows) == {("resident", "warm"), *((s, c) for s in ("tensorstream", group) for c in ("cold", "warm"))}
+    streamed = result["budget"]["streamed_bytes_per_step"]
+    assert result["budget"]["streamed_blocks"] > 0 and streamed > 0
+    for cache in ("cold", "warm"):
+        row = rows[("tensorstream", cache)]
+        assert row["bit_identical"] is True and row["max_abs_diff"] == 0 and row["s_per_step"] > 0
+        assert row["bytes_read_per_step"] == streamed  # each streamed block once per step, read-ahead included
+        assert rows[(group, cache)]["bytes_read_per_step"] > 0  # the group files it loaded
+        assert isinstance(rows[(group, cache)]["bit_identical"], bool)
+    resident = rows[("resident", "warm")]
+    assert resident["bit_identical"] is None and resident["bytes_read_per_step"] == 0
+    ratio = next(r for r in result["ratios"] if (r["system"], r["cache"]) == ("tensorstream", "warm"))
+    assert ratio["read_over_streamed"] == 1.0 and ratio["s_per_step_over_group_offload"] > 0
+    assert "| tensorstream | warm | 1 |" in table and f"wrote {out}" in table
+
+    argv = ["bench", "--diffusers", "--compare", "accelerate", "--workdir", str(tmp_path / "work")]
+    assert main(argv) == 1
+    assert "--compare accelerate measures causal language models" in capsys.readouterr().err
+    from tensorstream.bench import run_bench
+
+    with pytest.raises(tensorstream.ConfigError, match="measured per denoising step"):
+        run_bench(checkpoints["flux"], workdir=tmp_path / "work", device="cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bench_step_inputs_run_each_model_class(kind: str) -> None:
+    """The bench has a denoising step for each class it names (from the config alone); others are a ConfigError."""
+    from tensorstream.integrations.diffusers_bench import step_inputs
+
+    model = tiny_model(kind)
+    with torch.no_grad():
+        out = model(**step_inputs(type(model).__name__, model.config, 2, torch.float32))[0]
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    with pytest.raises(tensorstream.ConfigError, match="no denoising-step inputs for PriorTransformer"):
+        step_inputs("PriorTransformer", {}, 1, torch.float32)

@@ -286,3 +286,141 @@ def test_an_ordinary_hub_repo_is_still_resharded(hub: FakeHub, source: Path, tmp
     assert "model.safetensors" in hub.downloads()
     assert len([p for p in (tmp_path / "stores").iterdir() if not p.name.startswith(".")]) == 1
     assert torch.equal(logits(model), resident_logits(source))
+
+
+# -- a diffusers model as a preshard repo ---------------------------------------------------------------------
+
+FLUX_REPO_FILES = {
+    "tensorstream.json",
+    "non_block.ts.safetensors",
+    "config.json",
+    "model.safetensors.index.json",
+    *(
+        f"blocks/{stack}.{i}.ts.safetensors"
+        for stack in ("transformer_blocks", "single_transformer_blocks")
+        for i in (0, 1)
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Flux transformer of tests/test_diffusers.py, saved with ``save_pretrained``."""
+    from helpers.diffusers_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("flux") / "tiny-flux"
+    tiny_model("flux").save_pretrained(folder)
+    return folder
+
+
+def flux_output(model: torch.nn.Module) -> torch.Tensor:
+    from helpers.diffusers_models import inputs
+
+    with torch.no_grad():
+        return model(**inputs("flux"))[0]
+
+
+def streamed_flux(source: str | Path, storage: Path, **kwargs: object) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    cfg = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=0.0004)
+    return FluxTransformer2DModel.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg, **kwargs)
+
+
+def resident_flux(folder: Path) -> torch.Tensor:
+    from diffusers import FluxTransformer2DModel
+
+    return flux_output(FluxTransformer2DModel.from_pretrained(folder))
+
+
+def test_offline_preshard_repo_of_a_diffusers_model_streams_in_place(flux: Path, tmp_path: Path) -> None:
+    """A Flux transformer's preshard repo in the Hub cache, at the root and as a pipeline's ``transformer``
+    subfolder (``from_pretrained(repo, subfolder="transformer")``, as diffusers users load it): streamed in place,
+    bit-identical to diffusers' resident load of the checkpoint."""
+    repo = prepare_repo(flux, tmp_path / "repo", storage_path=tmp_path / "stores", copy=True, progress=False)
+    assert set(folder_files(repo)) == {"README.md", *FLUX_REPO_FILES}
+    files = folder_files(repo)
+    snapshot = make_hub_cache(tmp_path / "hub", "org/tiny-flux-tensorstream", files)
+    make_hub_cache(tmp_path / "hub", "org/tiny-flux-pipeline", {f"transformer/{n}": p for n, p in files.items()})
+    expected = resident_flux(flux)
+    for repo_id, kwargs in (
+        ("org/tiny-flux-tensorstream", {}),
+        ("org/tiny-flux-pipeline", {"subfolder": "transformer"}),
+    ):
+        model = streamed_flux(repo_id, tmp_path / "s", cache_dir=tmp_path / "hub", local_files_only=True, **kwargs)
+        assert torch.equal(flux_output(model), expected)
+        assert tensorstream.stats(model).streamed_blocks > 0 and tensorstream.stats(model).bytes_read > 0
+        assert model.config._name_or_path == repo_id
+    assert model._tensorstream_engine.store.path.parent.name == snapshot.name  # the snapshot's transformer folder
+    assert not (tmp_path / "s").exists(), "a preshard repo must not be resharded"
+
+
+def test_push_a_diffusers_model_and_stream_it_from_the_hub(
+    hub: FakeHub, flux: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    push(flux, "me/tiny-flux-tensorstream", token="hf_fake_token", storage_path=tmp_path / "stores", progress=False)
+    repo = hub.repos["me/tiny-flux-tensorstream"]
+    assert set(repo.files) == {".gitattributes", "README.md", *FLUX_REPO_FILES}
+    card = repo.files["README.md"].decode()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["tags"] == ["tensorstream", "diffusers"] and "pipeline_tag" not in front
+    assert "from diffusers import FluxTransformer2DModel" in card and "AutoModelForCausalLM" not in card
+    hub.requests.clear()
+    model = streamed_flux("me/tiny-flux-tensorstream", tmp_path / "s", cache_dir=tmp_path / "hub")
+    assert sorted(hub.downloads()) == sorted(FLUX_REPO_FILES)  # no README.md
+    assert torch.equal(flux_output(model), resident_flux(flux))
+    assert not (tmp_path / "s").exists()
+    # pulled, then streamed offline
+    assert main(["pull", "me/tiny-flux-tensorstream", "--cache-dir", str(tmp_path / "hub2"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["blocks"] == 4
+    hub.requests.clear()
+    model = streamed_flux(
+        "me/tiny-flux-tensorstream", tmp_path / "s", cache_dir=tmp_path / "hub2", local_files_only=True
+    )
+    assert hub.requests == [] and torch.equal(flux_output(model), resident_flux(flux))
+
+
+def test_push_dry_run_of_a_diffusers_model(flux: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["push", str(flux), "me/dry-flux", "--storage-path", str(tmp_path), "--dry-run", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["files"]) == {"README.md", *FLUX_REPO_FILES}
+    assert "FluxTransformer2DModel.from_pretrained(" in result["model_card"]
+
+
+def test_preshard_pipeline_repo_streams_its_store_components(tmp_path: Path) -> None:
+    """A Flux pipeline repo whose transformer and T5 encoder folders are stores: ``DiffusionPipeline.from_pretrained(
+    repo, device_map="tensorstream")`` from the offline Hub cache streams them in place (no reshard; they stream
+    even where the default choice would not), and the images equal the resident pipeline's."""
+    from diffusers import DiffusionPipeline
+
+    from helpers.diffusers_models import save_flux_pipeline
+
+    folder = save_flux_pipeline(tmp_path)
+    call = {"prompt": "a cat", "num_inference_steps": 2, "height": 16, "width": 16, "max_sequence_length": 16}
+    expected = DiffusionPipeline.from_pretrained(folder)(
+        **call, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    files = folder_files(folder)
+    for name in ("transformer", "text_encoder_2"):
+        store = tensorstream.reshard(folder / name, tmp_path / "stores", progress=False)
+        files = {n: p for n, p in files.items() if not n.startswith(f"{name}/")}
+        files.update({f"{name}/{n}": p for n, p in folder_files(store).items()})
+    snapshot = make_hub_cache(tmp_path / "hub", "org/tiny-flux-pipeline-tensorstream", files)
+    config = tensorstream.Config(device="cpu", storage_path=tmp_path / "s", budget_gb=0.0008)
+    pipe = DiffusionPipeline.from_pretrained(
+        "org/tiny-flux-pipeline-tensorstream",
+        device_map="tensorstream",
+        tensorstream_config=config,
+        tensorstream_components=["vae"],
+        cache_dir=tmp_path / "hub",
+        local_files_only=True,
+    )
+    engines = {
+        name: c._tensorstream_engine for name, c in pipe.components.items() if hasattr(c, "_tensorstream_engine")
+    }
+    assert set(engines) == {"vae", "transformer", "text_encoder_2"}
+    for name in ("transformer", "text_encoder_2"):
+        assert engines[name].store.path == (snapshot / name).resolve()
+    assert torch.equal(pipe(**call, output_type="pt", generator=torch.Generator().manual_seed(0)).images, expected)
+    assert len([p for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")]) == 1  # the VAE alone

@@ -105,7 +105,7 @@ class _StepTimer:
 
 
 @contextmanager
-def _cold_steps(model: Any, files: Sequence[Path]) -> Iterator[None]:
+def cold_steps(model: Any, files: Sequence[Path]) -> Iterator[None]:
     """Drop the page cache of ``files`` before every forward of ``model`` (one decode step each).
 
     Files that a streaming engine is reading at that moment are left alone: dropping pages its readahead brought
@@ -126,6 +126,21 @@ def _cold_steps(model: Any, files: Sequence[Path]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def cache_config(config: Config, cache: str, store_path: Path, model_bytes: int) -> Config:
+    """``config`` for the ``cache`` condition: cold, ``direct_io=None`` becomes what it picks for a store larger than
+    RAM (the regime the cold condition stands for)."""
+    if cache == "cold" and config.direct_io is None and config.backend in ("auto", "posix"):
+        return config.replace(direct_io=choose_direct_io(store_path, model_bytes, larger_than_ram=True))
+    return config
+
+
+def unmap_when_cold(engine: Any, cache: str) -> None:
+    """Cold: unmap each block after use. The zero-copy mode keeps a store that fits in memory mapped, and the kernel
+    does not drop mapped pages, so "cold" would stay warm; a store larger than RAM is unmapped after each block."""
+    if cache == "cold" and getattr(engine.backend, "keep_mapped", False):
+        engine.backend.keep_mapped = False
 
 
 @dataclass
@@ -159,7 +174,7 @@ def _decode(
             timer = _StepTimer()
             if cold_files is not None:
                 drop_page_cache(cold_files)
-                with _cold_steps(model, cold_files):
+                with cold_steps(model, cold_files):
                     out = model.generate(ids, streamer=timer, **args)
             else:
                 out = model.generate(ids, streamer=timer, **args)
@@ -369,6 +384,13 @@ def run_bench(
     _check_kv_caches(kv_caches, run_device)
     storage = base.store_root if config is not None else work / "stores"
     given_store = (Path(source) / MANIFEST_NAME).is_file()
+    from .integrations.diffusers_reshard import is_diffusers_model
+
+    if not given_store and Path(source).is_dir() and is_diffusers_model(Path(source)):
+        raise ConfigError(
+            f"{source} is a diffusers model: it is measured per denoising step by "
+            "tensorstream.integrations.diffusers_bench.run_diffusion_bench (`tensorstream bench --diffusers`)."
+        )
     if given_store:  # a store (or preshard snapshot): benchmark it as it is, not the source it was built from
         if kinds:
             raise ConfigError(
@@ -427,20 +449,12 @@ def run_bench(
         sampler = _MemorySampler()
         quantize, compression = (kind, None) if kind in QUANTIZE_SCHEMES else (None, kind)
         config_cache = config_run.replace(backend=backend, quantize=quantize, compression=compression)
-        if cache == "cold" and config_run.direct_io is None and config_cache.backend in ("auto", "posix"):
-            # what direct_io=None picks for a store larger than RAM, the regime the cold condition stands for
-            config_cache = config_cache.replace(
-                direct_io=choose_direct_io(store.path, model_bytes, larger_than_ram=True)
-            )
+        config_cache = cache_config(config_cache, cache, store.path, model_bytes)
         model = AutoModelForCausalLM.from_pretrained(
             source, device_map="tensorstream", tensorstream_config=config_cache
         )
         engine = model._tensorstream_engine
-        if cache == "cold" and getattr(engine.backend, "keep_mapped", False):
-            # the zero-copy mode keeps a store that fits in memory mapped, and the kernel does not drop mapped
-            # pages: "cold" would stay warm. A store larger than RAM is unmapped after each block (what the cold
-            # condition stands for), so measure that.
-            engine.backend.keep_mapped = False
+        unmap_when_cold(engine, cache)
         plan = engine.plan
         # bytes read per step: the streamed blocks' files (compact bytes for a quantized or compressed store); a block
         # whose experts are routed reads its other tensors and the experts its router picks (docs/moe.md)

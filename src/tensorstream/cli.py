@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HubUnavailableError, TensorStreamError
+from .errors import ConfigError, HubUnavailableError, TensorStreamError
 
 __all__ = ["EXIT_ERROR", "EXIT_HUB", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "SUBCOMMANDS", "main"]
 
@@ -331,9 +331,17 @@ def _add_bench(sub: Subparsers) -> None:
         "tensorstream's decode speed with the budget (cold: page cache dropped before every step, and warm), "
         "optionally accelerate's disk offload at the same budget, and the resident model when it fits. Prints a "
         "table with the ratios and writes JSON. Without MODEL_OR_STORE it builds the standard benchmark model "
-        "(a random Llama of ~1.9 GB in bf16, 16 blocks) once.",
+        "(a random Llama of ~1.9 GB in bf16, 16 blocks) once. With --diffusers, or given a diffusers model folder, "
+        "it measures seconds per denoising step instead (docs/diffusers.md).",
     )
     p.add_argument("model", nargs="?", help="model folder, Hub id or store (default: the standard model)")
+    p.add_argument(
+        "--diffusers",
+        action="store_true",
+        help="measure a diffusers model (seconds per denoising step: resident, tensorstream and, with --compare "
+        "diffusers, diffusers' group offload to disk); without MODEL, a random ~330 MB Flux transformer. Implied "
+        "by a diffusers model folder",
+    )
     p.add_argument("--budget-fraction", type=float, default=0.25, help="budget as a fraction of the model (0.25)")
     p.add_argument("--budget-gb", type=float, help="budget in GB (overrides --budget-fraction)")
     p.add_argument("--device", help="execution device (default: cuda:$LOCAL_RANK if available, else cpu)")
@@ -341,7 +349,13 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--tokens", type=int, default=8, help="new tokens per generation (8)")
     p.add_argument("--runs", type=int, default=3, help="generations per condition; medians are reported (3)")
     p.add_argument("--cache", choices=("cold", "warm"), action="append", help="cache condition(s) (both)")
-    p.add_argument("--compare", choices=("accelerate",), action="append", default=[], help="also measure a peer")
+    p.add_argument(
+        "--compare",
+        choices=("accelerate", "diffusers"),
+        action="append",
+        default=[],
+        help="also measure a peer: accelerate's disk offload, or (a diffusers model) diffusers' group offload to disk",
+    )
     p.add_argument("--no-resident", action="store_true", help="skip the fully resident model")
     p.add_argument(
         "--backend",
@@ -383,6 +397,10 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import format_table, plot, run_bench, to_json, write_json
 
     model = args.model  # a model folder, Hub id, or a store (benchmarked as it is)
+    if args.diffusers or _is_diffusers_folder(model):
+        return _bench_diffusion(args)
+    if "diffusers" in args.compare:
+        raise ConfigError("--compare diffusers measures a diffusers model: add --diffusers, or pass its folder.")
     result = run_bench(
         model,
         workdir=args.workdir,
@@ -406,6 +424,18 @@ def _bench(args: argparse.Namespace) -> int:
         plot(result, args.plot)
     print(to_json(result) if args.json else f"{format_table(result)}\n\nwrote {args.out}")
     return EXIT_OK
+
+
+def _is_diffusers_folder(model: str | None) -> bool:
+    from .integrations.diffusers_reshard import is_diffusers_model
+
+    return model is not None and Path(model).is_dir() and is_diffusers_model(Path(model))
+
+
+def _bench_diffusion(args: argparse.Namespace) -> int:
+    from .integrations.diffusers_bench import bench_command
+
+    return bench_command(args)
 
 
 # -- push --------------------------------------------------------------------------------------------------------

@@ -321,6 +321,9 @@ def _component_classes(folder: Path) -> dict[str, tuple[Any, int]]:
         sub = folder / name
         if not sub.is_dir():
             continue
+        if is_preshard(sub):  # a store (a preshard pipeline repo's component): its size is in its manifest
+            found[name] = (cls, Store.open(sub, verify="header").total_bytes)
+            continue
         files = [f for f in sub.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()]
         safetensors = [f for f in files if f.suffix == ".safetensors"]
         found[name] = (cls, sum(f.stat().st_size for f in safetensors or files))
@@ -361,6 +364,7 @@ def load_pipeline(
             streamed components in proportion to their sizes.
         components: the names of the components to stream (default: `streamed_components`: every model component
             with at least an eighth of the largest one's weights: a Flux pipeline's transformer and T5 encoder).
+            A component whose folder is a store (a preshard repo's ``transformer``, say) always streams.
         pipeline_class: the pipeline class (default: the one ``model_index.json`` names).
         kwargs: passed to ``from_pretrained`` (``torch_dtype`` applies to every component, streamed or not).
 
@@ -387,6 +391,8 @@ def load_pipeline(
         )
     found = _component_classes(folder)
     names = list(components) if components is not None else streamed_components({n: s for n, (_, s) in found.items()})
+    # a component that is a store (a preshard pipeline repo) can only stream: diffusers cannot load its .ts files
+    names += [name for name in found if name not in names and is_preshard(folder / name)]
     unknown = [name for name in names if name not in found]
     if unknown:
         raise ConfigError(

@@ -57,6 +57,7 @@ def prepare_repo(
     token: str | bool | None = None,
     copy: bool = False,
     progress: bool = True,
+    subfolder: str = "",
 ) -> Path:
     """Lay out the files of a preshard repo for ``source`` in ``folder`` (resharding first if needed).
 
@@ -76,6 +77,9 @@ def prepare_repo(
         token: the Hub token for ``source``.
         copy: copy the files instead of linking them (symbolic links, the default, cost no space).
         progress: show the reshard progress bar.
+        subfolder: the folder of ``source`` that holds the model, e.g. ``"transformer"`` for a diffusers pipeline's
+            transformer (a diffusers model publishes as a preshard repo of its own, loaded with its class's
+            ``from_pretrained(repo_id, device_map="tensorstream")``).
 
     Returns:
         `Path`: ``folder``.
@@ -91,7 +95,12 @@ def prepare_repo(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} is not an empty folder; prepare_repo writes a fresh repo folder: pass a new one.")
     src = resolve_source(
-        source, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token
+        source,
+        cache_dir=cache_dir,
+        revision=revision,
+        local_files_only=local_files_only,
+        token=token,
+        subfolder=subfolder,
     )
     if is_preshard(src):
         if dtype is not None:
@@ -130,6 +139,7 @@ def push(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     progress: bool = True,
+    subfolder: str = "",
 ) -> PushResult:
     """Reshard ``source`` if needed and publish it as a preshard repo ``repo_id`` on the Hub.
 
@@ -153,6 +163,7 @@ def push(
         cache_dir: the Hugging Face cache folder for ``source``.
         local_files_only: never reach the Hub for ``source``.
         progress: show progress bars.
+        subfolder: as in `prepare_repo` (``"transformer"``: a diffusers pipeline's transformer).
 
     Returns:
         `PushResult`: the repo id, the last commit's URL, and the files published.
@@ -180,6 +191,7 @@ def push(
             local_files_only=local_files_only,
             token=token,
             progress=progress,
+            subfolder=subfolder,
         )
         files = sorted(_relative_files(staged))
         total = sum((staged / name).stat().st_size for name in files)
@@ -258,20 +270,38 @@ def pull(
 
 
 def model_card(store: Store, *, base_model: str | None = None) -> str:
-    """The ``README.md`` of a preshard repo: YAML front matter for the Hub, then how to use the repo."""
+    """The ``README.md`` of a preshard repo: YAML front matter for the Hub, then how to use the repo.
+
+    A diffusers model's card loads it with its own class (``FluxTransformer2DModel.from_pretrained``); a
+    transformers model's with ``AutoModelForCausalLM`` (or its class, for a model of another kind).
+    """
     from huggingface_hub import ModelCardData
 
     from .. import __version__
 
+    diffusers = store.manifest.get("library") == "diffusers"
+    causal = store.model_class.endswith("ForCausalLM")
     card = ModelCardData(
         library_name="tensorstream",
-        tags=["tensorstream"],
+        tags=["tensorstream", "diffusers"] if diffusers else ["tensorstream"],
         base_model=base_model,
-        pipeline_tag="text-generation" if store.model_class.endswith("ForCausalLM") else None,
+        pipeline_tag="text-generation" if causal else None,
     )
     dtypes = sorted({code for entry in store.entries() for code in entry.dtypes})
     title = f"{base_model} for tensorstream" if base_model else f"{store.model_class} for tensorstream"
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A model"
+    cls = "AutoModelForCausalLM" if causal and not diffusers else store.model_class
+    library = "diffusers" if diffusers else "transformers"
+    if diffusers:
+        plain = (
+            "diffusers itself does not load the `.ts` files (it takes shard files at the repo root only): for a "
+            "model fully in memory, load the original checkpoint."
+        )
+    else:
+        plain = (
+            'The repo also has a standard `model.safetensors.index.json`, so plain `from_pretrained("<this repo>")` '
+            "loads it fully into memory."
+        )
     return f"""---
 {card.to_yaml()}
 ---
@@ -284,16 +314,15 @@ resharding on the machine that runs it.
 
 ```python
 import tensorstream
-from transformers import AutoModelForCausalLM
+from {library} import {cls}
 
-model = AutoModelForCausalLM.from_pretrained(
+model = {cls}.from_pretrained(
     "<this repo>", device_map="tensorstream", tensorstream_config=tensorstream.Config(budget_gb=8)
 )
 ```
 
 Only the manifest, the `.ts` files and the configs are downloaded, and the model streams straight from the Hub
-cache. `tensorstream pull <this repo>` downloads them ahead of time. The repo also has a standard
-`model.safetensors.index.json`, so plain `from_pretrained("<this repo>")` loads it fully into memory.
+cache. `tensorstream pull <this repo>` downloads them ahead of time. {plain}
 
 | | |
 | --- | --- |
