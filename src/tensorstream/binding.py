@@ -89,8 +89,15 @@ def parameter(data: torch.Tensor, target: tuple[Any, ...], realigned: bool) -> n
     """The parameter a target binds: a view of ``data`` at its place (moved down by its phase when ``realigned``),
     exactly as the resident model holds it (a parameter that requires grad makes some models take other kernels:
     Longformer, LED, FSMT's logits differ in the last bit otherwise)."""
-    _, _, placeholder, start, end, dtype, shape, phase = target
+    _, _, placeholder, start, end, dtype, shape, phase, *rule = target
     shift = phase if realigned else 0
+    if rule:  # a parameter class of its own (bitsandbytes): rebuilt from views of its parts
+        kept, parts = rule[0]
+        views = {
+            part: data[s - (ph if realigned else 0) : e - (ph if realigned else 0)].view(dt).view(sh)
+            for part, (s, e, dt, sh, ph) in parts.items()
+        }
+        return kept.rebuild(views, placeholder.requires_grad)
     view = data[start - shift : end - shift].view(dtype).view(shape)
     return nn.Parameter(view, requires_grad=placeholder.requires_grad)
 
@@ -148,9 +155,15 @@ def block_targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping
     0 for an encoded one (its codec lays the tensors out for the device already).
     """
     file = codec.header.path
-    targets = []
+    targets: list[Any] = []
     for local, param in module.named_parameters(remove_duplicate=False):
         full = f"{name}.{local}"
+        submodule_name, _, attr = local.rpartition(".")
+        kept = _kept_rule(module.get_submodule(submodule_name), attr, full, codec, store)
+        if kept is not None:  # a trailing (rule, parts) element: `parameter` rebuilds it from its parts
+            start, end, dtype, shape, phase = kept[1][""]
+            targets.append((module.get_submodule(submodule_name), attr, param, start, end, dtype, shape, phase, kept))
+            continue
         info = codec.tensors.get(tied.get(full, full))
         if info is None:
             raise StaleStoreError(
@@ -162,11 +175,33 @@ def block_targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping
                 f"{file}: {full!r} is {info.dtype}{list(info.shape)} in the store but the model expects "
                 f"{param.dtype}{list(param.shape)}; {repair_hint(store.path)}"
             )
-        submodule_name, _, attr = local.rpartition(".")
         submodule = module.get_submodule(submodule_name)
         phase = 0 if codec.encoded else info.phase
         targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape, phase))
     return targets
+
+
+def _kept_rule(module: nn.Module, attr: str, full: str, codec: BlockCodec, store: Store) -> Any:
+    """``(rule, {part: (start, end, dtype, shape, phase)})`` for a bitsandbytes layer's weight
+    (`tensorstream.bnb`), else ``None``. A store without one of its parts is stale."""
+    if not type(module).__module__.startswith("bitsandbytes."):
+        return None
+    from .bnb import rule_for
+
+    rule = rule_for(module, attr)
+    if rule is None:
+        return None
+    parts = {}
+    for part, stored in rule.parts(full, codec.tensors).items():
+        info = codec.tensors.get(stored)
+        if info is None:
+            raise StaleStoreError(
+                f"{codec.header.path} has no tensor {stored!r}, which the bitsandbytes layer "
+                f"{full.rpartition('.')[0]!r} needs: the store was not written from a bitsandbytes checkpoint; "
+                f"{repair_hint(store.path)}"
+            )
+        parts[part] = (info.start, info.end, info.torch_dtype, info.shape, 0 if codec.encoded else info.phase)
+    return rule, parts
 
 
 # -- the state of a streaming model's weights: placeholders and the one guard on changes ------------------------------

@@ -322,7 +322,9 @@ class Engine(BlockReaders):
             views = [parameter(buf, target, self.realign) for target in block.bound_targets]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
-            self._views[key] = views
+            # a parameter class of its own (`tensorstream.bnb`) is changed by the forward: rebuilt at every bind
+            if not any(len(target) > 8 for target in block.bound_targets):
+                self._views[key] = views
         self.bound = (b, slot)  # first: an interrupt while binding leaves placeholders that `_unbind` restores
         for (module, attr, placeholder, *_), param in zip(block.bound_targets, views, strict=True):
             if param.requires_grad != placeholder.requires_grad:  # changed since the view was made (requires_grad_)

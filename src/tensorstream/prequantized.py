@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .bnb import KEPT_METHODS
 from .errors import TensorStreamError, UnsupportedQuantizationError
 
 __all__ = [
@@ -160,6 +161,8 @@ def check_method(method: str | None, where: str, *, on_the_fly: bool = False) ->
         )
     if method in DEQUANTIZED_METHODS:
         return  # `check_loaded` confirms that transformers dequantized it
+    if method in KEPT_METHODS:
+        return  # streamed in bitsandbytes' own layers (`tensorstream.bnb`)
     reason = _REASONS.get(
         method,
         f"tensorstream streams pre-quantized checkpoints only where transformers dequantizes them at load "
@@ -204,6 +207,8 @@ def check_offload(model: torch.nn.Module) -> None:
     or one holding parameter classes or tensor subclasses (bitsandbytes, torchao) that streamed blocks would lose."""
     method = quantization_method(getattr(model, "config", None))
     where = f"this {type(model).__name__}"
+    if method in KEPT_METHODS:  # bitsandbytes' parameter classes are rebuilt at each bind (`tensorstream.bnb`)
+        return
     if method is not None and (
         getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
     ):

@@ -42,9 +42,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._quiet import quiet_torchao
+from .bnb import KEPT_METHODS
 from .config import default_storage_path, parse_dtype
 from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, store_kind
 from .errors import (
+    ConfigError,
     FormatError,
     LockTimeoutError,
     StaleStoreError,
@@ -392,6 +394,9 @@ def reshard(
                 f"tensorstream: resharding {source} into {root / fingerprint} (building the model first)",
                 file=sys.stderr,
             )
+        if method in KEPT_METHODS:  # bitsandbytes: the checkpoint's own tensors, which its resident load holds
+            write_kept(staging)
+            return
         try:
             with quiet_transformers():
                 model = cls.from_pretrained(
@@ -448,6 +453,30 @@ def reshard(
         for name in ("generation_config.json",):
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
+
+    def write_kept(staging: Path) -> None:
+        from .bnb import checkpoint_tensors
+
+        if dtype is not None or kind is not None:
+            raise ConfigError(
+                f"{source} is quantized with {method}: its store holds the checkpoint's own tensors, so no dtype or "
+                "store kind applies. Drop dtype= (and Config quantize/compression, TENSORSTREAM_QUANTIZE, "
+                "TENSORSTREAM_COMPRESSION) to stream it."
+            )
+        model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config)
+        model.config = config  # the store's config.json keeps quantization_config: the streamed model is built with it
+        source_info = {
+            "source": str(source),
+            "folder": str(folder),
+            "weight_conversions": [],
+            "quantization": {"method": method, "kept": True, "checkpoint_bytes": _checkpoint_bytes(folder)},
+        }
+        _write_store(
+            staging, model, get_tensor, fingerprint, cls.__name__, None, source_info, progress, None,
+            phase_of=phase_of, state=state,
+        )  # fmt: skip
+        if (folder / "generation_config.json").is_file():
+            shutil.copyfile(folder / "generation_config.json", staging / "generation_config.json")
 
     return build_store(root, fingerprint, str(source), _checkpoint_bytes(folder), write, force=force)
 
@@ -719,14 +748,17 @@ def _write_store(
     *,
     phase_of: Callable[[str, torch.Tensor], int] | None = None,
     parts_of: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
+    """Write the store of ``model`` into ``staging``: the tensors of its ``state_dict`` (or ``state``, the same
+    names with tied ones sharing one tensor), each read by ``get_tensor`` when its block is written."""
     units = find_units(model)
     blocks = [name for name, _ in units]
     block_set = set(blocks)
     owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["", *blocks]}
     seen: dict[tuple[str, int], str] = {}
     tied: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in (model.state_dict(keep_vars=True) if state is None else state).items():
         owner = _owner_of(name, block_set)
         key = (owner, id(tensor))
         if key in seen:  # the same tensor under a second name (tied weights): stored once

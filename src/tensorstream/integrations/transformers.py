@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -32,10 +33,11 @@ from typing import Any
 
 import torch
 
+from ..bnb import KEPT_METHODS, allow_offloaded_build
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
-from ..prequantized import describe_quantization
+from ..prequantized import describe_quantization, quantization_method
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
@@ -181,8 +183,11 @@ def load_streaming(
             model_kwargs=None if quantization_arg is None else {"quantization_config": quantization_arg},
         )
         store = Store.open(store_path, verify=config.verify)
-    if isinstance(store.manifest.get("quantization"), dict):
-        hf_config = _without_quantization(hf_config)
+    quantization = store.manifest.get("quantization")
+    kept = isinstance(quantization, dict) and quantization.get("kept") is True  # bitsandbytes' own layers
+    if isinstance(quantization, dict):
+        if not kept:
+            hf_config = _without_quantization(hf_config)
         logger.info("tensorstream: %s", describe_quantization(store.manifest))
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
@@ -196,6 +201,7 @@ def load_streaming(
         quiet_transformers(),
         tempfile.TemporaryDirectory(prefix="tensorstream-") as scratch,
         warnings.catch_warnings(),
+        allow_offloaded_build() if kept else contextlib.nullcontext(),
     ):
         # A tensor held directly by a module that also holds streamed blocks (BART's final_logits_bias) is a device
         # map key of its own: accelerate places it right but warns that the key is not a submodule.
@@ -249,7 +255,7 @@ def check_budget_before_reshard(
     from ..plan import find_blocks, make_plan
 
     sizes = {dtype.itemsize} if dtype is not None else _checkpoint_itemsizes(folder)
-    if not sizes:
+    if not sizes or quantization_method(hf_config) in KEPT_METHODS:  # 4-bit: half a byte per parameter
         return
     with init_empty_weights(include_buffers=False), quiet_transformers():
         skeleton = cls._from_config(hf_config)
