@@ -43,6 +43,8 @@ from torch import nn
 
 __all__ = [
     "KEPT_METHODS",
+    "checkpoint_tensors",
+    "cpu_packed",
     "PARTS_4BIT",
     "Rule",
     "allow_offloaded_build",
@@ -118,14 +120,13 @@ def rule_for(module: nn.Module, attr: str) -> Rule | None:
     return None
 
 
-def offload_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors `tensorstream.offload` stores for a bitsandbytes model: its ``state_dict`` (bitsandbytes writes
-    each quantized weight as the parts `Rule.parts` names), with every tensor a plain one."""
-    state = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        with torch._C.DisableTorchFunctionSubclass():
-            state[name] = tensor.detach() if type(tensor) is not torch.Tensor else tensor
-    return state
+def cpu_packed(model: nn.Module) -> str | None:
+    """The name of a 4-bit weight bitsandbytes repacked for its CPU kernel (``Linear4bit``'s first forward on a CPU
+    with AVX512-BF16 does, in place), or ``None``: such a model's ``state_dict`` is not what it computes with."""
+    for name, param in model.named_parameters():
+        if getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False):
+            return name
+    return None
 
 
 @contextlib.contextmanager
@@ -157,8 +158,11 @@ def allow_offloaded_build() -> Iterator[None]:
             cls.validate_environment = original  # type: ignore[method-assign]
 
 
-def checkpoint_tensors(folder: Path, cls: type, config: Any) -> tuple[nn.Module, dict[str, torch.Tensor], Any, Any]:
-    """What a store of the bitsandbytes checkpoint in ``folder`` holds, read from the checkpoint itself.
+def checkpoint_tensors(
+    folder: Path, cls: type, config: Any, method: str
+) -> tuple[nn.Module, dict[str, torch.Tensor], Any, Any]:
+    """What a store of the bitsandbytes checkpoint in ``folder`` (quantized with ``method``, one of `KEPT_METHODS`)
+    holds, read from the checkpoint itself.
 
     transformers cannot build a bitsandbytes model offloaded to disk (the reshard's usual way of reading a checkpoint
     tensor by tensor), and its resident load holds the checkpoint's tensors unchanged: so the store is written from
@@ -183,6 +187,14 @@ def checkpoint_tensors(folder: Path, cls: type, config: Any) -> tuple[nn.Module,
         header = read_ts_header(file, require_ts=False)
         for name, info in header.tensors.items():
             found[name] = (file, info, (header.data_offset + info.start) % TENSOR_ALIGNMENT)
+    marker = ".SCB" if method == "bitsandbytes_8bit" else ".quant_state.bitsandbytes__"
+    if not any(marker in name for name in found):
+        raise FormatError(
+            f"{folder}/config.json says the checkpoint is quantized with bitsandbytes, but its weights hold no "
+            f"bitsandbytes quantization state (no '*{marker}*' tensor): it was not saved quantized. Remove "
+            "quantization_config from config.json, or save the quantized model again (save_pretrained of a model "
+            "loaded with BitsAndBytesConfig)."
+        )
     plain = copy.deepcopy(config)
     for part in {id(c): c for c in (plain, plain.get_text_config(decoder=True))}.values():
         if "quantization_config" in vars(part):

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .bnb import KEPT_METHODS
+from .bnb import KEPT_METHODS, cpu_packed
 from .errors import TensorStreamError, UnsupportedQuantizationError
 
 __all__ = [
@@ -208,6 +208,16 @@ def check_offload(model: torch.nn.Module) -> None:
     method = quantization_method(getattr(model, "config", None))
     where = f"this {type(model).__name__}"
     if method in KEPT_METHODS:  # bitsandbytes' parameter classes are rebuilt at each bind (`tensorstream.bnb`)
+        packed = cpu_packed(model)
+        if packed is not None:
+            raise _refuse(
+                where,
+                method,
+                f"{packed} was repacked by bitsandbytes for this CPU's 4-bit kernel at the model's first forward, "
+                "and bitsandbytes' state_dict undoes that only approximately (its block scales went through bf16)",
+                "call tensorstream.offload(model, ...) before the model's first forward, or stream the checkpoint "
+                "with from_pretrained(..., device_map='tensorstream')",
+            )
         return
     if method is not None and (
         getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
@@ -454,6 +464,11 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
             f"the store holds the checkpoint's {what} (tensors transformers renames or fuses at load, such as "
             "per-expert weights, as the bf16 it makes of them), dequantized to bf16 as each block loads, with "
             "transformers' arithmetic"
+        )
+    elif info.get("kept") is True:
+        how = (
+            "the store holds the checkpoint's own tensors (packed weights and their quantization state), bound at "
+            "each block's load as bitsandbytes' Linear4bit/Linear8bitLt parameters, which compute on them"
         )
     elif manifest.get("encoding") is not None:
         how = f"the store holds the weights transformers dequantizes it to at load, stored as {manifest['encoding']}"

@@ -463,7 +463,7 @@ def reshard(
                 "store kind applies. Drop dtype= (and Config quantize/compression, TENSORSTREAM_QUANTIZE, "
                 "TENSORSTREAM_COMPRESSION) to stream it."
             )
-        model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config)
+        model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config, str(method))
         model.config = config  # the store's config.json keeps quantization_config: the streamed model is built with it
         source_info = {
             "source": str(source),
