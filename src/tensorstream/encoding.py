@@ -79,9 +79,12 @@ _PARTS = {
     "lossless": ("hi", "lo"),
     "fp8": ("q", "scale"),
     "mxfp4": ("q", "scale"),
+    # compressed-tensors: the parts a checkpoint has of these (`tensorstream.ctensors.CT_PARTS`), "scale" and
+    # "packed" or "q" always
+    "compressed-tensors": ("packed", "scale", "zero", "shape", "gscale", "q"),
 }
 #: Store kinds chosen from a pre-quantized checkpoint, never asked for (`tensorstream.prequantized`).
-PREQUANTIZED_KINDS = ("fp8", "mxfp4")
+PREQUANTIZED_KINDS = ("fp8", "mxfp4", "compressed-tensors")
 _SCRATCH_ALIGNMENT = 4096
 #: PyTorch's parallel grain (``at::internal::GRAIN_SIZE``): an elementwise op on fewer values runs on the caller.
 _INLINE = 32768
@@ -213,6 +216,9 @@ def encode_tensors(
             )
         elif kind in PREQUANTIZED_KINDS:
             parts = parts_of(name, tensor) if parts_of is not None else None
+            if parts is not None and "__meta__" in parts:  # compressed-tensors: its format and scheme
+                parts = dict(parts)
+                entry["ct"] = parts.pop("__meta__")
         else:
             group = _group(kind, tensor)
             parts = None if group is None else _quantize(tensor, kind, group)
@@ -254,6 +260,7 @@ class _Step:
     out: TensorInfo
     parts: dict[str, TensorInfo]
     group: int = 0
+    meta: Any = None  # compressed-tensors: {"format", "scheme"}
 
 
 class BlockCodec:
@@ -315,6 +322,7 @@ class BlockCodec:
         described: dict[str, Any] = meta["tensors"]
         claimed: set[str] = set()
         encoded: dict[str, tuple[str, tuple[int, ...], dict[str, TensorInfo], int, int]] = {}
+        metas: dict[str, Any] = {}
         scratch = 0
         for name, entry in described.items():
             if not isinstance(entry, dict) or entry.get("as") != kind:
@@ -336,6 +344,8 @@ class BlockCodec:
             parts = {}
             for part in _PARTS[kind]:
                 info = header.tensors.get(_part(name, part))
+                if info is None and kind == "compressed-tensors":  # only those its format has
+                    continue
                 if info is None:
                     raise self._fail(f"{_part(name, part)!r} is missing")
                 parts[part] = info
@@ -345,6 +355,7 @@ class BlockCodec:
             compact_shape = parts["q"].shape if kind == "mxfp4" else tuple(shape)  # mxfp4: by its blocks' shape
             scratch = max(scratch, _scratch_bytes(kind, numel, compact_shape))
             encoded[name] = (dtype, tuple(shape), parts, group, phase)
+            metas[name] = entry.get("ct")
         suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
         for name in header.tensors:
             if name not in claimed and name.endswith(suffixes):
@@ -366,7 +377,7 @@ class BlockCodec:
             start = offset + (phase if self.phased else 0)
             info = TensorInfo(dtype, shape, start, start + nbytes, start % TENSOR_ALIGNMENT)
             self.tensors[name] = info
-            self.steps.append(_Step(name, kind if name in encoded else "copy", info, parts, group))
+            self.steps.append(_Step(name, kind if name in encoded else "copy", info, parts, group, metas.get(name)))
             offset = _align(offset + (TENSOR_ALIGNMENT if phase else 0) + nbytes, TENSOR_ALIGNMENT)
         self.expanded_bytes = offset
         self.compact_offset = _align(offset, _SCRATCH_ALIGNMENT)
@@ -395,6 +406,18 @@ class BlockCodec:
                 )
 
         weight_code = DTYPE_CODES[dtype]
+        if kind == "compressed-tensors":
+            meta = entry.get("ct")
+            if (
+                not dtype.is_floating_point
+                or not isinstance(meta, dict)
+                or not isinstance(meta.get("format"), str)
+                or not isinstance(meta.get("scheme"), dict)
+                or "scale" not in parts
+                or ("packed" not in parts) == ("q" not in parts)
+            ):
+                raise self._fail(f"{name!r} is not a valid compressed-tensors entry")
+            return 0
         if kind == "fp8":
             if len(shape) != 2 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 raise self._fail(f"{name!r} is {weight_code}{list(shape)}: fp8 entries expand to 2-D float weights")
@@ -480,6 +503,12 @@ class BlockCodec:
                     scratch[: mxfp4_scratch_bytes(q.shape, piece)],
                     piece=piece,
                 )
+                continue
+            if step.kind == "compressed-tensors":
+                from .ctensors import decompress
+
+                views = {p: compact[i.start : i.end].view(i.torch_dtype).view(i.shape) for p, i in step.parts.items()}
+                decompress(out.view(step.out.torch_dtype).view(step.out.shape), views, step.meta)
                 continue
             if step.kind == "fp8":
                 q, scale = step.parts["q"], step.parts["scale"]

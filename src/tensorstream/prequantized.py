@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from .bnb import KEPT_METHODS, cpu_packed
+from .ctensors import CT_KIND
 from .errors import TensorStreamError, UnsupportedQuantizationError
 
 __all__ = [
@@ -163,6 +164,8 @@ def check_method(method: str | None, where: str, *, on_the_fly: bool = False) ->
         return  # `check_loaded` confirms that transformers dequantized it
     if method in KEPT_METHODS:
         return  # streamed in bitsandbytes' own layers (`tensorstream.bnb`)
+    if method == CT_KIND:
+        return  # its compact tensors decompressed per block (`tensorstream.ctensors`)
     reason = _REASONS.get(
         method,
         f"tensorstream streams pre-quantized checkpoints only where transformers dequantizes them at load "

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ._quiet import quiet_torchao
 from .bnb import KEPT_METHODS
 from .config import default_storage_path, parse_dtype
+from .ctensors import CT_KIND
 from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, store_kind
 from .errors import (
     ConfigError,
@@ -394,8 +395,8 @@ def reshard(
                 f"tensorstream: resharding {source} into {root / fingerprint} (building the model first)",
                 file=sys.stderr,
             )
-        if method in KEPT_METHODS:  # bitsandbytes: the checkpoint's own tensors, which its resident load holds
-            write_kept(staging)
+        if method in KEPT_METHODS or method == CT_KIND:  # written from the checkpoint's own tensors
+            write_from_checkpoint(staging)
             return
         try:
             with quiet_transformers():
@@ -454,26 +455,36 @@ def reshard(
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
 
-    def write_kept(staging: Path) -> None:
-        from .bnb import checkpoint_tensors
-
+    def write_from_checkpoint(staging: Path) -> None:
+        """bitsandbytes (its layers bind the checkpoint's tensors) and compressed-tensors (the checkpoint's compact
+        tensors, decompressed as each block loads): transformers cannot disk-offload either, so the store is written
+        from the checkpoint's files, block by block."""
         if dtype is not None or kind is not None:
             raise ConfigError(
                 f"{source} is quantized with {method}: its store holds the checkpoint's own tensors, so no dtype or "
                 "store kind applies. Drop dtype= (and Config quantize/compression, TENSORSTREAM_QUANTIZE, "
                 "TENSORSTREAM_COMPRESSION) to stream it."
             )
-        model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config, str(method))
-        model.config = config  # the store's config.json keeps quantization_config: the streamed model is built with it
+        parts_of = None
+        if method == CT_KIND:
+            from .ctensors import checkpoint_source
+
+            model, state, get_tensor, parts_of, phase_of = checkpoint_source(folder, cls, config, str(source))
+        else:
+            from .bnb import checkpoint_tensors
+
+            model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config, str(method))
+            model.config = config  # config.json keeps quantization_config: the streamed model is built with it
+        checkpoint = {"method": method, "checkpoint_bytes": _checkpoint_bytes(folder)}
         source_info = {
             "source": str(source),
             "folder": str(folder),
             "weight_conversions": [],
-            "quantization": {"method": method, "kept": True, "checkpoint_bytes": _checkpoint_bytes(folder)},
+            "quantization": {**checkpoint, "kept": True} if parts_of is None else {**checkpoint, "dequantized": True},
         }
         _write_store(
-            staging, model, get_tensor, fingerprint, cls.__name__, None, source_info, progress, None,
-            phase_of=phase_of, state=state,
+            staging, model, get_tensor, fingerprint, cls.__name__, None, source_info, progress,
+            None if parts_of is None else CT_KIND, phase_of=phase_of, parts_of=parts_of, state=state,
         )  # fmt: skip
         if (folder / "generation_config.json").is_file():
             shutil.copyfile(folder / "generation_config.json", staging / "generation_config.json")

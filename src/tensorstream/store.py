@@ -407,7 +407,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         seen_names.add(parsed.name)
         total += parsed.data_size
     kind = manifest.get("encoding")
-    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8", "mxfp4"):
+    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8", "mxfp4", "compressed-tensors"):
         raise FormatError(f"{where}: encoding {kind!r} is not a store kind this tensorstream reads; {_FIX}")
     tied = manifest.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
