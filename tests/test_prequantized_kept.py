@@ -39,11 +39,11 @@ BNB = {
 }
 
 
-def tiny_llama(layers: int = 6) -> LlamaForCausalLM:
+def tiny_llama(layers: int = 6, hidden: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -194,3 +194,129 @@ def test_a_bitsandbytes_config_over_unquantized_weights_is_a_format_error(
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match="no bitsandbytes quantization state"):
         tensorstream.reshard(folder, tmp_path / "store", progress=False)
+
+
+# -- compressed-tensors: int4/int8 pack-quantized and FP8 float-quantized, decompressed per block ---------------------
+
+#: llm-compressor's weight-only schemes: W4A16 (int4, groups of 128), W8A16 (int8 per channel), FP8 per channel.
+CT = {
+    "w4a16": (
+        {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128},
+        "pack-quantized",
+    ),
+    "w8a16": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, "pack-quantized"),
+    "fp8": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}, "float-quantized"),
+}
+
+
+def write_compressed(
+    folder: Path, weights: dict[str, Any], fmt: str, activations: dict[str, Any] | None = None
+) -> Path:
+    """A checkpoint in compressed-tensors' published layout, made with its own API: the scheme applied, min-max
+    scales (``calculate_qparams``, as an observer would give), then ``ModelCompressor.compress_model`` and
+    ``save_pretrained`` with the compressor's config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = tiny_llama(hidden=256)
+    args = QuantizationArgs(**weights)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=args,
+        input_activations=None if activations is None else QuantizationArgs(**activations),
+    )
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme}, ignore=["lm_head"], quantization_status=QuantizationStatus.FROZEN
+    )
+    apply_quantization_config(model, config, show_progress=False)
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.detach().float()
+            groups = w.view(w.shape[0], -1, args.group_size) if args.group_size else w.unsqueeze(1)
+            scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+            module.weight_scale.data.copy_(scale.to(module.weight_scale.dtype).view_as(module.weight_scale))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(zero.view_as(module.weight_zero_point))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(CT))
+def ct_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("compressed_tensors")
+    weights, fmt = CT[request.param]
+    return write_compressed(tmp_path_factory.mktemp(f"ct-{request.param}"), weights, fmt)
+
+
+@pytest.mark.parametrize("backend", ["auto", "posix"])
+def test_a_compressed_tensors_checkpoint_streams_its_compact_bytes_bit_exact_to_the_resident_load(
+    ct_checkpoint: Path, tmp_path: Path, backend: str
+) -> None:
+    expected = logits(resident(ct_checkpoint))  # decompressed by transformers' hook at the first forward
+    storage = tmp_path / "store"
+    tensorstream.reshard(ct_checkpoint, storage, progress=False)
+    store = only_store(storage)
+    assert store.kind == "compressed-tensors" and store.manifest["quantization"]["method"] == "compressed-tensors"
+    for entry in store.blocks:  # the checkpoint's compact tensors, block by block
+        assert entry.data_size <= 1.15 * block_bytes(ct_checkpoint, entry.name)
+    model = streaming(ct_checkpoint, storage, budget_gb=budgets(storage)["stream_all"], backend=backend)
+    got = logits(model)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    stats = tensorstream.stats(model)
+    assert stats.streamed_blocks >= 4 and stats.bytes_read / stats.blocks_loaded <= 1.15 * block_bytes(
+        ct_checkpoint, "model.layers.0"
+    )
+    assert "decompressed to plain weights as each block loads with compressed-tensors' own function" in str(
+        describe_quantization(store.manifest)
+    )
+
+
+def test_a_compressed_tensors_loading_attribute_is_applied_and_part_of_the_fingerprint(tmp_path: Path) -> None:
+    """``CompressedTensorsConfig(dequantize=True)`` (formerly ``run_compressed=False``): transformers decompresses at
+    load instead of at the first forward, to the same weights; the streamed model equals that load, from its own
+    store."""
+    pytest.importorskip("compressed_tensors")
+    import warnings
+
+    from transformers import CompressedTensorsConfig
+
+    folder = write_compressed(tmp_path / "ct", *CT["w4a16"])
+    with warnings.catch_warnings():  # transformers: "loading attributes ... will be overwritten"
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
+    expected = logits(loaded, 1)[0]
+    storage = tmp_path / "store"
+    cfg = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=0.0046)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        device_map="tensorstream",
+        tensorstream_config=cfg,
+        quantization_config=CompressedTensorsConfig(dequantize=True),
+    )
+    assert torch.equal(logits(model, 1)[0], expected)
+    AutoModelForCausalLM.from_pretrained(folder, device_map="tensorstream", tensorstream_config=cfg)
+    assert len([p for p in storage.iterdir() if not p.name.startswith(".")]) == 2  # two fingerprints
+
+
+def test_a_compressed_tensors_scheme_quantizing_activations_is_refused_with_a_fix_that_works(tmp_path: Path) -> None:
+    pytest.importorskip("compressed_tensors")
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    folder = write_compressed(tmp_path / "w8a8", weights, "int-quantized", activations)
+    with pytest.raises(UnsupportedQuantizationError, match="quantizes activations too") as info:
+        streaming(folder, tmp_path / "store")
+    assert info.value.method == "compressed-tensors" and not any((tmp_path / "store").glob("*/tensorstream.json"))
+    assert "without device_map='tensorstream'" in str(info.value)
+    logits(resident(folder), 1)  # the fix, as printed: transformers runs it resident

@@ -468,6 +468,12 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
             "per-expert weights, as the bf16 it makes of them), dequantized to bf16 as each block loads, with "
             "transformers' arithmetic"
         )
+    elif manifest.get("encoding") == CT_KIND:
+        how = (
+            "the store holds the checkpoint's compact tensors (packed integers or float8 weights, scales, zero "
+            "points), decompressed to plain weights as each block loads with compressed-tensors' own function, as "
+            "transformers' resident model does at its first forward"
+        )
     elif info.get("kept") is True:
         how = (
             "the store holds the checkpoint's own tensors (packed weights and their quantization state), bound at "
