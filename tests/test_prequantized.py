@@ -317,7 +317,6 @@ def test_a_gptq_checkpoint_is_refused_not_streamed_wrong(gptq_checkpoint: Path, 
     ("quantization_config", "method"),
     [
         ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}, "awq"),
-        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors"),
         ({"quant_method": "torchao", "quant_type": {"default": {"_type": "Int8WeightOnlyConfig"}}}, "torchao"),
         ({"quant_method": "hqq", "nbits": 4}, "hqq"),
     ],

@@ -320,3 +320,17 @@ def test_a_compressed_tensors_scheme_quantizing_activations_is_refused_with_a_fi
     assert info.value.method == "compressed-tensors" and not any((tmp_path / "store").glob("*/tensorstream.json"))
     assert "without device_map='tensorstream'" in str(info.value)
     logits(resident(folder), 1)  # the fix, as printed: transformers runs it resident
+
+
+def test_a_compressed_tensors_config_that_is_not_one_is_a_format_error(bf16_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    pytest.importorskip("compressed_tensors")
+    folder = tmp_path / "model"
+    shutil.copytree(bf16_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="not a compressed-tensors config"):
+        tensorstream.reshard(folder, tmp_path / "store", progress=False)

@@ -70,7 +70,14 @@ def _schemes(model: nn.Module, qc: Mapping[str, Any], where: str) -> dict[str, t
     skeleton), matched by compressed-tensors itself."""
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
-    config = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "quant_method"})
+    try:
+        config = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "quant_method"})
+    except ValueError as err:  # pydantic's ValidationError
+        raise FormatError(
+            f"{where}: its config.json's quantization_config is not a compressed-tensors config this "
+            f"compressed-tensors reads ({str(err).splitlines()[0]}); fix config.json, or save the quantized model "
+            "again with llm-compressor or compressed-tensors."
+        ) from None
     apply_quantization_config(model, config, show_progress=False)
     found = {}
     for name, module in model.named_modules():
@@ -83,6 +90,11 @@ def _schemes(model: nn.Module, qc: Mapping[str, Any], where: str) -> dict[str, t
         if fmt not in _FORMATS or scheme.weights is None:
             raise _refuse(where, f"its format {fmt!r} is not one tensorstream decompresses")
         found[name] = (fmt, scheme)
+    if not found:
+        raise FormatError(
+            f"{where}: its config.json's compressed-tensors quantization_config quantizes no layer of this model; fix "
+            "config.json (remove quantization_config if the weights are not quantized)."
+        )
     return found
 
 

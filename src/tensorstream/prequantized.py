@@ -12,10 +12,20 @@ method and the machine:
   fine-grained FP8, the store keeps the checkpoint's own float8 weights and block scales (store kind ``"fp8"``)
   and each block is dequantized when it is loaded with the same arithmetic as transformers' ``Fp8Dequantize``
   (`fp8_dequantize`), checked bit for bit against transformers' own result at reshard time.
-* **kept quantized** (bitsandbytes, GPTQ/AWQ, compressed-tensors, torchao, and FP8/MXFP4 with their kernels):
-  the model holds the method's own modules, parameter classes or tensor subclasses, and some convert tensors after
-  loading. None of these is streamed yet: `check_method` and `check_loaded` raise `UnsupportedQuantizationError`
-  naming the method, the reason and what works instead, before any store is written.
+* **decompressed at the first forward** (compressed-tensors' weight-only ``pack-quantized`` int4/int8 and
+  ``float-quantized`` FP8): the resident model holds compressed layers that a hook decompresses in place into plain
+  ``Linear`` layers when it first runs. The store (kind ``"compressed-tensors"``) keeps the checkpoint's compact
+  tensors and each block is decompressed when it loads with compressed-tensors' own function
+  (`tensorstream.ctensors`); the streamed model is built without ``quantization_config``, as for FP8 above.
+  Schemes that quantize activations are refused (their layers keep a quantizing forward).
+* **kept in the method's own layers** (bitsandbytes 4-bit and 8-bit): the resident model computes with
+  ``Linear4bit``/``Linear8bitLt`` on the checkpoint's own tensors, unconverted. The store holds those tensors, the
+  streamed model is built with ``quantization_config`` (bitsandbytes' layers), and each bind rebuilds
+  ``Params4bit``/``Int8Params`` from views of the slot (`tensorstream.bnb`). Both this and the previous kind are
+  written from the checkpoint's files block by block: transformers cannot disk-offload them.
+* **not streamed yet** (GPTQ/AWQ, torchao, and FP8/MXFP4 with their kernels): the model holds the method's own
+  modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
+  `UnsupportedQuantizationError` naming the method, the reason and what works instead, before any store is written.
 
 `check_offload` does the same for `tensorstream.offload` on a model already loaded.
 
@@ -72,18 +82,6 @@ _REASONS = {
     "gptq": (
         "GPTQ/AWQ layers (gptqmodel) convert the checkpoint's zero points when a model loads (qzeros v1 -> v2); a "
         "streamed model would convert the stored, already converted values once more and compute wrong numbers"
-    ),
-    "bitsandbytes_4bit": (
-        "bitsandbytes binds its own parameter classes (Params4bit with its quantization state), which streamed "
-        "blocks do not rebuild yet, and it refuses the disk offload the reshard uses"
-    ),
-    "bitsandbytes_8bit": (
-        "bitsandbytes binds its own parameter class (Int8Params with its CB/SCB state), which streamed blocks do not "
-        "rebuild yet, and it refuses the disk offload the reshard uses"
-    ),
-    "compressed-tensors": (
-        "compressed-tensors decompresses its layers in place from forward hooks that need the weights on a device, "
-        "while a streamed block's weights are on the meta device between forwards"
     ),
     "torchao": (
         "torchao weights are tensor subclasses (Int8Tensor, ...), which transformers' disk offload cannot write and "
