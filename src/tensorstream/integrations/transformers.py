@@ -187,7 +187,7 @@ def load_streaming(
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
     # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
-    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
+    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).needs_binding}
     if config.verify == "checksum":  # resident weights are read once, by transformers' loader: check them first
         store.verify_checksums(e for e in store.entries() if e.name not in plan.streamed)
     device = config.execution_device
@@ -424,11 +424,11 @@ def _model_folder(store: Store, hf_config: Any, folder: Path) -> Path:
         link = folder / entry.file
         link.parent.mkdir(parents=True, exist_ok=True)
         codec = store.codec(entry)
-        if codec.encoded:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
-            write_placeholder(link, codec.tensors)
+        if codec.needs_binding:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
+            write_placeholder(link, codec.logical)
         else:
             link.symlink_to(store.file(entry))
-        weight_map.update(dict.fromkeys(codec.tensors, entry.file))
+        weight_map.update(dict.fromkeys(codec.logical, entry.file))
     index = {"metadata": {"total_size": store.total_bytes}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
     return folder
@@ -473,7 +473,7 @@ def _check_resident(model: Any, streamed: tuple[str, ...], store: Store) -> None
     held = {}
     for entry in store.entries():
         if entry.name not in streamed:
-            held.update(store.header(entry).tensors)
+            held.update(store.codec(entry).logical)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(prefixes):
             continue
