@@ -31,93 +31,109 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .rules import BindingRule, register_rule
+
 __all__ = [
     "KEPT_METHODS",
+    "Int8ParamsRule",
+    "Params4bitRule",
+    "bnb_layers",
     "checkpoint_tensors",
     "cpu_packed",
-    "PARTS_4BIT",
-    "Rule",
-    "allow_offloaded_build",
     "is_bnb_parameter",
-    "rule_for",
+    "restore_int8_state",
 ]
 
 #: The pre-quantized methods streamed in the form transformers keeps them (bitsandbytes' own layers).
 KEPT_METHODS = ("bitsandbytes_4bit", "bitsandbytes_8bit")
-#: A 4-bit weight's quantization state as serialized next to the weight (bitsandbytes' ``QuantState.as_dict``).
-PARTS_4BIT = (
-    "absmax",
-    "quant_map",
-    "nested_absmax",
-    "nested_quant_map",
-    "quant_state.bitsandbytes__nf4",
-    "quant_state.bitsandbytes__fp4",
-)
 
 
-def _is_bnb(obj: Any) -> bool:
-    return type(obj).__module__.startswith("bitsandbytes.")
+def _is_bnb(obj: Any, name: str) -> bool:
+    cls = type(obj)
+    return cls.__name__ == name and cls.__module__.startswith("bitsandbytes.")
 
 
 def is_bnb_parameter(tensor: Any) -> bool:
     """Whether ``tensor`` is one of bitsandbytes' parameter classes (``Params4bit``, ``Int8Params``)."""
-    return _is_bnb(tensor) and type(tensor).__name__ in ("Params4bit", "Int8Params")
+    return _is_bnb(tensor, "Params4bit") or _is_bnb(tensor, "Int8Params")
 
 
-@dataclass(frozen=True)
-class Rule:
-    """How the parameter ``attr`` of a bitsandbytes layer is stored (its parts) and rebuilt (`rebuild`)."""
+class Params4bitRule(BindingRule):
+    """bitsandbytes' ``Params4bit``: the packed weight and its ``QuantState`` as bitsandbytes serializes it
+    (``QuantState.as_dict(packed=True)``: ``absmax``, ``quant_map``, ``nested_*`` and the packed JSON of the rest),
+    rebuilt with ``Params4bit.from_prequantized``, the call transformers' ``Bnb4bitDeserialize`` makes."""
 
-    kind: str  # "4bit" or "8bit"
-    module: nn.Module
-    attr: str
+    name = "bnb-4bit"
+    #: the forward changes the parameter (`tensorstream.bnb`): rebuilt at every bind, never cached
+    rebuild_each_bind = True
+    #: a built ``Linear4bit``'s meta weight is ``[out, in]``; loaded, ``[out * in / 2, 1]``: the placeholder takes
+    #: the stored shape (`tensorstream.binding.block_targets`)
+    reshapes = True
 
-    def parts(self, full: str, available: Mapping[str, Any] | None = None) -> dict[str, str]:
-        """``{part: store name}`` of the tensors this parameter is made of (``full`` is its own name; part ``""``,
-        the weight itself, comes first).
+    def matches(self, tensor: torch.Tensor) -> bool:
+        return _is_bnb(tensor, "Params4bit")
 
-        ``available``: the block's tensors; the optional 4-bit parts it lacks (no double quantization, the other
-        quant type) are left out.
-        """
-        if self.kind == "8bit":
-            return {"": full, "SCB": f"{full.rpartition('.')[0]}.SCB"}
-        names = {part: f"{full}.{part}" for part in PARTS_4BIT}
-        return {"": full, **{p: n for p, n in names.items() if available is None or n in available}}
+    def flatten(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        state = getattr(tensor, "quant_state", None)
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            raise TypeError("its quantization state is missing or repacked for the CPU kernel")
+        stats = state.as_dict(packed=True)
+        (key,) = [k for k in stats if k.startswith("quant_state.")]
+        parts = {"data": tensor.data, **{k: v for k, v in stats.items() if k != key}, "quant_state": stats[key]}
+        return parts, {"quant_state_key": key}
 
-    def rebuild(self, views: Mapping[str, torch.Tensor], requires_grad: bool) -> nn.Parameter:
-        """The parameter transformers' load makes of these tensors (``{part: view}`` as `parts` names them), with
-        bitsandbytes' own calls; every tensor of it is one of ``views`` (no copy)."""
+    def rebuild(self, parts: Mapping[str, torch.Tensor], meta: Mapping[str, Any], requires_grad: bool) -> nn.Parameter:
         import bitsandbytes as bnb
 
-        weight = views[""]
-        if self.kind == "8bit":
-            scb = views["SCB"]
-            return bnb.nn.Int8Params(weight, requires_grad=requires_grad, has_fp16_weights=False, CB=weight, SCB=scb)
-        stats = {part: view for part, view in views.items() if part}
-        module: Any = self.module
+        data = parts["data"]
+        stats = {str(meta["quant_state_key"]) if k == "quant_state" else k: v for k, v in parts.items() if k != "data"}
         return bnb.nn.Params4bit.from_prequantized(
-            data=weight, quantized_stats=stats, requires_grad=requires_grad, device=weight.device, module=module
+            data=data, quantized_stats=stats, requires_grad=requires_grad, device=data.device
         )
 
 
-def rule_for(module: nn.Module, attr: str) -> Rule | None:
-    """The `Rule` of ``module.attr`` when it is the weight of a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
-    if attr != "weight" or not _is_bnb(module):
-        return None
-    for cls in type(module).__mro__:
-        if cls.__name__ in ("Linear4bit", "Linear8bitLt") and cls.__module__.startswith("bitsandbytes."):
-            return Rule("4bit" if cls.__name__ == "Linear4bit" else "8bit", module, attr)
-    return None
+class Int8ParamsRule(BindingRule):
+    """bitsandbytes' ``Int8Params``: the ``int8`` weight (also its ``CB``) and its row scales ``SCB``."""
+
+    name = "bnb-int8"
+    rebuild_each_bind = True  # ``Linear8bitLt.forward`` moves CB and SCB into the layer's state
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        return _is_bnb(tensor, "Int8Params")
+
+    def flatten(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        scb = getattr(tensor, "SCB", None)
+        if scb is None or getattr(tensor, "has_fp16_weights", False):
+            raise TypeError("its row scales (SCB) are not on the parameter (restore_int8_state)")
+        return {"data": tensor.data, "SCB": scb}, {}
+
+    def rebuild(self, parts: Mapping[str, torch.Tensor], meta: Mapping[str, Any], requires_grad: bool) -> nn.Parameter:
+        import bitsandbytes as bnb
+
+        data = parts["data"]
+        return bnb.nn.Int8Params(data, requires_grad=requires_grad, has_fp16_weights=False, CB=data, SCB=parts["SCB"])
+
+
+register_rule(Params4bitRule())
+register_rule(Int8ParamsRule())
+
+
+def restore_int8_state(model: nn.Module) -> None:
+    """Put back on each ``Int8Params`` the ``CB``/``SCB`` its ``Linear8bitLt`` moved into its ``state`` at a forward
+    (what the layer's next forward reads from either place: nothing it computes changes), so it can be stored."""
+    for module in model.modules():
+        weight, state = getattr(module, "weight", None), getattr(module, "state", None)
+        moved = getattr(state, "CB", None) is not None and getattr(state, "SCB", None) is not None
+        if _is_bnb(weight, "Int8Params") and getattr(weight, "CB", None) is None and moved:
+            weight.CB, weight.SCB = state.CB, state.SCB  # type: ignore[union-attr]
 
 
 def cpu_packed(model: nn.Module) -> str | None:
@@ -129,33 +145,34 @@ def cpu_packed(model: nn.Module) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def allow_offloaded_build() -> Iterator[None]:
-    """While tensorstream builds a streaming model: transformers' bitsandbytes quantizers accept a device map that
-    puts blocks on ``"disk"``.
+def bnb_layers(model: nn.Module, config: Any, store: Any, blocks: Any) -> None:
+    """Make the layers of ``blocks`` whose weights the store holds as bitsandbytes parameters (`Params4bitRule`,
+    `Int8ParamsRule`) bitsandbytes' own ``Linear4bit`` / ``Linear8bitLt``, with transformers' own
+    ``replace_with_bnb_linear`` and ``config``'s quantization config: what the resident load builds.
 
-    They refuse one (unless it is all ``"cpu"``) because an offloaded layer would be kept unquantized; tensorstream
-    never lets transformers load those blocks' weights: it binds them from the store (`Rule.rebuild`).
+    The streamed model is built by transformers without the quantization config (its quantizer refuses offloaded
+    blocks, and would deserialize the stored parts), so the layers are plain ``Linear`` on the meta device until this
+    replaces them; their placeholders then take the stored parameters' shapes when their blocks are bound.
     """
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.utils.quantization_config import BitsAndBytesConfig
 
-    originals = {cls: cls.validate_environment for cls in (Bnb4BitHfQuantizer, Bnb8BitHfQuantizer)}
-
-    def patched(original: Any) -> Any:
-        def validate_environment(self: Any, *args: Any, **kwargs: Any) -> Any:
-            kwargs["device_map"] = None  # the device map check only; the environment is still checked
-            return original(self, *args, **kwargs)
-
-        return validate_environment
-
-    for cls, original in originals.items():
-        cls.validate_environment = patched(original)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.validate_environment = original  # type: ignore[method-assign]
+    qc = config.quantization_config
+    qc = BitsAndBytesConfig.from_dict(qc) if isinstance(qc, dict) else qc
+    entries = {entry.name: entry for entry in store.blocks}
+    for block in blocks:
+        ruled = store.codec(entries[block]).rules
+        held = {n for n, r in ruled.items() if r.rule.name in (Params4bitRule.name, Int8ParamsRule.name)}
+        if not held:
+            continue
+        module = model.get_submodule(block)
+        keep = [
+            name
+            for name, sub in module.named_modules()
+            if isinstance(sub, nn.Linear) and f"{block}.{name}.weight" not in held
+        ]
+        replace_with_bnb_linear(module, modules_to_not_convert=keep, quantization_config=qc, pre_quantized=True)
+        module.train(module.training)  # the new layers in the block's mode (eval: bitsandbytes' CPU kernel path)
 
 
 def checkpoint_tensors(
@@ -165,16 +182,24 @@ def checkpoint_tensors(
     holds, read from the checkpoint itself.
 
     transformers cannot build a bitsandbytes model offloaded to disk (the reshard's usual way of reading a checkpoint
-    tensor by tensor), and its resident load holds the checkpoint's tensors unchanged: so the store is written from
-    the checkpoint's safetensors files, one tensor at a time, under the names the resident model's ``state_dict``
-    gives them (the same names; ties are found on an empty skeleton of the model).
+    tensor by tensor), and its resident load converts nothing: each quantized weight becomes a ``Params4bit``
+    (``Params4bit.from_prequantized`` of the weight and its serialized quantization state) or an ``Int8Params``
+    (the weight, ``CB`` the weight, ``SCB`` the layer's ``SCB``). So the store is written from the checkpoint's
+    files, one layer at a time: those same parameters, made with the same calls, which the binding rules
+    (`Params4bitRule`, `Int8ParamsRule`) store as their parts.
 
     Returns:
-        (the empty skeleton, ``{name: meta tensor}`` in the checkpoint's order with tied names sharing one tensor,
-        ``get_tensor(name, meta)`` reading a tensor from its file, ``phase_of(name, tensor)`` its address phase in
-        the mapped file, where the resident load binds it).
+        (an empty skeleton of the model, ``{name: meta tensor}`` of what the resident model's ``state_dict(keep_vars=
+        True)`` holds, tied names sharing one tensor, ``get_tensor(name, meta)`` making it from the checkpoint,
+        ``phase_of(name, tensor)``: a plain tensor's address phase in the mapped file, where the resident load binds
+        it).
+
+    Raises:
+        `FormatError`: the checkpoint holds no bitsandbytes quantization state (its config says bitsandbytes, but it
+            was not saved quantized), or no safetensors file.
     """
     from accelerate import init_empty_weights
+    from safetensors import safe_open
 
     from .errors import FormatError
     from .format import TENSOR_ALIGNMENT, read_ts_header
@@ -187,7 +212,8 @@ def checkpoint_tensors(
         header = read_ts_header(file, require_ts=False)
         for name, info in header.tensors.items():
             found[name] = (file, info, (header.data_offset + info.start) % TENSOR_ALIGNMENT)
-    marker = ".SCB" if method == "bitsandbytes_8bit" else ".quant_state.bitsandbytes__"
+    eight = method == "bitsandbytes_8bit"
+    marker = ".SCB" if eight else ".quant_state.bitsandbytes__"
     if not any(marker in name for name in found):
         raise FormatError(
             f"{folder}/config.json says the checkpoint is quantized with bitsandbytes, but its weights hold no "
@@ -201,37 +227,47 @@ def checkpoint_tensors(
             del part.quantization_config
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(plain)  # type: ignore[attr-defined]
-    skeleton = model.state_dict(keep_vars=True)
-    owners = {name.rpartition(".")[0] for name in skeleton}
-    state: dict[str, torch.Tensor] = {}
-    for name, (_, info, _) in found.items():
-        module = name.rpartition(".")[0]
-        if name in skeleton or module in owners or _weights(name, skeleton):
-            state[name] = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
-    first: dict[int, str] = {}
-    for name, tensor in skeleton.items():
-        if name in state:
-            first.setdefault(id(tensor), name)
-    for name, tensor in skeleton.items():  # a tied tensor the checkpoint holds once: the same tensor
-        if name not in state and id(tensor) in first:
-            state[name] = state[first[id(tensor)]]
     handles: dict[Path, Any] = {}
 
-    def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = found[name][0]
+    def read(key: str) -> torch.Tensor:
+        file = found[key][0]
         if file not in handles:
             handles[file] = safe_open(str(file), framework="pt")
-        return handles[file].get_tensor(name)
+        return handles[file].get_tensor(key)
+
+    def quantized(name: str) -> bool:
+        module = name.rpartition(".")[0]
+        if not name.endswith(".weight"):
+            return False
+        if eight:
+            return f"{module}.SCB" in found
+        return any(f"{name}.quant_state.bitsandbytes__{t}" in found for t in ("nf4", "fp4"))
+
+    state: dict[str, torch.Tensor] = {}
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:  # tied: the same tensor
+            state[name] = state[first[id(tensor)]]
+        elif name in found:
+            info = found[name][1]
+            state[name] = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
+            first[id(tensor)] = name
+
+    def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        weight = read(name)
+        if not quantized(name):
+            return weight
+        if eight:
+            scb = read(f"{name.rpartition('.')[0]}.SCB")
+            return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb)
+        stats = {key[len(name) + 1 :]: read(key) for key in found if key.startswith(f"{name}.")}
+        return bnb.nn.Params4bit.from_prequantized(
+            data=weight, quantized_stats=stats, requires_grad=False, device=weight.device
+        )
 
     def phase_of(name: str, tensor: torch.Tensor) -> int:
-        return found[name][2] if name in found else 0
+        return found[name][2] if name in found and not quantized(name) else 0
 
     return model, state, get_tensor, phase_of
-
-
-def _weights(name: str, skeleton: Mapping[str, Any]) -> list[str]:
-    """The weight names ``name`` may be a serialized part of (``<weight>.absmax``, ``<weight>.quant_state...``)."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in skeleton]

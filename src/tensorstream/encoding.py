@@ -53,6 +53,7 @@ from ._quiet import quiet_torchao
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
 from .prequantized import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
+from .rules import RULES_KEY, RuledTensor, parse_rules, part_name
 
 __all__ = [
     "COMPRESSIONS",
@@ -61,6 +62,7 @@ __all__ = [
     "QUANTIZE_SCHEMES",
     "BlockCodec",
     "encode_tensors",
+    "expands",
     "store_kind",
 ]
 
@@ -88,6 +90,12 @@ PREQUANTIZED_KINDS = ("fp8", "mxfp4", "compressed-tensors")
 _SCRATCH_ALIGNMENT = 4096
 #: PyTorch's parallel grain (``at::internal::GRAIN_SIZE``): an elementwise op on fewer values runs on the caller.
 _INLINE = 32768
+
+
+def expands(kind: str | None) -> bool:
+    """Whether a store of kind ``kind`` expands its blocks when they load (lossless, fp8, mxfp4); plain stores and
+    the quantized ones (`tensorstream.compact`: linear weights bound compact, by a binding rule) bind them as read."""
+    return kind is not None and kind not in QUANTIZE_SCHEMES
 
 
 def store_kind(quantize: str | None, compression: str | None) -> str | None:
@@ -247,6 +255,15 @@ def _scratch_bytes(kind: str, numel: int, shape: tuple[int, ...]) -> int:
     return numel // 2 if kind == "int4" else numel if kind == "lossless" else 0
 
 
+def _rule_parts(raw: str | None) -> set[str]:
+    """The entries rule records name as parts (loosely: `tensorstream.rules.parse_rules` validates them)."""
+    try:
+        records = json.loads(raw) if raw else {}
+        return {part_name(n, str(p)) for n, r in records.items() for p in r.get("parts", [])}
+    except (ValueError, RecursionError, AttributeError, TypeError):
+        return set()
+
+
 def _align(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
@@ -298,8 +315,28 @@ class BlockCodec:
             self.region_bytes = self.scratch_offset
             self.mapped_scratch_offset = self.mapped_region_bytes = self.scratch_offset
             self.host_decode = False
-            return
-        self._parse(raw)
+        else:
+            self._parse(raw)
+        #: parameters rebuilt by a binding rule (`tensorstream.rules`) from plain parts, in the bound layout
+        self.rules: dict[str, RuledTensor] = parse_rules(header.metadata.get(RULES_KEY), self.tensors, header.path)
+
+    @property
+    def needs_binding(self) -> bool:
+        """Whether tensorstream binds this block itself (expanded, or with ruled parameters) rather than transformers'
+        loader reading its entries as they are."""
+        return self.encoded or bool(self.rules)
+
+    @property
+    def logical(self) -> dict[str, TensorInfo]:
+        """Name -> dtype and shape of every tensor the block binds: a ruled parameter as itself, not its parts
+        (``start`` is 0 and ``nbytes`` its logical size: for declaring names, never for reading)."""
+        if not self.rules:
+            return self.tensors
+        parts = {part_name(name, p) for name, ruled in self.rules.items() for p in ruled.parts}
+        logical = {name: info for name, info in self.tensors.items() if name not in parts}
+        for name, ruled in self.rules.items():
+            logical[name] = TensorInfo(DTYPE_CODES[ruled.dtype], ruled.shape, 0, ruled.nbytes)
+        return logical
 
     @property
     def encoded(self) -> bool:
@@ -357,8 +394,9 @@ class BlockCodec:
             encoded[name] = (dtype, tuple(shape), parts, group, phase)
             metas[name] = entry.get("ct")
         suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
+        ruled = _rule_parts(header.metadata.get(RULES_KEY))
         for name in header.tensors:
-            if name not in claimed and name.endswith(suffixes):
+            if name not in claimed and name not in ruled and name.endswith(suffixes):
                 raise self._fail(f"{name!r} belongs to no encoded tensor")
         # the expanded layout: logical tensors in the data order of their first entry, each 64-byte aligned
         first: dict[str, int] = {}

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .bnb import KEPT_METHODS, cpu_packed
+from .bnb import KEPT_METHODS, cpu_packed, restore_int8_state
 from .ctensors import CT_KIND
 from .errors import TensorStreamError, UnsupportedQuantizationError
 
@@ -209,6 +209,7 @@ def check_offload(model: torch.nn.Module) -> None:
     method = quantization_method(getattr(model, "config", None))
     where = f"this {type(model).__name__}"
     if method in KEPT_METHODS:  # bitsandbytes' parameter classes are rebuilt at each bind (`tensorstream.bnb`)
+        restore_int8_state(model)
         packed = cpu_packed(model)
         if packed is not None:
             raise _refuse(

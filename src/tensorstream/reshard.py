@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 
 from ._quiet import quiet_torchao
 from .bnb import KEPT_METHODS
+from .compact import COMPACT_KINDS, kind_identity, linear_weights, quantize_linears
 from .config import default_storage_path, parse_dtype
 from .ctensors import CT_KIND
-from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, store_kind
+from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, expands, store_kind
 from .errors import (
     ConfigError,
     FormatError,
@@ -66,6 +67,7 @@ from .prequantized import (
     quantization_identity,
     quantization_method,
 )
+from .rules import RULES_KEY, flatten_tensors, plain_parts, rule_for
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["build_store", "reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -125,7 +127,7 @@ def source_fingerprint(
     # routed experts were stored last, get a new fingerprint: they are rebuilt once, never reused
     head["layout"] = LAYOUT_REVISION
     if kind is not None:  # a plain store keeps the fingerprint it always had
-        head["encoding"] = kind
+        head["encoding"] = kind_identity(kind)
     quantization = quantization_identity(config)
     if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
         head["quantization"] = quantization
@@ -537,7 +539,7 @@ def reshard_module(
     keep = kept_in_fp32(model) if dtype is not None else None
     digest = hashlib.sha256(f"{FORMAT_VERSION}\0{LAYOUT_REVISION}\0{type(model).__name__}\0{dtype}\n".encode())
     if kind is not None:
-        digest.update(f"encoding\0{kind}\n".encode())
+        digest.update(f"encoding\0{kind_identity(kind)}\n".encode())
     if keep is not None:  # a diffusers model's modules kept in float32 under any dtype
         digest.update(f"fp32\0{sorted(keep.modules)}\n".encode())
     needed_bytes = 0
@@ -549,10 +551,11 @@ def reshard_module(
                 "it works on transformers models, on diffusers models (FluxTransformer2DModel.from_pretrained(...)) "
                 "and on diffusers pipelines (DiffusionPipeline.from_pretrained(...))."
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy())) if data.numel() else 0
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{crc}\n".encode())
-        needed_bytes += _nbytes(data)
+        for part, value in plain_parts(name, tensor).items():  # a ruled tensor (torchao's) by its stored parts
+            data = value.detach().to("cpu").contiguous().reshape(-1)
+            crc = zlib.crc32(data.view(torch.uint8).numpy().data) if data.numel() else 0
+            digest.update(f"{part}\0{value.dtype}\0{tuple(value.shape)}\0{crc}\n".encode())
+            needed_bytes += _nbytes(data)
     fingerprint = digest.hexdigest()[:16]
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     root.mkdir(parents=True, exist_ok=True)
@@ -565,13 +568,17 @@ def reshard_module(
             return final
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if rule_for(tensor) is not None:  # as it is: detach() drops a parameter class (bitsandbytes')
+                return tensor
             tensor = tensor.detach()
-            if dtype is None or not tensor.is_floating_point():
+            if dtype is None or not tensor.is_floating_point() or rule_for(tensor) is not None:
                 return tensor
             return tensor.to(torch.float32 if keep is not None and keep(name) else dtype)
 
         def phase_of(name: str, tensor: torch.Tensor) -> int:  # where the model's own tensor sits
             original = state[name]
+            if rule_for(original) is not None:  # stored as its parts, written anew
+                return 0
             same = original.device.type == "cpu" and original.dtype == tensor.dtype
             return original.data_ptr() % TENSOR_ALIGNMENT if same else 0
 
@@ -766,6 +773,7 @@ def _write_store(
     units = find_units(model)
     blocks = [name for name, _ in units]
     block_set = set(blocks)
+    linear = linear_weights(model, blocks) if kind in COMPACT_KINDS else set()
     owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["", *blocks]}
     seen: dict[tuple[str, int], str] = {}
     tied: dict[str, str] = {}
@@ -799,21 +807,29 @@ def _write_store(
             path = staging / rel
             # non-block weights stay as they are; every streamed unit is encoded (a head streamed on its own too:
             # at a small budget it is read every step like the blocks)
-            encoding = kind if block else None
+            encoding = kind if block and expands(kind) else None
             header = _reusable(path, block, encoding)
             nbytes = sum(_nbytes(t) for t in owned[block].values())
-            routed = experts_record(model, block, list(owned[block])) if block and encoding is None else []
+            routed = experts_record(model, block, list(owned[block])) if block and kind is None else []
             tail = [name for item in routed for name in item["tensors"]]
             if header is None:
                 tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
                 phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
                 phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
-                metadata = None
+                metadata: dict[str, str] | None = None
+                if block and kind in COMPACT_KINDS:  # linear weights as torchao's quantized tensors
+                    tensors, count = quantize_linears(tensors, kind, linear)
+                    encoded += count
+                # tensors a binding rule rebuilds (quantized tensor subclasses) are stored as their plain parts
+                tensors, rules = flatten_tensors(tensors)
+                if rules is not None:
+                    metadata = {RULES_KEY: rules}
+                    phases = {n: p for n, p in phases.items() if n in tensors}
                 # a pre-quantized block is checked against what transformers made of it once it is written
                 originals = tensors if encoding in PREQUANTIZED_KINDS else {}
                 if encoding is not None:  # phases of the encoded tensors go into the encoding, the rest stay
                     tensors, meta = encode_tensors(tensors, encoding, phases=phases, parts_of=parts_of)
-                    metadata = {ENCODING_KEY: meta}
+                    metadata = {**(metadata or {}), ENCODING_KEY: meta}
                     described = json.loads(meta)["tensors"]
                     encoded += len(described)
                     phases = {n: p for n, p in phases.items() if n not in described}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .encoding import BlockCodec
+from .encoding import BlockCodec, expands
 from .errors import FormatError, StaleStoreError
 from .format import MAX_FORMAT_VERSION, TsHeader, aligned_empty, read_data, read_ts_header, verify_buffer
 
@@ -249,7 +249,7 @@ class Store:
             return cached
         header = self.header(entry)
         codec = BlockCodec(header)
-        expected = self.kind if entry.name else None  # non-block weights are always plain
+        expected = self.kind if entry.name and expands(self.kind) else None  # non-block weights are always plain
         if codec.kind != expected or codec.region_bytes != entry.region_bytes:
             raise StaleStoreError(
                 f"{header.path} is a {codec.kind or 'plain'} file of {codec.region_bytes} bytes in memory, but the "

@@ -232,7 +232,7 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
                 "the store was built for a different model or configuration. Rerun `tensorstream reshard --force` "
                 "on the source."
             ) from None
-    resident = [name for name in plan.resident if store.codec(_entry(store, name)).encoded]
+    resident = [name for name in plan.resident if store.codec(_entry(store, name)).needs_binding]
     if resident:  # an encoded store's resident blocks: expanded here, as the engine expands the streamed ones
         load_resident_blocks(
             store, resident, {n: model.get_submodule(n) for n in resident}, config.execution_device, config.verify
@@ -328,7 +328,7 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
     )
     plan = plan_for(store, config)
     # an encoded store's blocks all leave memory: the resident ones come back expanded from the store
-    streamed = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
+    streamed = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).needs_binding}
     device, dtype = config.execution_device, parse_dtype(config.dtype)
     keep = kept_in_fp32(model) if dtype is not None else None  # as the reshard converted them
     moved: dict[int, torch.Tensor] = {}

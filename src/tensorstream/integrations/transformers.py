@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..bnb import KEPT_METHODS, allow_offloaded_build
+from ..bnb import KEPT_METHODS, bnb_layers
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
@@ -186,13 +185,12 @@ def load_streaming(
     quantization = store.manifest.get("quantization")
     kept = isinstance(quantization, dict) and quantization.get("kept") is True  # bitsandbytes' own layers
     if isinstance(quantization, dict):
-        if not kept:
-            hf_config = _without_quantization(hf_config)
+        quantized_config, hf_config = hf_config, _without_quantization(hf_config)
         logger.info("tensorstream: %s", describe_quantization(store.manifest))
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
     # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
-    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
+    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).needs_binding}
     if config.verify == "checksum":  # resident weights are read once, by transformers' loader: check them first
         store.verify_checksums(e for e in store.entries() if e.name not in plan.streamed)
     device = config.execution_device
@@ -201,7 +199,6 @@ def load_streaming(
         quiet_transformers(),
         tempfile.TemporaryDirectory(prefix="tensorstream-") as scratch,
         warnings.catch_warnings(),
-        allow_offloaded_build() if kept else contextlib.nullcontext(),
     ):
         # A tensor held directly by a module that also holds streamed blocks (BART's final_logits_bias) is a device
         # map key of its own: accelerate places it right but warns that the key is not a submodule.
@@ -218,6 +215,8 @@ def load_streaming(
             **kwargs,
         )
     _remove_accelerate_hooks(model)
+    if kept:  # bitsandbytes' layers where the store binds its parameter classes (`tensorstream.bnb`)
+        bnb_layers(model, quantized_config, store, outside)
     _check_resident(model, tuple(outside), store)
     _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
@@ -430,11 +429,11 @@ def _model_folder(store: Store, hf_config: Any, folder: Path) -> Path:
         link = folder / entry.file
         link.parent.mkdir(parents=True, exist_ok=True)
         codec = store.codec(entry)
-        if codec.encoded:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
-            write_placeholder(link, codec.tensors)
+        if codec.needs_binding:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
+            write_placeholder(link, codec.logical)
         else:
             link.symlink_to(store.file(entry))
-        weight_map.update(dict.fromkeys(codec.tensors, entry.file))
+        weight_map.update(dict.fromkeys(codec.logical, entry.file))
     index = {"metadata": {"total_size": store.total_bytes}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
     return folder
@@ -479,7 +478,7 @@ def _check_resident(model: Any, streamed: tuple[str, ...], store: Store) -> None
     held = {}
     for entry in store.entries():
         if entry.name not in streamed:
-            held.update(store.header(entry).tensors)
+            held.update(store.codec(entry).logical)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(prefixes):
             continue
