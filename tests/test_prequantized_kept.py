@@ -138,7 +138,9 @@ def test_a_bitsandbytes_checkpoint_streams_its_own_bytes_bit_exact_to_the_reside
         assert layer == {"Linear4bit": {"class": "Params4bit", "quant_state": True, "CB": False, "SCB": False}}
     else:
         assert layer == {"Linear8bitLt": {"class": "Int8Params", "quant_state": False, "CB": True, "SCB": True}}
-    assert type(model.model.layers[-1].self_attn.q_proj.weight).__name__ == "StreamedParameter"  # between forwards
+    placeholder = model.model.layers[-1].self_attn.q_proj.weight
+    assert type(placeholder).__name__ == "StreamedParameter"  # between forwards: the resident parameter's shape
+    assert placeholder.shape == resident(bnb_checkpoint).model.layers[-1].self_attn.q_proj.weight.shape
     assert f"pre-quantized checkpoint ({method})" in str(describe_quantization(store.manifest))
 
 
@@ -334,3 +336,16 @@ def test_a_compressed_tensors_config_that_is_not_one_is_a_format_error(bf16_chec
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match="not a compressed-tensors config"):
         tensorstream.reshard(folder, tmp_path / "store", progress=False)
+
+
+def test_quantizing_with_bitsandbytes_while_loading_is_refused_with_a_fix_that_works(
+    bf16_checkpoint: Path, tmp_path: Path
+) -> None:
+    quantization = BitsAndBytesConfig(**BNB["nf4"])
+    config = tensorstream.Config(device="cpu", storage_path=tmp_path / "store")
+    with pytest.raises(UnsupportedQuantizationError, match="without device_map='tensorstream'") as info:
+        AutoModelForCausalLM.from_pretrained(
+            bf16_checkpoint, device_map="tensorstream", tensorstream_config=config, quantization_config=quantization
+        )
+    assert info.value.method == "bitsandbytes_4bit" and not (tmp_path / "store").exists()
+    AutoModelForCausalLM.from_pretrained(bf16_checkpoint, quantization_config=quantization, device_map="cpu")

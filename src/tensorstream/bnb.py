@@ -1,31 +1,29 @@
 """bitsandbytes 4-bit and 8-bit checkpoints, streamed as published: the binding rules of their parameter classes.
 
-transformers loads a pre-quantized bitsandbytes checkpoint into ``Linear4bit`` / ``Linear8bitLt`` modules whose
-``weight`` is bitsandbytes' own parameter class, and nothing is converted at load: the checkpoint's tensors are what
-the resident model holds (bitsandbytes' ``state_dict`` writes exactly them back).
+transformers loads a pre-quantized bitsandbytes checkpoint into ``Linear4bit`` / ``Linear8bitLt`` layers whose
+``weight`` is bitsandbytes' own parameter class, converting nothing:
 
 * 4-bit: ``weight`` is a ``Params4bit`` (packed ``uint8 [n/2, 1]``) carrying its ``QuantState`` (``absmax``,
-  ``quant_map``, with double quantization ``nested_absmax`` and ``nested_quant_map``, and the packed JSON tensor
-  ``quant_state.bitsandbytes__nf4|fp4``), stored in the checkpoint as ``<weight>.<part>``.
+  ``quant_map``, with double quantization ``nested_absmax`` and ``nested_quant_map``, and the packed JSON of the
+  rest), made by ``Params4bit.from_prequantized`` (transformers' ``Bnb4bitDeserialize``).
 * 8-bit: ``weight`` is an ``Int8Params`` (``int8 [out, in]``) with ``CB`` (the weight itself) and ``SCB`` (the
-  row scales, stored as ``<module>.SCB``).
+  row scales, stored as ``<layer>.SCB``).
 
-The store of such a checkpoint holds the checkpoint's own tensors, block by block, under their own names (so it is
-as large as the checkpoint). A streamed block's parameter is rebuilt at each bind from views of the slot by the same
-bitsandbytes calls transformers' load makes (`rebuild`): ``Params4bit.from_prequantized`` (transformers'
-``Bnb4bitDeserialize``) and ``Int8Params(data, CB=data, SCB=scb)``. It is rebuilt at *every* bind, never cached: a
-forward changes these objects (``Linear8bitLt`` moves ``CB``/``SCB`` into its ``state``; ``Linear4bit`` on a CPU with
-AVX512-BF16 repacks the weight for its CPU kernel in place), so a fresh one computes exactly what the resident model
-computes, from the slot's bytes, and nothing converted outlives the block's forward.
+transformers cannot build such a model offloaded to disk, so its store is written from the checkpoint's files
+(`checkpoint_tensors`): each quantized weight made into that same parameter with the same call, and stored as its
+parts by its binding rule (`Params4bitRule`, `Int8ParamsRule`; `tensorstream.rules`). The streamed model is built
+plain and its ruled layers made bitsandbytes' by transformers' ``replace_with_bnb_linear`` (`bnb_layers`); each
+bind rebuilds the parameter from views of the slot. It is rebuilt at *every* bind, never cached
+(``rebuild_each_bind``): a forward changes these objects (``Linear8bitLt`` moves ``CB``/``SCB`` into its ``state``;
+``Linear4bit`` on a CPU with AVX512-BF16 repacks the weight for its CPU kernel in place), so a fresh one computes
+exactly what the resident model computes, from the slot's bytes, and nothing converted outlives the block's forward.
 
-This module is imported only when a model holds bitsandbytes layers or a store says so (bitsandbytes itself is
-imported lazily).
+bitsandbytes itself is imported only when a store or model uses it.
 
 Example:
     ```python
-    >>> rule = rule_for(model.model.layers[0].self_attn.q_proj, "weight")
-    >>> rule.parts("model.layers.0.self_attn.q_proj.weight")
-    {'': 'model.layers.0.self_attn.q_proj.weight', 'absmax': 'model.layers.0.self_attn.q_proj.weight.absmax', ...}
+    >>> rule_for(model.model.layers[0].self_attn.q_proj.weight).name   # tensorstream.rules.rule_for
+    'bnb-4bit'
     ```
 """
 

@@ -19,10 +19,11 @@ method and the machine:
   (`tensorstream.ctensors`); the streamed model is built without ``quantization_config``, as for FP8 above.
   Schemes that quantize activations are refused (their layers keep a quantizing forward).
 * **kept in the method's own layers** (bitsandbytes 4-bit and 8-bit): the resident model computes with
-  ``Linear4bit``/``Linear8bitLt`` on the checkpoint's own tensors, unconverted. The store holds those tensors, the
-  streamed model is built with ``quantization_config`` (bitsandbytes' layers), and each bind rebuilds
-  ``Params4bit``/``Int8Params`` from views of the slot (`tensorstream.bnb`). Both this and the previous kind are
-  written from the checkpoint's files block by block: transformers cannot disk-offload them.
+  ``Linear4bit``/``Linear8bitLt`` on the checkpoint's own tensors, unconverted. The store holds them as the parts of
+  those parameters (binding rules), the streamed model gets bitsandbytes' layers where the store has such
+  parameters, and each bind rebuilds ``Params4bit``/``Int8Params`` from views of the slot (`tensorstream.bnb`).
+  Both this and the previous kind are written from the checkpoint's files block by block: transformers cannot
+  disk-offload them.
 * **not streamed yet** (GPTQ/AWQ, torchao, and FP8/MXFP4 with their kernels): the model holds the method's own
   modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
   `UnsupportedQuantizationError` naming the method, the reason and what works instead, before any store is written.
