@@ -115,7 +115,7 @@ def bound_weights(model: torch.nn.Module) -> dict[str, Any]:
     return seen
 
 
-@pytest.mark.parametrize("backend", ["auto", "posix"])
+@pytest.mark.parametrize("backend", ["auto", pytest.param("posix", marks=pytest.mark.slow)])
 def test_a_bitsandbytes_checkpoint_streams_its_own_bytes_bit_exact_to_the_resident_load(
     bnb_checkpoint: Path, tmp_path: Path, backend: str
 ) -> None:
@@ -260,7 +260,7 @@ def ct_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return write_compressed(tmp_path_factory.mktemp(f"ct-{request.param}"), weights, fmt)
 
 
-@pytest.mark.parametrize("backend", ["auto", "posix"])
+@pytest.mark.parametrize("backend", ["auto", pytest.param("posix", marks=pytest.mark.slow)])
 def test_a_compressed_tensors_checkpoint_streams_its_compact_bytes_bit_exact_to_the_resident_load(
     ct_checkpoint: Path, tmp_path: Path, backend: str
 ) -> None:
