@@ -75,7 +75,7 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
     rows = []
     for kind, settings in KINDS.items():
         store = Store.open(tensorstream.reshard(folder, work / "stores", progress=False, **settings))
-        budget = (store.non_block.data_size + 3 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
+        budget = (store.non_block.data_size + 2.5 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
         cfg = tensorstream.Config(device="cpu", storage_path=work / "stores", budget_gb=budget, prefetch=1, **settings)
         model = AutoModelForCausalLM.from_pretrained(folder, device_map="tensorstream", tensorstream_config=cfg)
         assert model._tensorstream_engine.plan.streamed, "every block should stream"
@@ -181,7 +181,7 @@ def minilm_rows(work: Path) -> list[dict[str, Any]]:
                 folder, work / "stores", progress=False, model_class=AutoModel, dtype="bf16", **settings
             )
         )
-        budget = (store.non_block.data_size + 3 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
+        budget = (store.non_block.data_size + 2.5 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
         cfg = tensorstream.Config(
             device="cpu", storage_path=work / "stores", budget_gb=budget, prefetch=1, dtype="bf16", **settings
         )

@@ -10,7 +10,12 @@ times, for a ``rows x cols`` weight and a batch of activations on ``--device``:
 * ``copy bf16``: what streaming a plain block costs on top when the bytes are in memory (a copy into the slot);
 * ``expand int8`` / ``expand int4``: `BlockCodec.decode`'s work for the same weight, on the CPU both as a reader
   thread does it (pieces below the parallel grain, one core) and as the model thread does it (every core);
-* ``int8pack_mm`` / ``int4pack_mm``: the quantized kernels, when this torch has them on this device.
+* ``int8pack_mm`` / ``int4pack_mm``: the quantized kernels, when this torch has them on this device;
+* on the CPU, the linears an ``int8`` / ``int4`` store binds (`tensorstream.compact`: ``Int8PackedTensor`` on
+  ``_weight_int8pack_mm``, torchao's ``Int4OpaqueTensor`` on ``_weight_int4pack_mm_for_cpu``) and torchao's own
+  int8 weight-only linear (``Int8Tensor``: the int8 matrix converted at every call, then the bf16 matmul).
+
+``--batch`` above 1 shows prefill-sized calls (``--batch 128``: the quantized kernels lose to the bf16 matmul there).
 
 Usage::
 
@@ -108,8 +113,19 @@ def main() -> None:
         figures["int4pack_mm"] = timed(lambda: kernel(x, packed, group, zeros), device, args.repeat)
     except (RuntimeError, NotImplementedError) as err:
         print(f"int4pack_mm: not available here ({str(err).splitlines()[0]})")
+    if device.type == "cpu":  # the linears a quantized store binds, and torchao's own int8 weight-only linear
+        from torchao.quantization import Int8Tensor, PerRow
+
+        from tensorstream.compact import quantize_weight
+
+        functional = torch.nn.functional
+        torchao_int8 = Int8Tensor.from_hp(weight, PerRow())
+        figures["torchao Int8Tensor linear"] = timed(lambda: functional.linear(x, torchao_int8), device, args.repeat)
+        for kind, label in (("int8", "int8 store linear (Int8PackedTensor)"), ("int4", "int4 store linear (opaque)")):
+            bound = quantize_weight(weight, kind)
+            figures[label] = timed(lambda: functional.linear(x, bound), device, args.repeat)  # noqa: B023
     for name, ms in figures.items():
-        print(f"{name:<32} {ms:8.3f} ms")
+        print(f"{name:<36} {ms:8.3f} ms")
     if args.out:
         info = {
             "device": str(device),

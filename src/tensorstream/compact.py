@@ -44,8 +44,8 @@ __all__ = [
 
 #: Store kinds whose blocks are bound compact (no expansion): their tensors are ruled parameters.
 COMPACT_KINDS = ("int8", "int4")
-#: Revision of the compact layout, part of the fingerprint (revision 1 expanded every block to bf16).
-COMPACT_REVISION = 2
+#: Revision of the compact layout, part of the fingerprint (1 expanded every block to bf16; 2 missed linear units).
+COMPACT_REVISION = 3
 INT4_GROUPS = (64, 32)
 
 
@@ -146,7 +146,7 @@ def linear_weights(model: nn.Module, prefixes: Iterable[str] = ("",)) -> set[str
     return {
         f"{name}.weight"
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith(starts)
+        if isinstance(module, nn.Linear) and f"{name}.".startswith(starts)  # a unit that is a linear layer too
     }
 
 

@@ -56,6 +56,7 @@ from .errors import TensorStreamError, UnsupportedQuantizationError
 
 __all__ = [
     "FP8_SCALE_SUFFIX",
+    "RULED_METHODS",
     "check_loaded",
     "check_method",
     "check_offload",
@@ -65,12 +66,16 @@ __all__ = [
     "mxfp4_dequantize",
     "quantization_identity",
     "quantization_method",
+    "torchao_tensors",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Methods tensorstream streams in the form transformers dequantizes them to at load (see the module docstring).
 DEQUANTIZED_METHODS = ("fp8", "mxfp4")
+#: Methods whose quantized tensors stream as they are, rebuilt by a binding rule (`tensorstream.rules`): the store
+#: holds the checkpoint's own parts, the streamed model is built without the quantization (`torchao_tensors`).
+RULED_METHODS = ("torchao",)
 FP8_SCALE_SUFFIX = "_scale_inv"
 _FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
@@ -83,10 +88,6 @@ _REASONS = {
     "gptq": (
         "GPTQ/AWQ layers (gptqmodel) convert the checkpoint's zero points when a model loads (qzeros v1 -> v2); a "
         "streamed model would convert the stored, already converted values once more and compute wrong numbers"
-    ),
-    "torchao": (
-        "torchao weights are tensor subclasses (Int8Tensor, ...), which transformers' disk offload cannot write and "
-        "streamed blocks do not rebuild from the store yet"
     ),
 }
 _REASONS["awq"] = _REASONS["gptq"]
@@ -159,8 +160,8 @@ def check_method(method: str | None, where: str, *, on_the_fly: bool = False) ->
             "(tensorstream_config=tensorstream.Config(quantize='int8') or 'int4'), or load it without "
             "device_map='tensorstream'",
         )
-    if method in DEQUANTIZED_METHODS:
-        return  # `check_loaded` confirms that transformers dequantized it
+    if method in DEQUANTIZED_METHODS or method in RULED_METHODS:
+        return  # `check_loaded` confirms that transformers dequantized it; a ruled tensor is checked as it is stored
     if method in KEPT_METHODS:
         return  # streamed in bitsandbytes' own layers (`tensorstream.bnb`)
     if method == CT_KIND:
@@ -222,18 +223,80 @@ def check_offload(model: torch.nn.Module) -> None:
                 "with from_pretrained(..., device_map='tensorstream')",
             )
         return
-    if method is not None and (
-        getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
+    if (
+        method is not None
+        and method not in RULED_METHODS
+        and (getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
     ):
         raise _refuse(where, method, _REASONS.get(method, f"{method} keeps its own quantized layers"))
+    from .rules import rule_for
+
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and rule_for(tensor) is None:
             raise _refuse(
                 where,
                 method or type(tensor).__name__,
                 f"{name} is a {type(tensor).__name__}, a tensor class of its own (with state a streamed view would "
                 "lose)",
             )
+
+
+# -- torchao: the checkpoint's tensor subclasses, as transformers' torchao loader rebuilds them ----------------------
+
+
+def torchao_tensors(folder: Path) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
+    """For a torchao checkpoint in safetensors: a function giving, for a runtime tensor name and the model's
+    placeholder, the tensor subclass transformers' torchao loader makes of the checkpoint's entries
+    (``{module}._{weight}_{part}``, with the class and attributes in the file's metadata), as a parameter with the
+    placeholder's ``requires_grad`` as transformers binds it; ``None`` for a plain tensor. One tensor is read at a
+    time (memory stays bounded by the largest tensor), with torchao's own ``unflatten_tensor_state_dict``.
+
+    Raises:
+        `UnsupportedQuantizationError`: the checkpoint is not in safetensors with torchao's metadata.
+    """
+    from safetensors import safe_open
+
+    with _quiet_torchao():
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+        from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
+
+    where: dict[str, tuple[Path, dict[str, str]]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if not is_metadata_torchao(metadata):
+            continue
+        for name in json.loads(metadata["tensor_names"]):
+            if json.loads(metadata[name]).get("_type") != torch.Tensor.__name__:
+                where[name] = (file, metadata)
+    if not where:
+        raise _refuse(
+            str(folder),
+            "torchao",
+            "only torchao checkpoints in safetensors (with torchao's tensor metadata) stream; this one has none",
+            "save it with save_pretrained(..., safe_serialization=True) from a torchao-quantized model, or load it "
+            "without device_map='tensorstream'",
+        )
+
+    def tensor_of(name: str, placeholder: torch.Tensor) -> torch.Tensor | None:
+        if name not in where:
+            return None
+        file, metadata = where[name]
+        module, _, weight = name.rpartition(".")
+        prefix = f"{module}._{weight}_"
+        with safe_open(str(file), framework="pt") as f:
+            data = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}  # noqa: SIM118
+        with _quiet_torchao():
+            rebuilt, _ = unflatten_tensor_state_dict(data, {"tensor_names": json.dumps([name]), name: metadata[name]})
+        return torch.nn.Parameter(rebuilt[name], requires_grad=placeholder.requires_grad)
+
+    return tensor_of
+
+
+def _quiet_torchao() -> Any:
+    from ._quiet import quiet_torchao
+
+    return quiet_torchao()
 
 
 # -- fine-grained FP8: the checkpoint's compact tensors, dequantized as transformers does -----------------------------

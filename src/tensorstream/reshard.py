@@ -60,12 +60,14 @@ from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, 
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .prequantized import (
+    RULED_METHODS,
     check_expansion,
     check_loaded,
     check_method,
     checkpoint_parts,
     quantization_identity,
     quantization_method,
+    torchao_tensors,
 )
 from .rules import RULES_KEY, flatten_tensors, plain_parts, rule_for
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
@@ -390,6 +392,18 @@ def reshard(
     check_method(method, str(source))
     fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
+    build_config, ruled = config, None
+    if method in RULED_METHODS:  # its tensors are stored as the checkpoint holds them, bound by binding rules
+        if kind is not None:
+            raise ConfigError(
+                f"{source} is quantized with {method}: it streams its own quantized tensors, so quantize= and "
+                "compression= do not apply. Drop them (or stream the unquantized original with them)."
+            )
+        from .integrations.transformers import _without_quantization
+
+        # built without the quantization, the model's load converts nothing: the checkpoint's tensors are read as
+        # transformers' loader rebuilds them (`torchao_tensors`), one at a time
+        build_config, ruled = _without_quantization(config), torchao_tensors(folder)
 
     def write(staging: Path) -> None:
         if progress and not are_progress_bars_disabled():  # building the model takes a while before the bar
@@ -404,7 +418,7 @@ def reshard(
             with quiet_transformers():
                 model = cls.from_pretrained(
                     str(folder),
-                    config=config,
+                    config=build_config,
                     device_map={"": "disk"},
                     offload_folder=str(staging / "_offload"),
                     dtype=dtype or "auto",
@@ -422,6 +436,9 @@ def reshard(
         compact = checkpoint_parts(folder, model, config) if kind is None else None
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            quantized = ruled(name, tensor) if ruled is not None else None
+            if quantized is not None:
+                return quantized
             if tensor.device.type != "meta":
                 return tensor.detach()
             try:
@@ -434,10 +451,10 @@ def reshard(
             "folder": str(folder),
             "weight_conversions": weight_conversions(model),
         }
-        if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
-            source_info["quantization"] = {
+        if method is not None:  # dequantized at load (`check_loaded`), or its tensors stored as they are (ruled):
+            source_info["quantization"] = {  # either way the streamed model is built without it
                 "method": method,
-                "dequantized": True,
+                "dequantized": ruled is None,
                 "checkpoint_bytes": _checkpoint_bytes(folder),
             }
         _write_store(

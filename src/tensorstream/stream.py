@@ -338,7 +338,10 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
             target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             if keep is not None and tensor.is_floating_point() and keep(name):
                 target_dtype = torch.float32
-            data = tensor.detach().to(device="meta" if to_meta else device, dtype=target_dtype)
+            if to_meta and type(tensor) not in (torch.Tensor, nn.Parameter):  # a quantized tensor subclass
+                data = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # rebuilt by its binding rule
+            else:
+                data = tensor.detach().to(device="meta" if to_meta else device, dtype=target_dtype)
             moved[id(tensor)] = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
         return moved[id(tensor)]
 
