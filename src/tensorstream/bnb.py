@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -196,76 +195,47 @@ def checkpoint_tensors(
         `FormatError`: the checkpoint holds no bitsandbytes quantization state (its config says bitsandbytes, but it
             was not saved quantized), or no safetensors file.
     """
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-
+    from .checkpoint_files import CheckpointFiles, skeleton_state
     from .errors import FormatError
-    from .format import TENSOR_ALIGNMENT, read_ts_header
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise FormatError(f"{folder} has no safetensors file: a bitsandbytes checkpoint is streamed from safetensors.")
-    found: dict[str, tuple[Path, Any, int]] = {}
-    for file in files:
-        header = read_ts_header(file, require_ts=False)
-        for name, info in header.tensors.items():
-            found[name] = (file, info, (header.data_offset + info.start) % TENSOR_ALIGNMENT)
+    files = CheckpointFiles(folder, method)
     eight = method == "bitsandbytes_8bit"
     marker = ".SCB" if eight else ".quant_state.bitsandbytes__"
-    if not any(marker in name for name in found):
+    if not any(marker in name for name in files.infos):
         raise FormatError(
             f"{folder}/config.json says the checkpoint is quantized with bitsandbytes, but its weights hold no "
             f"bitsandbytes quantization state (no '*{marker}*' tensor): it was not saved quantized. Remove "
             "quantization_config from config.json, or save the quantized model again (save_pretrained of a model "
             "loaded with BitsAndBytesConfig)."
         )
-    plain = copy.deepcopy(config)
-    for part in {id(c): c for c in (plain, plain.get_text_config(decoder=True))}.values():
-        if "quantization_config" in vars(part):
-            del part.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(plain)  # type: ignore[attr-defined]
-    handles: dict[Path, Any] = {}
-
-    def read(key: str) -> torch.Tensor:
-        file = found[key][0]
-        if file not in handles:
-            handles[file] = safe_open(str(file), framework="pt")
-        return handles[file].get_tensor(key)
 
     def quantized(name: str) -> bool:
-        module = name.rpartition(".")[0]
         if not name.endswith(".weight"):
             return False
         if eight:
-            return f"{module}.SCB" in found
-        return any(f"{name}.quant_state.bitsandbytes__{t}" in found for t in ("nf4", "fp4"))
+            return f"{name.rpartition('.')[0]}.SCB" in files
+        return any(f"{name}.quant_state.bitsandbytes__{t}" in files for t in ("nf4", "fp4"))
 
-    state: dict[str, torch.Tensor] = {}
-    first: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in first:  # tied: the same tensor
-            state[name] = state[first[id(tensor)]]
-        elif name in found:
-            info = found[name][1]
-            state[name] = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
-            first[id(tensor)] = name
+    def held(name: str, tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype] | None:
+        return (files.infos[name].shape, files.infos[name].torch_dtype) if name in files else None
+
+    model, state = skeleton_state(cls, config, held)
 
     def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
-        weight = read(name)
+        weight = files.read(name)
         if not quantized(name):
             return weight
         if eight:
-            scb = read(f"{name.rpartition('.')[0]}.SCB")
+            scb = files.read(f"{name.rpartition('.')[0]}.SCB")
             return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb)
-        stats = {key[len(name) + 1 :]: read(key) for key in found if key.startswith(f"{name}.")}
+        stats = {key[len(name) + 1 :]: files.read(key) for key in files.under(name)}
         return bnb.nn.Params4bit.from_prequantized(
             data=weight, quantized_stats=stats, requires_grad=False, device=weight.device
         )
 
     def phase_of(name: str, tensor: torch.Tensor) -> int:
-        return found[name][2] if name in found and not quantized(name) else 0
+        return 0 if quantized(name) else files.phase(name)
 
     return model, state, get_tensor, phase_of

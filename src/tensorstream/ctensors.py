@@ -20,7 +20,6 @@ This module imports compressed-tensors only when a checkpoint or store uses it.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,69 +125,45 @@ def checkpoint_source(
         `FormatError`: a quantized layer's compact tensors are missing from the checkpoint.
     """
     from accelerate import init_empty_weights
-    from safetensors import safe_open
 
-    from .format import TENSOR_ALIGNMENT, read_ts_header
+    from .checkpoint_files import CheckpointFiles, skeleton_state
+    from .integrations.transformers import _without_quantization
 
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    found: dict[str, tuple[Path, Any, int]] = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        header = read_ts_header(file, require_ts=False)
-        for key, info in header.tensors.items():
-            found[key] = (file, info, (header.data_offset + info.start) % TENSOR_ALIGNMENT)
-    plain = copy.deepcopy(config)
-    for part in {id(c): c for c in (plain, plain.get_text_config(decoder=True))}.values():
-        if "quantization_config" in vars(part):
-            del part.quantization_config
+    files = CheckpointFiles(folder, CT_KIND)
     with init_empty_weights(include_buffers=False):
-        model = cls._from_config(plain)  # type: ignore[attr-defined]
-        probe = cls._from_config(copy.deepcopy(plain))  # type: ignore[attr-defined]
-    schemes = _schemes(probe, qc, where)
+        probe = cls._from_config(_without_quantization(config))  # type: ignore[attr-defined]
+    schemes = _schemes(probe, qc, where)  # matched by compressed-tensors itself, on a skeleton of its own
     del probe
-    handles: dict[Path, Any] = {}
 
-    def read(key: str) -> torch.Tensor:
-        file = found[key][0]
-        if file not in handles:
-            handles[file] = safe_open(str(file), framework="pt")
-        return handles[file].get_tensor(key)
+    def held(name: str, tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype] | None:
+        module = name.rpartition(".")[0]
+        if name.endswith(".weight") and module in schemes:
+            scale = files.infos.get(f"{module}.weight_scale")
+            if scale is None or (f"{module}.weight_packed" not in files and name not in files):
+                raise FormatError(
+                    f"{folder}: {module} is quantized with compressed-tensors ({schemes[module][0]}) but the "
+                    f"checkpoint lacks its compact tensors ({module}.weight_packed or .weight, and .weight_scale): "
+                    "it is damaged or incomplete."
+                )
+            return tuple(tensor.shape), scale.torch_dtype  # compressed-tensors decompresses to its scales' dtype
+        return (files.infos[name].shape, files.infos[name].torch_dtype) if name in files else None
+
+    model, state = skeleton_state(cls, config, held)
 
     def compact(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         module, _, attr = name.rpartition(".")
         if attr != "weight" or module not in schemes:
             return None
         fmt, scheme = schemes[module]
-        parts = {part: read(f"{module}.{key}") for key, part in CT_PARTS.items() if f"{module}.{key}" in found}
+        parts = {part: files.read(f"{module}.{key}") for key, part in CT_PARTS.items() if f"{module}.{key}" in files}
         return parts, {"format": fmt, "scheme": json.loads(scheme.model_dump_json())}
-
-    state: dict[str, torch.Tensor] = {}
-    first: dict[int, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in first:  # tied: the same tensor
-            state[name] = state[first[id(tensor)]]
-            continue
-        module = name.rpartition(".")[0]
-        if name.endswith(".weight") and module in schemes:
-            scale = found.get(f"{module}.weight_scale")
-            if scale is None or (f"{module}.weight_packed" not in found and name not in found):
-                raise FormatError(
-                    f"{folder}: {module} is quantized with compressed-tensors ({schemes[module][0]}) but the "
-                    f"checkpoint lacks its compact tensors ({module}.weight_packed or .weight, and .weight_scale): "
-                    "it is damaged or incomplete."
-                )
-            dtype = scale[1].torch_dtype  # compressed-tensors decompresses to its scales' dtype
-        elif name in found:
-            dtype = found[name][1].torch_dtype
-        else:
-            continue  # not in the checkpoint: transformers initialises it (and the load checks the store for it)
-        state[name] = torch.empty(tensor.shape, dtype=dtype, device="meta")
-        first[id(tensor)] = name
 
     def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
         got = compact(name)
         if got is None:
-            return read(name)
+            return files.read(name)
         out = torch.empty(tensor.shape, dtype=tensor.dtype)
         decompress(out, *got)
         return out
@@ -201,6 +176,7 @@ def checkpoint_source(
         return {**{part: value.contiguous() for part, value in parts.items()}, "__meta__": meta}
 
     def phase_of(name: str, tensor: torch.Tensor) -> int:
-        return found[name][2] if name in found and found[name][1].torch_dtype == tensor.dtype else 0
+        same = name in files and files.infos[name].torch_dtype == tensor.dtype
+        return files.phase(name) if same else 0
 
     return model, state, get_tensor, parts_of, phase_of
