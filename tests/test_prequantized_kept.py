@@ -138,6 +138,7 @@ def test_a_bitsandbytes_checkpoint_streams_its_own_bytes_bit_exact_to_the_reside
         assert layer == {"Linear4bit": {"class": "Params4bit", "quant_state": True, "CB": False, "SCB": False}}
     else:
         assert layer == {"Linear8bitLt": {"class": "Int8Params", "quant_state": False, "CB": True, "SCB": True}}
+    assert model.config.quantization_config.quant_method == "bitsandbytes"  # as transformers' load leaves it
     placeholder = model.model.layers[-1].self_attn.q_proj.weight
     assert type(placeholder).__name__ == "StreamedParameter"  # between forwards: the resident parameter's shape
     assert placeholder.shape == resident(bnb_checkpoint).model.layers[-1].self_attn.q_proj.weight.shape

@@ -170,6 +170,9 @@ def bnb_layers(model: nn.Module, config: Any, store: Any, blocks: Any) -> None:
         ]
         replace_with_bnb_linear(module, modules_to_not_convert=keep, quantization_config=qc, pre_quantized=True)
         module.train(module.training)  # the new layers in the block's mode (eval: bitsandbytes' CPU kernel path)
+    # what transformers' bitsandbytes quantizers record on the model they load (PEFT's k-bit training reads it)
+    model.config.quantization_config = qc  # type: ignore[union-attr]
+    setattr(model, "is_loaded_in_8bit" if qc.load_in_8bit else "is_loaded_in_4bit", True)
 
 
 def checkpoint_tensors(
