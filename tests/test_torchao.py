@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, To
 import tensorstream
 from helpers.models import budgets
 from tensorstream.errors import ConfigError
+from tensorstream.prequantized import describe_quantization
 from tensorstream.store import Store
 
 pytest.importorskip("torchao")
@@ -81,6 +82,7 @@ def test_a_torchao_checkpoint_streams_its_own_quantized_tensors(
     # bytes read per block load: the checkpoint's own bytes for that block (no dequantized copy)
     store = Store.open(engine.store.path)
     assert store.manifest["quantization"]["method"] == "torchao"
+    assert "own torchao tensors" in (describe_quantization(store.manifest) or "")
     for entry in store.blocks:
         own = _checkpoint_bytes(torchao_checkpoint, f"{entry.name}.")
         assert entry.data_size <= 1.15 * own, (entry.name, entry.data_size, own)

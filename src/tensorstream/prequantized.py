@@ -229,10 +229,12 @@ def check_offload(model: torch.nn.Module) -> None:
         and (getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
     ):
         raise _refuse(where, method, _REASONS.get(method, f"{method} keeps its own quantized layers"))
-    from .rules import rule_for
+    from .rules import flatten, rule_for
 
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and rule_for(tensor) is None:
+        if rule_for(tensor) is not None:
+            flatten(name, tensor)  # a typed refusal now, before anything is written, for state no rule records
+        elif type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             raise _refuse(
                 where,
                 method or type(tensor).__name__,
@@ -524,7 +526,13 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
     if not isinstance(info, dict) or not isinstance(info.get("method"), str):
         return None
     method = info["method"]
-    if manifest.get("encoding") in DEQUANTIZED_METHODS:
+    if info.get("dequantized") is False:  # RULED_METHODS: the checkpoint's tensors, rebuilt by binding rules
+        how = (
+            f"the store holds the checkpoint's own {method} tensors (their quantized parts), rebuilt as {method}'s "
+            "tensor subclasses when each block is bound: the model computes on them as transformers' resident load "
+            "does"
+        )
+    elif manifest.get("encoding") in DEQUANTIZED_METHODS:
         what = "float8 weights and block scales" if method == "fp8" else "FP4 blocks and E8M0 scales"
         how = (
             f"the store holds the checkpoint's {what} (tensors transformers renames or fuses at load, such as "

@@ -44,6 +44,10 @@ Writing a rule (for a parameter class with attributes, such as bitsandbytes')::
 
     register_rule(Int8ParamsRule())
 
+A family of rules lives in a module of its own (``tensorstream/rules_<family>.py``) that calls `register_rule` when it
+is imported, with its optional dependency imported lazily inside the methods; add the module's name to
+`RULE_MODULES` so that it is imported before any tensor is flattened or any record is parsed.
+
 ``rebuild`` must return the parameter exactly as the resident-loaded model holds it (a `torch.nn.Parameter` or a
 subclass of it), built from the views it is given: the engine binds it for the block's forward and drops it after.
 ``check(meta, device)`` (optional) refuses, with a typed error naming the fix, a parameter that cannot be bound on
@@ -68,9 +72,11 @@ from .format import DTYPE_CODES, DTYPES, TensorInfo
 __all__ = [
     "ALLOWED_MODULES",
     "RULES_KEY",
+    "RULE_MODULES",
     "BindingRule",
     "RuledTensor",
     "SubclassRule",
+    "flatten",
     "flatten_tensors",
     "parse_rules",
     "part_name",
@@ -113,6 +119,16 @@ class BindingRule:
 
 
 _RULES: dict[str, BindingRule] = {}
+#: Modules of rule families, imported (once) before a tensor is flattened or a record parsed: each registers its rules.
+RULE_MODULES: list[str] = []
+_IMPORTED: set[str] = set()
+
+
+def _load_rule_modules() -> None:
+    for module in RULE_MODULES:
+        if module not in _IMPORTED:
+            importlib.import_module(module)
+            _IMPORTED.add(module)
 
 
 def register_rule(rule: BindingRule) -> BindingRule:
@@ -126,6 +142,7 @@ def register_rule(rule: BindingRule) -> BindingRule:
 
 def rule_for(tensor: torch.Tensor) -> BindingRule | None:
     """The registered rule that flattens ``tensor``, or None for a tensor that is stored as it is."""
+    _load_rule_modules()
     for rule in reversed(list(_RULES.values())):
         if rule.matches(tensor):
             return rule
@@ -262,6 +279,28 @@ register_rule(SubclassRule())
 # -- writing ----------------------------------------------------------------------------------------------------------
 
 
+def flatten(name: str, tensor: torch.Tensor) -> tuple[BindingRule, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``tensor``'s rule, parts and meta (None for a tensor stored as it is).
+
+    Raises:
+        `UnsupportedQuantizationError`: its rule cannot flatten it (state it cannot record), naming the tensor.
+    """
+    rule = rule_for(tensor)
+    if rule is None:
+        return None
+    try:
+        parts, meta = rule.flatten(tensor)
+        json.dumps(meta)
+    except (TypeError, ValueError) as err:
+        raise UnsupportedQuantizationError(
+            f"{name!r} is a {type(tensor).__name__} that tensorstream cannot store ({err}): binding rule "
+            f"{rule.name!r} records plain tensors and JSON values only. Load the model without this quantization "
+            "(or with a weight-only one, such as torchao's Int8WeightOnlyConfig) to stream it.",
+            type(tensor).__name__,
+        ) from None
+    return rule, parts, meta
+
+
 def flatten_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
     """Split every tensor a rule recognises into its parts: (entries to write, ``__metadata__["rules"]`` or None).
 
@@ -271,19 +310,11 @@ def flatten_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
     entries: dict[str, torch.Tensor] = {}
     records: dict[str, dict[str, Any]] = {}
     for name, tensor in tensors.items():
-        rule = rule_for(tensor)
-        if rule is None:
+        flat = flatten(name, tensor)
+        if flat is None:
             entries[name] = tensor
             continue
-        try:
-            parts, meta = rule.flatten(tensor)
-            json.dumps(meta)
-        except (TypeError, ValueError) as err:
-            raise UnsupportedQuantizationError(
-                f"{name!r} is a {type(tensor).__name__} that tensorstream cannot store ({err}): binding rule "
-                f"{rule.name!r} records plain tensors and JSON values only. Load the model without this "
-                "quantization (or dequantize it) to stream it."
-            ) from None
+        rule, parts, meta = flat
         records[name] = {
             "rule": rule.name,
             "dtype": DTYPE_CODES[tensor.dtype],
@@ -350,6 +381,7 @@ def parse_rules(raw: str | None, tensors: Mapping[str, TensorInfo], path: Any) -
     """
     if raw is None:
         return {}
+    _load_rule_modules()
 
     def fail(what: str) -> FormatError:
         return FormatError(f"{path}: {what}; the file is damaged or was written by another tensorstream version.")
