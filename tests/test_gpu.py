@@ -139,13 +139,28 @@ def test_stream_sanitizer_finds_no_race(model_dirs: dict[str, Path], storage: Pa
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["int8", "int4", "lossless"])
+def test_an_int4_store_is_refused_on_the_gpu(model_dirs: dict[str, Path], storage: Path) -> None:
+    """Its weights are packed for the CPU's int4 kernel: a typed error that says to use int8."""
+    from tensorstream.errors import ConfigError
+
+    tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", quantize="int4")
+    budget = budgets(storage, 2)["stream_all"]
+    cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budget, dtype="bf16", quantize="int4")
+    with pytest.raises(ConfigError, match="quantize='int8'"):
+        model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], device_map="tensorstream",
+                                                     tensorstream_config=cfg)  # fmt: skip
+        with torch.inference_mode():
+            model(**inputs(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["int8", "lossless"])
 @pytest.mark.parametrize("layout", ["stream_all", "some_resident"])
 def test_store_kinds_on_the_gpu_equal_their_detached_reference(
     model_dirs: dict[str, Path], storage: Path, kind: str, layout: str
 ) -> None:
-    """Quantized blocks expanded on the copy stream (lossless ones in pinned staging) compute with exactly the
-    weights ``detach`` gives; a lossless store also equals the GPU-resident bf16 model."""
+    """Quantized blocks copied compact and rebuilt by their binding rule (lossless ones expanded in pinned staging)
+    compute with exactly the weights ``detach`` gives; a lossless store also equals the GPU-resident bf16 model."""
     settings = {"compression": kind} if kind == "lossless" else {"quantize": kind}
     tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **settings)
     cfg = tensorstream.Config(device="cuda", storage_path=storage, budget_gb=budgets(storage, 2)[layout], dtype="bf16",

@@ -15,15 +15,23 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 import tensorstream
 from helpers.attacks import rewrite_header
 from helpers.models import budgets, streaming
 from helpers.sweep import sweep
+from tensorstream.compact import as_packed, quantize_weight
 from tensorstream.encoding import BlockCodec, encode_tensors, store_kind
-from tensorstream.errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError, StaleStoreError
-from tensorstream.format import FORMAT_VERSION, aligned_empty, load_ts, read_data, read_ts_header, save_to_ts
+from tensorstream.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    CorruptFileError,
+    FormatError,
+    StaleStoreError,
+)
+from tensorstream.format import FORMAT_VERSION, aligned_empty, read_data, read_ts_header, save_to_ts
 from tensorstream.store import MANIFEST_NAME, Store
 
 KINDS = ["int8", "int4", "lossless"]
@@ -62,37 +70,42 @@ def weights() -> dict[str, torch.Tensor]:
 # -- the encoding itself ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_values_expand_exactly_as_torchao_dequantizes_them(
-    tmp_path: Path, weights: dict[str, torch.Tensor], kind: str
-) -> None:
-    from torchao.quantization.quant_primitives import dequantize_affine
+def torchao_reference(model: nn.Module, kind: str, prefixes: tuple[str, ...]) -> nn.Module:
+    """``model`` with the linear weights under ``prefixes`` quantized resident by torchao, as a ``kind`` store holds
+    them: ``Int8WeightOnlyConfig`` (its tensors bound to the int8 kernel, `as_packed`) or
+    ``PrototypeInt4WeightOnlyConfig(group_size=64)`` (tinygemm's CPU kernel)."""
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    stored, meta = encode_tensors(weights, kind)
-    described = json.loads(meta)["tensors"]
-    assert set(described) == {"attn.weight", "experts.weight", "fp32.weight"}  # 1-D, odd and integer stay
-    path = tmp_path / "b.ts"
-    save_to_ts(stored, path, {"encoding": meta}, block="b")
-    codec, data = expand_file(path)
-    raw = load_ts(path)
-    for name, original in weights.items():
-        got = tensor(codec, data, name)
-        assert got.dtype == original.dtype and got.shape == original.shape
-        if name not in described:
-            assert torch.equal(got, original), name
-            continue
-        group = described[name]["group"]
-        block = (1,) * (original.dim() - 1) + (group,)
-        q, scale = raw[f"{name}.__q__"], raw[f"{name}.__scale__"]
-        if kind == "int8":
-            expected = dequantize_affine(q, block, scale, None, torch.int8, output_dtype=original.dtype)
-        else:
-            values = torch.stack([q & 15, q >> 4], dim=1).reshape(original.shape)
-            zero = raw[f"{name}.__zero__"].to(torch.int32)
-            expected = dequantize_affine(values, block, scale, zero, torch.uint8, 0, 15, output_dtype=original.dtype)
-        assert torch.equal(got, expected), name
-        error = ((got.float() - original.float()).norm() / original.float().norm()).item()
-        assert error < (0.02 if kind == "int8" else 0.15), (name, error)
+    starts = tuple(f"{p}." for p in prefixes)
+    config = Int8WeightOnlyConfig() if kind == "int8" else PrototypeInt4WeightOnlyConfig(group_size=64)
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and f"{fqn}.".startswith(starts))
+    if kind == "int8":
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight = nn.Parameter(as_packed(module.weight), requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_weight_is_what_torchao_makes_of_it(weights: dict[str, torch.Tensor], kind: str) -> None:
+    """The store holds torchao's quantized values and scales (int8 per output channel, int4 in groups of 64), and
+    they compute what torchao's resident quantized linear computes, bit for bit."""
+    weight = weights["attn.weight"]
+    ours = quantize_weight(weight, kind)
+    assert ours is not None and quantize_weight(weights["attn.bias"], kind) is None
+    layer = nn.Linear(256, 96, bias=False, dtype=torch.bfloat16)
+    layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    expected = torchao_reference(nn.Sequential(layer), kind, ("0",))[0].weight
+    assert type(ours) is type(expected)
+    names, _ = ours.__tensor_flatten__()
+    for name in names:
+        assert torch.equal(getattr(ours, name), getattr(expected, name)), name
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert torch.equal(nn.functional.linear(x, ours), nn.functional.linear(x, expected))
+    dense = nn.functional.linear(torch.eye(256, dtype=torch.bfloat16), ours).T  # the weight the kernel computes with
+    error = ((dense.float() - weight.float()).norm() / weight.float().norm()).item()
+    assert error < (0.02 if kind == "int8" else 0.15)
 
 
 def test_lossless_gives_back_the_exact_bytes(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -123,7 +136,7 @@ def test_missing_codec_packages_name_the_extra(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(BackendUnavailableError, match=r"tensorstream\[quantize\]"):
-        encode_tensors(weights, "int8")
+        quantize_weight(weights["attn.weight"], "int8")
     monkeypatch.setitem(sys.modules, "zstandard", None)
     with pytest.raises(BackendUnavailableError, match=r"tensorstream\[compression\]"):
         encode_tensors(weights, "lossless")
@@ -151,12 +164,11 @@ def _edit_encoding(path: Path, change: Any) -> None:
 @pytest.mark.parametrize(
     ("kind", "change", "message"),
     [
-        ("int8", lambda m: m.update(kind="int5"), "no known store kind"),
-        ("int8", lambda m: m["tensors"]["attn.weight"].update(group=100), "does not divide"),
-        ("int8", lambda m: m["tensors"]["attn.weight"].update(shape=[96, 128]), "expected"),
-        ("int4", lambda m: m["tensors"]["attn.weight"].update(dtype="F32"), "expected"),
-        ("int8", lambda m: m["tensors"].pop("attn.weight"), "belongs to no encoded tensor"),
-        ("int8", lambda m: m["tensors"].update(ghost=m["tensors"]["attn.weight"]), "is missing"),
+        ("lossless", lambda m: m.update(kind="int5"), "no known store kind"),
+        ("lossless", lambda m: m.update(kind="int8"), "no known store kind"),  # the first int8 layout: not read
+        ("lossless", lambda m: m["tensors"]["attn.weight"].update(shape=[96, 128]), "expected"),
+        ("lossless", lambda m: m["tensors"].pop("attn.weight"), "belongs to no encoded tensor"),
+        ("lossless", lambda m: m["tensors"].update(ghost=m["tensors"]["attn.weight"]), "is missing"),
         ("lossless", lambda m: m["tensors"]["attn.weight"].update(dtype="F32"), "16-bit"),
     ],
 )
@@ -171,7 +183,7 @@ def test_inconsistent_encodings_are_format_errors(
 
 
 def test_version_and_encoding_must_agree(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
-    path = _encoded(tmp_path, weights, "int8")
+    path = _encoded(tmp_path, weights, "lossless")
     rewrite_header(path, lambda h: h["__metadata__"].update(format_version="1"))  # an old reader would misread it
     with pytest.raises(FormatError, match="does not match its encoding"):
         read_ts_header(path)
@@ -229,7 +241,11 @@ def test_streamed_equals_its_detached_reference(
         source, storage, budget_gb=budget, prefetch=1, backend=backend, dtype="bf16", **kind_config(kind)
     )
     engine = model._tensorstream_engine
-    assert engine.store.kind == kind and engine.plan.streamed and engine.expand_mapped == (backend == "mmap")
+    assert engine.store.kind == kind and engine.plan.streamed
+    # a lossless block expands from the mapping; a quantized one is bound as views of it (no expansion)
+    assert (engine.expand_mapped, engine.mapped) == (
+        (kind == "lossless", kind != "lossless") if backend == "mmap" else (False, False)
+    )
     assert bool(engine.plan.resident) == (layout == "some_resident") and engine.plan.num_slots == 2
     ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(1))
     logits, tokens = _outputs(model, ids)
@@ -247,9 +263,17 @@ def test_streamed_equals_its_detached_reference(
         assert torch.equal(logits, original_logits)
         for name, param in original.state_dict().items():
             assert torch.equal(reference.state_dict()[name], param), name
-    else:  # other weights by design, close to the original ones
-        assert not torch.equal(logits, original_logits)
+    else:  # the original quantized resident by torchao (gpt2's Conv1D layers are not linear: nothing to quantize)
+        units = tuple(entry.name for entry in engine.store.blocks)
+        quantized = torchao_reference(original, kind, units)
+        assert torch.equal(_outputs(quantized, ids)[0], logits) and torch.equal(_outputs(quantized, ids)[1], tokens)
+        assert torch.equal(logits, original_logits) == (family == "gpt2")
         assert (logits.float() - original_logits.float()).abs().max() < (0.1 if kind == "int8" else 0.5)
+        if family != "gpt2":  # detach gives the resident quantized model
+            layer = next(
+                m for m in reference.modules() if isinstance(m, nn.Linear) and type(m.weight) is not nn.Parameter
+            )
+            assert not layer.weight.requires_grad
 
 
 @pytest.mark.parametrize("kind", ["int4", "lossless"])
@@ -283,14 +307,14 @@ def test_each_kind_is_its_own_store(model_dirs: dict[str, Path], storage: Path) 
     for kind, path in stores.items():
         store = Store.open(path)
         assert store.kind == kind and store.non_block.memory_size == 0
-        assert all(store.codec(entry).encoded for entry in store.blocks)
+        assert all(store.codec(entry).needs_binding for entry in store.blocks)
         assert sum(e.data_size for e in store.blocks) < sum(e.data_size for e in Store.open(plain).blocks)
         again = tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16", **kind_config(kind))
         assert again == path
 
 
 def test_a_manifest_that_lies_about_the_kind_or_memory_is_refused(model_dirs: dict[str, Path], storage: Path) -> None:
-    path = tensorstream.reshard(model_dirs["llama"], storage, progress=False, quantize="int8")
+    path = tensorstream.reshard(model_dirs["llama"], storage, progress=False, compression="lossless")
     manifest_path = path / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
     manifest["blocks"][0]["memory_size"] = manifest["blocks"][0]["data_size"]  # would make the arena too small
@@ -298,7 +322,7 @@ def test_a_manifest_that_lies_about_the_kind_or_memory_is_refused(model_dirs: di
     with pytest.raises(StaleStoreError, match="in memory"):
         Store.open(path)
     manifest["blocks"][0]["memory_size"] = 0
-    manifest["encoding"] = "lossless"
+    manifest["encoding"] = "int8"
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(StaleStoreError, match=r"--quantize|--compression"):
         Store.open(path)
@@ -350,14 +374,15 @@ def test_cli_reshard_and_inspect_name_the_kind(
 
 
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules:UserWarning")
-def test_save_pretrained_of_a_quantized_stream_writes_the_weights_it_computes_with(
+def test_save_pretrained_of_a_lossless_stream_writes_the_weights_it_computes_with(
     model_dirs: dict[str, Path], storage: Path, tmp_path: Path
 ) -> None:
     from safetensors.torch import load_file
 
     model = streaming(
-        model_dirs["llama"], storage, budget_gb=0.002, prefetch=1, backend="posix", dtype="bf16", quantize="int8"
-    )
+        model_dirs["llama"], storage, budget_gb=0.002, prefetch=1, backend="posix", dtype="bf16",
+        compression="lossless",
+    )  # fmt: skip
     model.save_pretrained(tmp_path / "saved")
     saved: dict[str, torch.Tensor] = {}
     for file in (tmp_path / "saved").glob("*.safetensors"):

@@ -250,11 +250,12 @@ def test_streaming_through_the_cuda_state_machine(
         assert tensorstream.stats(model).cache_loads > 0
 
 
-@pytest.mark.parametrize(("kind", "direct"), [("int4", False), ("int4", True), ("lossless", False)])
+@pytest.mark.parametrize(("kind", "direct"), [("int8", False), ("int8", True), ("lossless", False)])
 def test_encoded_stores_through_the_cuda_state_machine(
     model_dirs: dict[str, Path], storage: Path, monkeypatch: pytest.MonkeyPatch, kind: str, direct: bool
 ) -> None:
-    """Quantized blocks expand on the copy stream after their copy; lossless ones in staging before it (fake CUDA).
+    """Quantized blocks are copied as they are and rebuilt by their binding rule from the slot's views; lossless ones
+    expand in staging before the copy (fake CUDA).
 
     ``direct``: reads land in device memory (the KvikIO path) and are expanded there.
     """

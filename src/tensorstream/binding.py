@@ -27,7 +27,7 @@ from torch import nn
 
 from .backends import choose_backend
 from .config import Config
-from .encoding import BlockCodec
+from .encoding import BlockCodec, expands
 from .errors import ConfigError, StaleStoreError, UnsupportedOperationError
 from .format import aligned_empty, read_data, verify_buffer
 from .store import BlockEntry, Store, repair_hint
@@ -88,8 +88,11 @@ def bind_expanded(targets: list[Any], data: torch.Tensor, realigned: bool = Fals
 def parameter(data: torch.Tensor, target: tuple[Any, ...], realigned: bool) -> nn.Parameter:
     """The parameter a target binds: a view of ``data`` at its place (moved down by its phase when ``realigned``),
     exactly as the resident model holds it (a parameter that requires grad makes some models take other kernels:
-    Longformer, LED, FSMT's logits differ in the last bit otherwise)."""
-    _, _, placeholder, start, end, dtype, shape, phase = target
+    Longformer, LED, FSMT's logits differ in the last bit otherwise). A ruled parameter is rebuilt by its binding rule
+    from views of its parts (`tensorstream.rules`)."""
+    _, _, placeholder, start, end, dtype, shape, phase, ruled = target
+    if ruled is not None:
+        return ruled.bind(data, realigned)
     shift = phase if realigned else 0
     view = data[start - shift : end - shift].view(dtype).view(shape)
     return nn.Parameter(view, requires_grad=placeholder.requires_grad)
@@ -132,25 +135,50 @@ def block_memory(codec: BlockCodec, expand_mapped: bool) -> int:
 
 
 def maps_store(config: Config, store: Store) -> bool:
-    """Whether the engine binds ``store``'s blocks as views of mappings of its files (plain store, CPU, mmap)."""
-    return store.kind is None and config.execution_device.type == "cpu" and backend_name(config, store) == "mmap"
+    """Whether the engine binds ``store``'s blocks as views of mappings of its files (a store whose blocks do not
+    expand: plain or compact quantized; CPU, mmap)."""
+    return not expands(store.kind) and config.execution_device.type == "cpu" and backend_name(config, store) == "mmap"
 
 
 def expands_from_mapping(config: Config, store: Store) -> bool:
     """Whether the engine expands ``store``'s blocks straight from mappings of its files (encoded store, CPU, mmap)."""
-    return store.kind is not None and config.execution_device.type == "cpu" and backend_name(config, store) == "mmap"
+    return expands(store.kind) and config.execution_device.type == "cpu" and backend_name(config, store) == "mmap"
 
 
 def block_targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping[str, str], store: Store) -> list[Any]:
-    """(submodule, attribute, placeholder, start, end, dtype, shape, phase) for each parameter of block ``name``.
+    """(submodule, attribute, placeholder, start, end, dtype, shape, phase, ruled) for each parameter of block
+    ``name``.
 
     ``phase`` is the shift a device copy removes (`tensorstream.format.aligned_runs`): the file's for a plain block,
-    0 for an encoded one (its codec lays the tensors out for the device already).
+    0 for an encoded one (its codec lays the tensors out for the device already). ``ruled`` is the parameter's
+    `tensorstream.rules.RuledTensor` when a binding rule rebuilds it from parts (``start``/``end`` then span them),
+    else None; its placeholder takes the recorded ``requires_grad``.
     """
     file = codec.header.path
-    targets = []
+    targets: list[Any] = []
     for local, param in module.named_parameters(remove_duplicate=False):
         full = f"{name}.{local}"
+        ruled = codec.rules.get(tied.get(full, full))
+        if ruled is not None:
+            if getattr(ruled.rule, "reshapes", False) and ruled.rule.matches(param) and param.is_meta:
+                # a built layer's placeholder before its load (bitsandbytes' Linear4bit: [out, in], loaded
+                # [out * in / 2, 1]): the placeholder takes the stored shape, as the resident parameter has it
+                param = nn.Parameter(torch.empty(ruled.shape, dtype=ruled.dtype, device="meta"), ruled.requires_grad)
+                owner, _, attr = local.rpartition(".")
+                module.get_submodule(owner)._parameters[attr] = param
+            if tuple(param.shape) != ruled.shape or param.dtype != ruled.dtype:
+                raise StaleStoreError(
+                    f"{file}: {full!r} is {ruled.dtype}{list(ruled.shape)} in the store but the model expects "
+                    f"{param.dtype}{list(param.shape)}; {repair_hint(store.path)}"
+                )
+            if param.requires_grad != ruled.requires_grad:
+                param.requires_grad_(ruled.requires_grad)
+            submodule_name, _, attr = local.rpartition(".")
+            start, end = ruled.span
+            targets.append(
+                (module.get_submodule(submodule_name), attr, param, start, end, ruled.dtype, ruled.shape, 0, ruled)
+            )
+            continue
         info = codec.tensors.get(tied.get(full, full))
         if info is None:
             raise StaleStoreError(
@@ -165,7 +193,7 @@ def block_targets(name: str, module: nn.Module, codec: BlockCodec, tied: Mapping
         submodule_name, _, attr = local.rpartition(".")
         submodule = module.get_submodule(submodule_name)
         phase = 0 if codec.encoded else info.phase
-        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape, phase))
+        targets.append((submodule, attr, param, info.start, info.end, info.torch_dtype, info.shape, phase, None))
     return targets
 
 

@@ -1,13 +1,11 @@
 """Store kinds: how a block's tensors are encoded in its ``.ts`` file, and how they are expanded at run time.
 
-A *plain* store holds every tensor as the model holds it. Two other kinds hold fewer bytes per block, so a step
-that is bound by storage reads fewer bytes:
+A *plain* store holds every tensor as the model holds it. Other kinds hold fewer bytes per block, so a step that is
+bound by storage reads fewer bytes:
 
-* ``quantize="int8"`` / ``"int4"``: a streamed block's floating-point weight matrices (two or more dimensions,
-  the last a multiple of the group size) are stored group-wise quantized along their last dimension, with one scale
-  (int8: symmetric; int4: plus an integer zero point) per group of 128 (int8) or 64 (int4) values. Norms, biases,
-  small tensors and the non-block weights stay as they are. The quantized values and their parameters are chosen
-  with torchao's affine quantization primitives (``choose_qparams_affine``/``quantize_affine``) at reshard time.
+* ``quantize="int8"`` / ``"int4"`` (`tensorstream.compact`): linear weights quantized by torchao, stored as the parts
+  of torchao's quantized tensors (binding rules, `tensorstream.rules`) in otherwise plain files: nothing expands,
+  the kernels compute on the compact weights. This module only names these kinds (`store_kind`, `expands`).
 * ``compression="lossless"``: 16-bit floating-point tensors are split into their two byte planes; the high plane
   (sign, exponent and the top mantissa bit: a few bits of entropy in trained weights) is compressed with zstd, the
   low plane is kept as it is. Expanding gives back the exact bytes.
@@ -17,25 +15,21 @@ that is bound by storage reads fewer bytes:
   arithmetic (`tensorstream.prequantized.fp8_dequantize`, `mxfp4_dequantize`). Entries ``name.__q__`` and
   ``name.__scale__`` hold them as the checkpoint does (``F8_E4M3`` and ``F32``/``BF16``; ``U8`` and ``U8``).
 
-Expansion is one function, `BlockCodec.decode`, used by the engine's slots (on the device for quantized stores on
-CUDA, on the reader thread for the CPU), by the blocks kept resident and by `tensorstream.detach`: every path
-computes with the same weights, bit for bit. Quantized values expand exactly: ``w = q * s`` (int8) and
-``w = (q - z) * s`` (int4) are an exact integer times the scale, rounded once to the weight's dtype, which is the
-same on every device and equal to torchao's ``dequantize_affine``.
+Expansion is one function, `BlockCodec.decode`, used by the engine's slots (on the reader thread for the CPU), by
+the blocks kept resident and by `tensorstream.detach`: every path computes with the same weights, bit for bit.
 
 In the file (a valid safetensors file, format version 2), an encoded tensor ``name`` is stored as entries
-``name.__q__`` (int8 ``I8`` of the tensor's shape; int4 ``U8`` with two values per byte, the even index in the low
-nibble), ``name.__scale__`` and, for int4, ``name.__zero__`` (the weight's dtype, shape ``[..., last / group]``),
-or ``name.__hi__`` (the zstd frame of the high bytes) and ``name.__lo__`` (the low bytes). ``__metadata__["encoding"]``
-is a JSON object: ``{"kind": "int8", "tensors": {name: {"as": "int8", "dtype": "BF16", "shape": [...],
-"group": 128}}}``. Every other entry is a plain tensor. `BlockCodec.from_header` validates all of it: a store is
-untrusted input.
+``name.__hi__`` (the zstd frame of the high bytes) and ``name.__lo__`` (the low bytes), or ``name.__q__`` and
+``name.__scale__``. ``__metadata__["encoding"]`` is a JSON object: ``{"kind": "lossless", "tensors": {name: {"as":
+"lossless", "dtype": "BF16", "shape": [...]}}}``. Every other entry is a plain tensor. `BlockCodec.from_header`
+validates all of it: a store is untrusted input. (Files of the first int8/int4 layout, expanded when loaded, are no
+longer read: their stores have another fingerprint and are rebuilt.)
 
 Example:
     ```python
-    >>> stored, meta = encode_tensors({"w": torch.randn(64, 256, dtype=torch.bfloat16)}, "int8")
-    >>> sorted(stored), json.loads(meta)["tensors"]["w"]["group"]
-    (['w.__q__', 'w.__scale__'], 128)
+    >>> stored, meta = encode_tensors({"w": torch.randn(64, 256, dtype=torch.bfloat16)}, "lossless")
+    >>> sorted(stored), json.loads(meta)["kind"]
+    (['w.__hi__', 'w.__lo__'], 'lossless')
     ```
 """
 
@@ -49,10 +43,10 @@ from typing import Any
 
 import torch
 
-from ._quiet import quiet_torchao
 from .dequantize import FP8_PIECE, fp8_dequantize, mxfp4_dequantize, mxfp4_scratch_bytes
 from .errors import BackendUnavailableError, ConfigError, CorruptFileError, FormatError
 from .format import DTYPE_CODES, DTYPES, TENSOR_ALIGNMENT, TensorInfo, TsHeader
+from .rules import RULES_KEY, RuledTensor, parse_rules, part_name
 
 __all__ = [
     "COMPRESSIONS",
@@ -61,6 +55,7 @@ __all__ = [
     "QUANTIZE_SCHEMES",
     "BlockCodec",
     "encode_tensors",
+    "expands",
     "store_kind",
 ]
 
@@ -68,23 +63,28 @@ QUANTIZE_SCHEMES = ("int8", "int4")
 COMPRESSIONS = ("lossless",)
 #: The ``__metadata__`` key of an encoded ``.ts`` file.
 ENCODING_KEY = "encoding"
-#: Values per scale: int8 and int4 (the largest of these dividing the last dimension; 32 as a last resort).
-GROUPS = {"int8": (128, 64, 32), "int4": (64, 32)}
-#: Smaller weights are kept as they are (a few KB: not worth a scale per group).
+#: Smaller tensors are kept as they are (a few KB: not worth compressing).
 MIN_QUANTIZED_NUMEL = 1024
 ZSTD_LEVEL = 3
 _PARTS = {
-    "int8": ("q", "scale"),
-    "int4": ("q", "scale", "zero"),
     "lossless": ("hi", "lo"),
     "fp8": ("q", "scale"),
     "mxfp4": ("q", "scale"),
+    # compressed-tensors: the parts a checkpoint has of these (`tensorstream.ctensors.CT_PARTS`), "scale" and
+    # "packed" or "q" always
+    "compressed-tensors": ("packed", "scale", "zero", "shape", "gscale", "q"),
 }
 #: Store kinds chosen from a pre-quantized checkpoint, never asked for (`tensorstream.prequantized`).
-PREQUANTIZED_KINDS = ("fp8", "mxfp4")
+PREQUANTIZED_KINDS = ("fp8", "mxfp4", "compressed-tensors")
 _SCRATCH_ALIGNMENT = 4096
 #: PyTorch's parallel grain (``at::internal::GRAIN_SIZE``): an elementwise op on fewer values runs on the caller.
 _INLINE = 32768
+
+
+def expands(kind: str | None) -> bool:
+    """Whether a store of kind ``kind`` expands its blocks when they load (lossless, fp8, mxfp4); plain stores and
+    the quantized ones (`tensorstream.compact`: linear weights bound compact, by a binding rule) bind them as read."""
+    return kind is not None and kind not in QUANTIZE_SCHEMES
 
 
 def store_kind(quantize: str | None, compression: str | None) -> str | None:
@@ -116,27 +116,6 @@ def _part(name: str, part: str) -> str:
     return f"{name}.__{part}__"
 
 
-def _group(kind: str, tensor: torch.Tensor) -> int | None:
-    """The group size ``tensor`` is quantized with under ``kind``, or None when it stays as it is."""
-    if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() < MIN_QUANTIZED_NUMEL:
-        return None
-    if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return None
-    return next((g for g in GROUPS[kind] if tensor.shape[-1] % g == 0), None)
-
-
-def _torchao() -> Any:
-    try:
-        with quiet_torchao():
-            from torchao.quantization import quant_primitives
-    except ImportError as err:
-        raise BackendUnavailableError(
-            f"quantized stores are built with torchao's quantization primitives, which cannot be imported ({err}); "
-            "install them with `pip install 'tensorstream[quantize]'`."
-        ) from None
-    return quant_primitives
-
-
 def _zstd() -> Any:
     try:
         import zstandard
@@ -146,28 +125,6 @@ def _zstd() -> Any:
             f"({err}); install it with `pip install 'tensorstream[compression]'`."
         ) from None
     return zstandard
-
-
-def _quantize(tensor: torch.Tensor, kind: str, group: int) -> dict[str, torch.Tensor]:
-    ao = _torchao()
-    block = (1,) * (tensor.dim() - 1) + (group,)
-    w = tensor.detach().to("cpu").contiguous()
-    if kind == "int8":
-        scale, zero = ao.choose_qparams_affine(w, ao.MappingType.SYMMETRIC, block, torch.int8, scale_dtype=w.dtype)
-        q = ao.quantize_affine(w, block, scale, zero, torch.int8)
-        return {"q": q.to(torch.int8), "scale": scale.to(w.dtype).reshape(*w.shape[:-1], -1)}
-    scale, zero = ao.choose_qparams_affine(
-        w, ao.MappingType.ASYMMETRIC, block, torch.uint8, quant_min=0, quant_max=15, scale_dtype=w.dtype
-    )
-    q = ao.quantize_affine(w, block, scale, zero, torch.uint8, quant_min=0, quant_max=15).to(torch.uint8)
-    pairs = q.reshape(-1, 2)
-    packed = (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
-    return {
-        "q": packed,
-        "scale": scale.to(w.dtype).reshape(*w.shape[:-1], -1),
-        # small integers (0..15): exact in every floating dtype, so ``q - z`` is exact in the weight's dtype
-        "zero": zero.to(w.dtype).reshape(*w.shape[:-1], -1),
-    }
 
 
 def _compress(tensor: torch.Tensor, level: int = ZSTD_LEVEL) -> dict[str, torch.Tensor]:
@@ -189,7 +146,7 @@ def encode_tensors(
 
     Args:
         tensors: name -> tensor, one block's tensors (any device; each is moved to CPU while it is encoded).
-        kind: ``"int8"``, ``"int4"``, ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized checkpoint's).
+        kind: ``"lossless"``, or ``"fp8"`` / ``"mxfp4"`` (a pre-quantized checkpoint's).
         phases: name -> the address phase (mod 64) the tensor had in its source (`tensorstream.save_to_ts`); an
             encoded tensor's is recorded in the encoding, so that the CPU expands it at that phase.
         parts_of: for ``"fp8"`` and ``"mxfp4"``: name, tensor -> the checkpoint's ``{"q", "scale"}`` that expand to
@@ -199,8 +156,11 @@ def encode_tensors(
         (entries, metadata): the tensors to write with `tensorstream.save_to_ts` and the JSON string to store under
         ``__metadata__["encoding"]``.
     """
-    if kind not in (*QUANTIZE_SCHEMES, *COMPRESSIONS, *PREQUANTIZED_KINDS):
-        raise ConfigError(f"store kind {kind!r} is unknown; use one of {(*QUANTIZE_SCHEMES, *COMPRESSIONS)}.")
+    if kind not in (*COMPRESSIONS, *PREQUANTIZED_KINDS):
+        raise ConfigError(
+            f"store kind {kind!r} is not encoded block by block; use one of {COMPRESSIONS} (int8 and int4 stores "
+            "are built by tensorstream.compact)."
+        )
     stored: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
     for name, tensor in tensors.items():
@@ -211,12 +171,11 @@ def encode_tensors(
                 if tensor.dtype in (torch.bfloat16, torch.float16) and tensor.numel() >= MIN_QUANTIZED_NUMEL
                 else None
             )
-        elif kind in PREQUANTIZED_KINDS:
-            parts = parts_of(name, tensor) if parts_of is not None else None
         else:
-            group = _group(kind, tensor)
-            parts = None if group is None else _quantize(tensor, kind, group)
-            entry["group"] = group
+            parts = parts_of(name, tensor) if parts_of is not None else None
+            if parts is not None and "__meta__" in parts:  # compressed-tensors: its format and scheme
+                parts = dict(parts)
+                entry["ct"] = parts.pop("__meta__")
         if parts is None:
             stored[name] = tensor
             continue
@@ -238,7 +197,16 @@ def _scratch_bytes(kind: str, numel: int, shape: tuple[int, ...]) -> int:
         return 4 * min(numel, max(FP8_PIECE, shape[-1]))
     if kind == "mxfp4":  # the blocks' shape [E, R, G, B]: pieces of the model thread's size (the larger ones)
         return mxfp4_scratch_bytes(shape, FP8_PIECE) if len(shape) == 4 else 0
-    return numel // 2 if kind == "int4" else numel if kind == "lossless" else 0
+    return numel if kind == "lossless" else 0
+
+
+def _rule_parts(raw: str | None) -> set[str]:
+    """The entries rule records name as parts (loosely: `tensorstream.rules.parse_rules` validates them)."""
+    try:
+        records = json.loads(raw) if raw else {}
+        return {part_name(n, str(p)) for n, r in records.items() for p in r.get("parts", [])}
+    except (ValueError, RecursionError, AttributeError, TypeError):
+        return set()
 
 
 def _align(value: int, alignment: int) -> int:
@@ -250,10 +218,10 @@ class _Step:
     """Expand one tensor: from the compact entries ``parts`` (name -> info) into ``out`` of the expanded buffer."""
 
     name: str
-    kind: str  # "copy", "int8", "int4", "lossless", "fp8", "mxfp4"
+    kind: str  # "copy", "lossless", "fp8", "mxfp4"
     out: TensorInfo
     parts: dict[str, TensorInfo]
-    group: int = 0
+    meta: Any = None  # compressed-tensors: {"format", "scheme"}
 
 
 class BlockCodec:
@@ -270,7 +238,7 @@ class BlockCodec:
     Attributes:
         tensors: logical name -> `TensorInfo` in the expanded buffer (what the model binds).
         expanded_bytes, compact_offset, scratch_offset, region_bytes: the region's layout, in bytes.
-        kind: ``None`` (plain), ``"int8"``, ``"int4"`` or ``"lossless"``.
+        kind: ``None`` (plain), ``"lossless"``, ``"fp8"`` or ``"mxfp4"``.
         host_decode: expansion runs on the CPU (zstd), so on a GPU the expanded bytes are what is copied.
     """
 
@@ -291,8 +259,28 @@ class BlockCodec:
             self.region_bytes = self.scratch_offset
             self.mapped_scratch_offset = self.mapped_region_bytes = self.scratch_offset
             self.host_decode = False
-            return
-        self._parse(raw)
+        else:
+            self._parse(raw)
+        #: parameters rebuilt by a binding rule (`tensorstream.rules`) from plain parts, in the bound layout
+        self.rules: dict[str, RuledTensor] = parse_rules(header.metadata.get(RULES_KEY), self.tensors, header.path)
+
+    @property
+    def needs_binding(self) -> bool:
+        """Whether tensorstream binds this block itself (expanded, or with ruled parameters) rather than transformers'
+        loader reading its entries as they are."""
+        return self.encoded or bool(self.rules)
+
+    @property
+    def logical(self) -> dict[str, TensorInfo]:
+        """Name -> dtype and shape of every tensor the block binds: a ruled parameter as itself, not its parts
+        (``start`` is 0 and ``nbytes`` its logical size: for declaring names, never for reading)."""
+        if not self.rules:
+            return self.tensors
+        parts = {part_name(name, p) for name, ruled in self.rules.items() for p in ruled.parts}
+        logical = {name: info for name, info in self.tensors.items() if name not in parts}
+        for name, ruled in self.rules.items():
+            logical[name] = TensorInfo(DTYPE_CODES[ruled.dtype], ruled.shape, 0, ruled.nbytes)
+        return logical
 
     @property
     def encoded(self) -> bool:
@@ -314,7 +302,8 @@ class BlockCodec:
         self.host_decode = kind == "lossless"
         described: dict[str, Any] = meta["tensors"]
         claimed: set[str] = set()
-        encoded: dict[str, tuple[str, tuple[int, ...], dict[str, TensorInfo], int, int]] = {}
+        encoded: dict[str, tuple[str, tuple[int, ...], dict[str, TensorInfo], int]] = {}
+        metas: dict[str, Any] = {}
         scratch = 0
         for name, entry in described.items():
             if not isinstance(entry, dict) or entry.get("as") != kind:
@@ -336,18 +325,26 @@ class BlockCodec:
             parts = {}
             for part in _PARTS[kind]:
                 info = header.tensors.get(_part(name, part))
+                if info is None and kind == "compressed-tensors":  # only those its format has
+                    continue
                 if info is None:
                     raise self._fail(f"{_part(name, part)!r} is missing")
                 parts[part] = info
                 claimed.add(_part(name, part))
             numel = math.prod(shape)
-            group = self._check_parts(name, kind, entry, DTYPES[dtype], tuple(shape), numel, parts)
+            self._check_parts(name, kind, DTYPES[dtype], tuple(shape), numel, parts)
             compact_shape = parts["q"].shape if kind == "mxfp4" else tuple(shape)  # mxfp4: by its blocks' shape
             scratch = max(scratch, _scratch_bytes(kind, numel, compact_shape))
-            encoded[name] = (dtype, tuple(shape), parts, group, phase)
+            encoded[name] = (dtype, tuple(shape), parts, phase)
+            metas[name] = meta = entry.get("ct")
+            if kind == "compressed-tensors" and not (
+                isinstance(meta, dict) and isinstance(meta.get("format"), str) and isinstance(meta.get("scheme"), dict)
+            ):
+                raise self._fail(f"encoding of {name!r} has no compressed-tensors format and scheme")
         suffixes = tuple(f".__{part}__" for parts in _PARTS.values() for part in parts)
+        ruled = _rule_parts(header.metadata.get(RULES_KEY))
         for name in header.tensors:
-            if name not in claimed and name.endswith(suffixes):
+            if name not in claimed and name not in ruled and name.endswith(suffixes):
                 raise self._fail(f"{name!r} belongs to no encoded tensor")
         # the expanded layout: logical tensors in the data order of their first entry, each 64-byte aligned
         first: dict[str, int] = {}
@@ -358,15 +355,15 @@ class BlockCodec:
         self.tensors = {}
         for name in sorted(first, key=first.__getitem__):
             if name in encoded:
-                dtype, shape, parts, group, phase = encoded[name]
+                dtype, shape, parts, phase = encoded[name]
             else:
                 plain = header.tensors[name]
-                dtype, shape, parts, group, phase = plain.dtype, plain.shape, {"data": plain}, 0, plain.phase
+                dtype, shape, parts, phase = plain.dtype, plain.shape, {"data": plain}, plain.phase
             nbytes = math.prod(shape) * DTYPES[dtype].itemsize
             start = offset + (phase if self.phased else 0)
             info = TensorInfo(dtype, shape, start, start + nbytes, start % TENSOR_ALIGNMENT)
             self.tensors[name] = info
-            self.steps.append(_Step(name, kind if name in encoded else "copy", info, parts, group))
+            self.steps.append(_Step(name, kind if name in encoded else "copy", info, parts, metas.get(name)))
             offset = _align(offset + (TENSOR_ALIGNMENT if phase else 0) + nbytes, TENSOR_ALIGNMENT)
         self.expanded_bytes = offset
         self.compact_offset = _align(offset, _SCRATCH_ALIGNMENT)
@@ -381,12 +378,11 @@ class BlockCodec:
         self,
         name: str,
         kind: str,
-        entry: dict[str, Any],
         dtype: torch.dtype,
         shape: tuple[int, ...],
         numel: int,
         parts: dict[str, TensorInfo],
-    ) -> int:
+    ) -> None:
         def expect(part: str, code: str, part_shape: tuple[int, ...]) -> None:
             info = parts[part]
             if info.dtype != code or info.shape != part_shape:
@@ -395,6 +391,10 @@ class BlockCodec:
                 )
 
         weight_code = DTYPE_CODES[dtype]
+        if kind == "compressed-tensors":  # its format and scheme are checked by `_parse`
+            if not dtype.is_floating_point or "scale" not in parts or ("packed" not in parts) == ("q" not in parts):
+                raise self._fail(f"{name!r} is not a valid compressed-tensors entry")
+            return
         if kind == "fp8":  # a 2-D weight, or fused [E, R, C] experts with an [E, ...] grid of scales
             if len(shape) not in (2, 3) or dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 raise self._fail(f"{name!r} is {weight_code}{list(shape)}: fp8 entries expand to 2-D or 3-D weights")
@@ -409,7 +409,7 @@ class BlockCodec:
                 or shape[-1] % scale.shape[-1]
             ):
                 raise self._fail(f"{_part(name, 'scale')!r} is not a F32/BF16 block grid dividing {list(shape)}")
-            return 0
+            return
         if kind == "mxfp4":
             if len(shape) != 3 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 raise self._fail(f"{name!r} is {weight_code}{list(shape)}: mxfp4 entries expand to 3-D float weights")
@@ -420,27 +420,13 @@ class BlockCodec:
                 )
             expect("q", "U8", blocks)
             expect("scale", "U8", blocks[:3])
-            return 0
-        if kind == "lossless":
-            if dtype not in (torch.bfloat16, torch.float16):
-                raise self._fail(f"{name!r} is {weight_code}: only 16-bit floats are stored as byte planes")
-            expect("lo", "U8", (numel,))
-            if parts["hi"].dtype != "U8" or len(parts["hi"].shape) != 1:
-                raise self._fail(f"{_part(name, 'hi')!r} must be a U8 vector (a zstd frame)")
-            return 0
-        group = entry.get("group")
-        if not isinstance(group, int) or isinstance(group, bool) or group not in GROUPS[kind] or shape[-1] % group:
-            raise self._fail(f"{name!r} has group {group!r}, which does not divide its last dimension {shape[-1]}")
-        if not dtype.is_floating_point or dtype.itemsize < 2:
-            raise self._fail(f"{name!r} is {weight_code}: only 16- and 32-bit floats are quantized")
-        groups = (*shape[:-1], shape[-1] // group)
-        expect("scale", weight_code, groups)
-        if kind == "int8":
-            expect("q", "I8", shape)
-        else:
-            expect("q", "U8", (numel // 2,))
-            expect("zero", weight_code, groups)
-        return group
+            return
+        # lossless
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise self._fail(f"{name!r} is {weight_code}: only 16-bit floats are stored as byte planes")
+        expect("lo", "U8", (numel,))
+        if parts["hi"].dtype != "U8" or len(parts["hi"].shape) != 1:
+            raise self._fail(f"{_part(name, 'hi')!r} must be a U8 vector (a zstd frame)")
 
     # -- expansion ---------------------------------------------------------------------------------------------
 
@@ -482,6 +468,12 @@ class BlockCodec:
                     piece=piece,
                 )
                 continue
+            if step.kind == "compressed-tensors":
+                from .ctensors import decompress
+
+                views = {p: compact[i.start : i.end].view(i.torch_dtype).view(i.shape) for p, i in step.parts.items()}
+                decompress(out.view(step.out.torch_dtype).view(step.out.shape), views, step.meta)
+                continue
             if step.kind == "fp8":
                 q, scale = step.parts["q"], step.parts["scale"]
                 fp8_dequantize(
@@ -492,32 +484,6 @@ class BlockCodec:
                     piece=_INLINE - 1 if inline else FP8_PIECE,
                 )
                 continue
-            group = step.group
-            weight = out.view(step.out.torch_dtype).view(-1, group)  # one row per group
-            q, scale = step.parts["q"], step.parts["scale"]
-            scales = compact[scale.start : scale.end].view(scale.torch_dtype).view(-1, 1)
-            rows = weight.shape[0]
-            per = max(1, (_INLINE - 1) // group) if inline else rows
-            if step.kind == "int8":
-                values = compact[q.start : q.end].view(torch.int8).view(-1, group)
-                for r in range(0, rows, per):
-                    chunk = weight[r : r + per]
-                    chunk.copy_(values[r : r + per])  # exact: |q| <= 127
-                    chunk.mul_(scales[r : r + per])  # one rounding of an exact product: the same bits everywhere
-                continue
-            packed = compact[q.start : q.end].view(-1, group // 2)
-            zero = step.parts["zero"]
-            zeros = compact[zero.start : zero.end].view(zero.torch_dtype).view(-1, 1)
-            half = scratch[: per * (group // 2)]
-            for r in range(0, rows, per):
-                chunk, source = weight[r : r + per], packed[r : r + per]
-                pairs, nibbles = chunk.view(-1, 2), half[: source.numel()].view(source.shape)
-                torch.bitwise_and(source, 15, out=nibbles)
-                pairs[:, 0].copy_(nibbles.view(-1))
-                torch.bitwise_right_shift(source, 4, out=nibbles)
-                pairs[:, 1].copy_(nibbles.view(-1))
-                chunk.sub_(zeros[r : r + per])  # exact: small integers
-                chunk.mul_(scales[r : r + per])
 
     def _expand_planes(
         self, step: _Step, compact: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor, inline: bool

@@ -53,6 +53,7 @@ from torch import nn
 from .backends import Backend, get_backend
 from .binding import backend_name, block_memory, block_targets, device_codec, parameter
 from .config import Config
+from .encoding import expands
 from .errors import CorruptFileError, StaleStoreError, StreamingError
 from .expert_streamer import ExpertStreamer
 from .experts import ExpertLayout, check_modules, routed_layouts
@@ -153,10 +154,10 @@ class Engine(BlockReaders):
         #: zero-copy: parameters are views of the backend's mapping of each file (CPU and ``backend="mmap"``);
         #: the arena then holds no memory, it only counts the blocks in flight, and a read populates mapped pages.
         maps = self.device.type == "cpu" and bool(getattr(self.backend, "maps", False))
-        self.mapped = maps and store.kind is None
+        self.mapped = maps and not expands(store.kind)
         #: An encoded store's blocks are expanded into the arena, so they are never bound as mapped pages; on CPU
         #: with the mmap backend they are expanded straight from the mapping (the compact bytes are page cache).
-        self.expand_mapped = maps and store.kind is not None
+        self.expand_mapped = maps and expands(store.kind)
         if self.mapped or self.expand_mapped:
             self.backend.keep_mapped = keep_mapped_pages(store.total_bytes)  # type: ignore[attr-defined]
         self.slots: Any = (
@@ -323,7 +324,9 @@ class Engine(BlockReaders):
             views = [parameter(buf, target, self.realign) for target in block.bound_targets]
             if len(self._views) > 8 * len(self.blocks):  # regions land at a few offsets per block: bounded
                 self._views.clear()
-            self._views[key] = views
+            # a ruled parameter its forward changes (bitsandbytes', `tensorstream.bnb`) is rebuilt at every bind
+            if not any(getattr(t[8] and t[8].rule, "rebuild_each_bind", False) for t in block.bound_targets):
+                self._views[key] = views
         self.bound = (b, slot)  # first: an interrupt while binding leaves placeholders that `_unbind` restores
         for (module, attr, placeholder, *_), param in zip(block.bound_targets, views, strict=True):
             if param.requires_grad != placeholder.requires_grad:  # changed since the view was made (requires_grad_)

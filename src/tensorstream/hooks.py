@@ -43,14 +43,23 @@ class BlockWeights(Mapping[str, torch.Tensor]):
         self._block = block
         tied = engine.store.manifest.get("tied", {})
         prefix = f"{name}."
-        tensors = block.codec.tensors  # as the model binds them (expanded, for a quantized or compressed store)
+        tensors = block.codec.logical  # as the model binds them (expanded, or rebuilt by a binding rule)
         self._keys = {full[len(prefix) :]: full for full in tensors}
         self._keys.update({t[len(prefix) :]: s for t, s in tied.items() if t.startswith(prefix) and s in tensors})
 
     def __getitem__(self, key: str) -> torch.Tensor:
         full = self._keys[key]
-        info = self._block.codec.tensors[full]
         data = self._engine.read_block(self._block)  # the engine's checks: same file, checksum if configured
+        ruled = self._block.codec.rules.get(full)
+        if ruled is not None:
+            raise UnsupportedOperationError(
+                f"reading {full!r} of this streaming model's store (save_pretrained, or its hook's weights_map): "
+                f"it is a {ruled.dtype} weight stored as the parts of a quantized tensor (binding rule "
+                f"{ruled.rule.name!r}), which transformers writes only for a model it quantized itself. Save the "
+                "source checkpoint instead (the store is built from it), or stream the plain store to save plain "
+                "weights."
+            )
+        info = self._block.codec.tensors[full]
         return data[info.start : info.end].view(info.torch_dtype).view(info.shape).clone()
 
     def __iter__(self) -> Iterator[str]:

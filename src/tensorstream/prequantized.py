@@ -12,10 +12,21 @@ method and the machine:
   fine-grained FP8, the store keeps the checkpoint's own float8 weights and block scales (store kind ``"fp8"``)
   and each block is dequantized when it is loaded with the same arithmetic as transformers' ``Fp8Dequantize``
   (`fp8_dequantize`), checked bit for bit against transformers' own result at reshard time.
-* **kept quantized** (bitsandbytes, GPTQ/AWQ, compressed-tensors, torchao, and FP8/MXFP4 with their kernels):
-  the model holds the method's own modules, parameter classes or tensor subclasses, and some convert tensors after
-  loading. None of these is streamed yet: `check_method` and `check_loaded` raise `UnsupportedQuantizationError`
-  naming the method, the reason and what works instead, before any store is written.
+* **decompressed at the first forward** (compressed-tensors' weight-only ``pack-quantized`` int4/int8 and
+  ``float-quantized`` FP8): the resident model holds compressed layers that a hook decompresses in place into plain
+  ``Linear`` layers when it first runs. The store (kind ``"compressed-tensors"``) keeps the checkpoint's compact
+  tensors and each block is decompressed when it loads with compressed-tensors' own function
+  (`tensorstream.ctensors`); the streamed model is built without ``quantization_config``, as for FP8 above.
+  Schemes that quantize activations are refused (their layers keep a quantizing forward).
+* **kept in the method's own layers** (bitsandbytes 4-bit and 8-bit): the resident model computes with
+  ``Linear4bit``/``Linear8bitLt`` on the checkpoint's own tensors, unconverted. The store holds them as the parts of
+  those parameters (binding rules), the streamed model gets bitsandbytes' layers where the store has such
+  parameters, and each bind rebuilds ``Params4bit``/``Int8Params`` from views of the slot (`tensorstream.bnb`).
+  Both this and the previous kind are written from the checkpoint's files block by block: transformers cannot
+  disk-offload them.
+* **not streamed yet** (GPTQ/AWQ, torchao, and FP8/MXFP4 with their kernels): the model holds the method's own
+  modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
+  `UnsupportedQuantizationError` naming the method, the reason and what works instead, before any store is written.
 
 `check_offload` does the same for `tensorstream.offload` on a model already loaded.
 
@@ -33,12 +44,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .bnb import KEPT_METHODS, cpu_packed, restore_int8_state
+from .ctensors import CT_KIND
 from .dequantize import (
     FLOAT8,
     FP8_SCALE_SUFFIX,
@@ -51,6 +64,7 @@ from .errors import UnsupportedQuantizationError
 
 __all__ = [
     "FP8_SCALE_SUFFIX",
+    "RULED_METHODS",
     "check_fp8_blocks",
     "check_loaded",
     "check_method",
@@ -63,12 +77,16 @@ __all__ = [
     "mxfp4_dequantize",
     "quantization_identity",
     "quantization_method",
+    "torchao_tensors",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Methods tensorstream streams in the form transformers dequantizes them to at load (see the module docstring).
 DEQUANTIZED_METHODS = ("fp8", "mxfp4")
+#: Methods whose quantized tensors stream as they are, rebuilt by a binding rule (`tensorstream.rules`): the store
+#: holds the checkpoint's own parts, the streamed model is built without the quantization (`torchao_tensors`).
+RULED_METHODS = ("torchao",)
 
 _ALTERNATIVES = (
     "load it without device_map='tensorstream' (transformers runs it resident), or stream the unquantized original "
@@ -79,22 +97,6 @@ _REASONS = {
     "gptq": (
         "GPTQ/AWQ layers (gptqmodel) convert the checkpoint's zero points when a model loads (qzeros v1 -> v2); a "
         "streamed model would convert the stored, already converted values once more and compute wrong numbers"
-    ),
-    "bitsandbytes_4bit": (
-        "bitsandbytes binds its own parameter classes (Params4bit with its quantization state), which streamed "
-        "blocks do not rebuild yet, and it refuses the disk offload the reshard uses"
-    ),
-    "bitsandbytes_8bit": (
-        "bitsandbytes binds its own parameter class (Int8Params with its CB/SCB state), which streamed blocks do not "
-        "rebuild yet, and it refuses the disk offload the reshard uses"
-    ),
-    "compressed-tensors": (
-        "compressed-tensors decompresses its layers in place from forward hooks that need the weights on a device, "
-        "while a streamed block's weights are on the meta device between forwards"
-    ),
-    "torchao": (
-        "torchao weights are tensor subclasses (Int8Tensor, ...), which transformers' disk offload cannot write and "
-        "streamed blocks do not rebuild from the store yet"
     ),
 }
 _REASONS["awq"] = _REASONS["gptq"]
@@ -195,8 +197,12 @@ def check_method(method: str | None, where: str, *, on_the_fly: bool = False) ->
             "(tensorstream_config=tensorstream.Config(quantize='int8') or 'int4'), or load it without "
             "device_map='tensorstream'",
         )
-    if method in DEQUANTIZED_METHODS:
-        return  # `check_loaded` confirms that transformers dequantized it
+    if method in DEQUANTIZED_METHODS or method in RULED_METHODS:
+        return  # `check_loaded` confirms that transformers dequantized it; a ruled tensor is checked as it is stored
+    if method in KEPT_METHODS:
+        return  # streamed in bitsandbytes' own layers (`tensorstream.bnb`)
+    if method == CT_KIND:
+        return  # its compact tensors decompressed per block (`tensorstream.ctensors`)
     reason = _REASONS.get(
         method,
         f"tensorstream streams pre-quantized checkpoints only where transformers dequantizes them at load "
@@ -281,12 +287,31 @@ def check_offload(model: torch.nn.Module) -> None:
     or one holding parameter classes or tensor subclasses (bitsandbytes, torchao) that streamed blocks would lose."""
     method = quantization_method(getattr(model, "config", None))
     where = f"this {type(model).__name__}"
-    if method is not None and (
-        getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
+    if method in KEPT_METHODS:  # bitsandbytes' parameter classes are rebuilt at each bind (`tensorstream.bnb`)
+        restore_int8_state(model)
+        packed = cpu_packed(model)
+        if packed is not None:
+            raise _refuse(
+                where,
+                method,
+                f"{packed} was repacked by bitsandbytes for this CPU's 4-bit kernel at the model's first forward, "
+                "and bitsandbytes' state_dict undoes that only approximately (its block scales went through bf16)",
+                "call tensorstream.offload(model, ...) before the model's first forward, or stream the checkpoint "
+                "with from_pretrained(..., device_map='tensorstream')",
+            )
+        return
+    if (
+        method is not None
+        and method not in RULED_METHODS
+        and (getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
     ):
         raise _refuse(where, method, _REASONS.get(method, f"{method} keeps its own quantized layers"), _OFFLOAD_FIX)
+    from .rules import flatten, rule_for
+
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        if rule_for(tensor) is not None:
+            flatten(name, tensor)  # a typed refusal now, before anything is written, for state no rule records
+        elif type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             raise _refuse(
                 where,
                 method or type(tensor).__name__,
@@ -296,6 +321,65 @@ def check_offload(model: torch.nn.Module) -> None:
             )
 
 
+# -- torchao: the checkpoint's tensor subclasses, as transformers' torchao loader rebuilds them ----------------------
+
+
+def torchao_tensors(folder: Path) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
+    """For a torchao checkpoint in safetensors: a function giving, for a runtime tensor name and the model's
+    placeholder, the tensor subclass transformers' torchao loader makes of the checkpoint's entries
+    (``{module}._{weight}_{part}``, with the class and attributes in the file's metadata), as a parameter with the
+    placeholder's ``requires_grad`` as transformers binds it; ``None`` for a plain tensor. One tensor is read at a
+    time (memory stays bounded by the largest tensor), with torchao's own ``unflatten_tensor_state_dict``.
+
+    Raises:
+        `UnsupportedQuantizationError`: the checkpoint is not in safetensors with torchao's metadata.
+    """
+    from safetensors import safe_open
+
+    with _quiet_torchao():
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+        from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
+
+    where: dict[str, tuple[Path, dict[str, str]]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if not is_metadata_torchao(metadata):
+            continue
+        for name in json.loads(metadata["tensor_names"]):
+            if json.loads(metadata[name]).get("_type") != torch.Tensor.__name__:
+                where[name] = (file, metadata)
+    if not where:
+        raise _refuse(
+            str(folder),
+            "torchao",
+            "only torchao checkpoints in safetensors (with torchao's tensor metadata) stream; this one has none",
+            "save it with save_pretrained(..., safe_serialization=True) from a torchao-quantized model, or load it "
+            "without device_map='tensorstream'",
+        )
+
+    def tensor_of(name: str, placeholder: torch.Tensor) -> torch.Tensor | None:
+        if name not in where:
+            return None
+        file, metadata = where[name]
+        module, _, weight = name.rpartition(".")
+        prefix = f"{module}._{weight}_"
+        with safe_open(str(file), framework="pt") as f:
+            data = {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}  # noqa: SIM118
+        with _quiet_torchao():
+            rebuilt, _ = unflatten_tensor_state_dict(data, {"tensor_names": json.dumps([name]), name: metadata[name]})
+        return torch.nn.Parameter(rebuilt[name], requires_grad=placeholder.requires_grad)
+
+    return tensor_of
+
+
+def _quiet_torchao() -> Any:
+    from ._quiet import quiet_torchao
+
+    return quiet_torchao()
+
+
+# -- fine-grained FP8: the checkpoint's compact tensors, dequantized as transformers does -----------------------------
 def checkpoint_parts(folder: Path, model: torch.nn.Module, config: Any) -> CheckpointParts | None:
     """For a fine-grained FP8 or MXFP4 checkpoint that transformers dequantized: a `CheckpointParts` giving, for a
     runtime tensor name and the tensor transformers made of it, the checkpoint's compact tensors
@@ -348,11 +432,28 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
     method = info["method"]
     name = quantization_name(info)
     encoding = manifest.get("encoding")
-    if encoding in DEQUANTIZED_METHODS:
+    if info.get("dequantized") is False:  # RULED_METHODS: the checkpoint's tensors, rebuilt by binding rules
+        how = (
+            f"the store holds the checkpoint's own {method} tensors (their quantized parts), rebuilt as {method}'s "
+            "tensor subclasses when each block is bound: the model computes on them as transformers' resident load "
+            "does"
+        )
+    elif encoding in DEQUANTIZED_METHODS:
         what = "float8 weights and block scales" if method == "fp8" else "FP4 blocks and E8M0 scales"
         how = (
             f"the store holds the checkpoint's {what} (fused experts included), dequantized per block on the CPU "
             "as transformers does (its arithmetic, checked bit for bit when the store was written)"
+        )
+    elif encoding == CT_KIND:
+        how = (
+            "the store holds the checkpoint's compact tensors (packed integers or float8 weights, scales, zero "
+            "points), decompressed to plain weights as each block loads with compressed-tensors' own function, as "
+            "transformers' resident model does at its first forward"
+        )
+    elif info.get("kept") is True:
+        how = (
+            "the store holds the checkpoint's own tensors (packed weights and their quantization state), bound at "
+            "each block's load as bitsandbytes' Linear4bit/Linear8bitLt parameters, which compute on them"
         )
     elif encoding is not None:
         how = f"the store holds the weights transformers dequantizes it to at load, stored as {encoding}"

@@ -42,9 +42,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._quiet import quiet_torchao
+from .bnb import KEPT_METHODS
+from .compact import COMPACT_KINDS, kind_identity, linear_weights, quantize_linears
 from .config import default_storage_path, parse_dtype
-from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, store_kind
+from .ctensors import CT_KIND
+from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, expands, store_kind
 from .errors import (
+    ConfigError,
     FormatError,
     LockTimeoutError,
     StaleStoreError,
@@ -57,6 +61,7 @@ from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .prequantized import (
     DEQUANTIZED_METHODS,
+    RULED_METHODS,
     check_expansion,
     check_fp8_blocks,
     check_loaded,
@@ -65,7 +70,9 @@ from .prequantized import (
     quantization_details,
     quantization_identity,
     quantization_method,
+    torchao_tensors,
 )
+from .rules import RULES_KEY, flatten_tensors, plain_parts, rule_for
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["build_store", "reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -125,7 +132,7 @@ def source_fingerprint(
     # routed experts were stored last, get a new fingerprint: they are rebuilt once, never reused
     head["layout"] = LAYOUT_REVISION
     if kind is not None:  # a plain store keeps the fingerprint it always had
-        head["encoding"] = kind
+        head["encoding"] = kind_identity(kind)
     quantization = quantization_identity(config)
     if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
         head["quantization"] = quantization
@@ -392,6 +399,18 @@ def reshard(
     check_fp8_blocks(folder, config, str(source))
     fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
+    build_config, ruled = config, None
+    if method in RULED_METHODS:  # its tensors are stored as the checkpoint holds them, bound by binding rules
+        if kind is not None:
+            raise ConfigError(
+                f"{source} is quantized with {method}: it streams its own quantized tensors, so quantize= and "
+                "compression= do not apply. Drop them (or stream the unquantized original with them)."
+            )
+        from .integrations.transformers import _without_quantization
+
+        # built without the quantization, the model's load converts nothing: the checkpoint's tensors are read as
+        # transformers' loader rebuilds them (`torchao_tensors`), one at a time
+        build_config, ruled = _without_quantization(config), torchao_tensors(folder)
 
     def write(staging: Path) -> None:
         if progress and not are_progress_bars_disabled():  # building the model takes a while before the bar
@@ -399,11 +418,14 @@ def reshard(
                 f"tensorstream: resharding {source} into {root / fingerprint} (building the model first)",
                 file=sys.stderr,
             )
+        if method in KEPT_METHODS or method == CT_KIND:  # written from the checkpoint's own tensors
+            write_from_checkpoint(staging)
+            return
         try:
             with quiet_transformers():
                 model = cls.from_pretrained(
                     str(folder),
-                    config=config,
+                    config=build_config,
                     device_map={"": "disk"},
                     offload_folder=str(staging / "_offload"),
                     dtype=dtype or "auto",
@@ -421,6 +443,9 @@ def reshard(
         compact = checkpoint_parts(folder, model, config) if kind is None else None
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            quantized = ruled(name, tensor) if ruled is not None else None
+            if quantized is not None:
+                return quantized
             if tensor.device.type != "meta":
                 return tensor.detach()
             try:
@@ -435,10 +460,10 @@ def reshard(
         }
         if quantization_arg is not None:  # part of the fingerprint: a rebuild must pass it again (`repair_command`)
             source_info["quantization_arg"] = quantization_identity(quantization_arg)
-        if method is not None:  # dequantized at load (`check_loaded`): the streamed model is built without it
-            source_info["quantization"] = {
+        if method is not None:  # dequantized at load (`check_loaded`), or its tensors stored as they are (ruled):
+            source_info["quantization"] = {  # either way the streamed model is built without it
                 "method": method,
-                "dequantized": True,
+                "dequantized": ruled is None,
                 "checkpoint_bytes": _checkpoint_bytes(folder),
                 **quantization_details(config),
             }
@@ -460,6 +485,40 @@ def reshard(
         for name in ("generation_config.json",):
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
+
+    def write_from_checkpoint(staging: Path) -> None:
+        """bitsandbytes (its layers bind the checkpoint's tensors) and compressed-tensors (the checkpoint's compact
+        tensors, decompressed as each block loads): transformers cannot disk-offload either, so the store is written
+        from the checkpoint's files, block by block."""
+        if dtype is not None or kind is not None:
+            raise ConfigError(
+                f"{source} is quantized with {method}: its store holds the checkpoint's own tensors, so no dtype or "
+                "store kind applies. Drop dtype= (and Config quantize/compression, TENSORSTREAM_QUANTIZE, "
+                "TENSORSTREAM_COMPRESSION) to stream it."
+            )
+        parts_of = None
+        if method == CT_KIND:
+            from .ctensors import checkpoint_source
+
+            model, state, get_tensor, parts_of, phase_of = checkpoint_source(folder, cls, config, str(source))
+        else:
+            from .bnb import checkpoint_tensors
+
+            model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config, str(method))
+            model.config = config  # config.json keeps quantization_config: the streamed model is built with it
+        checkpoint = {"method": method, "checkpoint_bytes": _checkpoint_bytes(folder)}
+        source_info = {
+            "source": str(source),
+            "folder": str(folder),
+            "weight_conversions": [],
+            "quantization": {**checkpoint, "kept": True} if parts_of is None else {**checkpoint, "dequantized": True},
+        }
+        _write_store(
+            staging, model, get_tensor, fingerprint, cls.__name__, None, source_info, progress,
+            None if parts_of is None else CT_KIND, phase_of=phase_of, parts_of=parts_of, state=state,
+        )  # fmt: skip
+        if (folder / "generation_config.json").is_file():
+            shutil.copyfile(folder / "generation_config.json", staging / "generation_config.json")
 
     return build_store(root, fingerprint, str(source), _checkpoint_bytes(folder), write, force=force)
 
@@ -509,7 +568,7 @@ def reshard_module(
     keep = kept_in_fp32(model) if dtype is not None else None
     digest = hashlib.sha256(f"{FORMAT_VERSION}\0{LAYOUT_REVISION}\0{type(model).__name__}\0{dtype}\n".encode())
     if kind is not None:
-        digest.update(f"encoding\0{kind}\n".encode())
+        digest.update(f"encoding\0{kind_identity(kind)}\n".encode())
     if keep is not None:  # a diffusers model's modules kept in float32 under any dtype
         digest.update(f"fp32\0{sorted(keep.modules)}\n".encode())
     needed_bytes = 0
@@ -521,10 +580,11 @@ def reshard_module(
                 "it works on transformers models, on diffusers models (FluxTransformer2DModel.from_pretrained(...)) "
                 "and on diffusers pipelines (DiffusionPipeline.from_pretrained(...))."
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy())) if data.numel() else 0
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{crc}\n".encode())
-        needed_bytes += _nbytes(data)
+        for part, value in plain_parts(name, tensor).items():  # a ruled tensor (torchao's) by its stored parts
+            data = value.detach().to("cpu").contiguous().reshape(-1)
+            crc = zlib.crc32(data.view(torch.uint8).numpy().data) if data.numel() else 0
+            digest.update(f"{part}\0{value.dtype}\0{tuple(value.shape)}\0{crc}\n".encode())
+            needed_bytes += _nbytes(data)
     fingerprint = digest.hexdigest()[:16]
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     root.mkdir(parents=True, exist_ok=True)
@@ -537,13 +597,17 @@ def reshard_module(
             return final
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if rule_for(tensor) is not None:  # as it is: detach() drops a parameter class (bitsandbytes')
+                return tensor
             tensor = tensor.detach()
-            if dtype is None or not tensor.is_floating_point():
+            if dtype is None or not tensor.is_floating_point() or rule_for(tensor) is not None:
                 return tensor
             return tensor.to(torch.float32 if keep is not None and keep(name) else dtype)
 
         def phase_of(name: str, tensor: torch.Tensor) -> int:  # where the model's own tensor sits
             original = state[name]
+            if rule_for(original) is not None:  # stored as its parts, written anew
+                return 0
             same = original.device.type == "cpu" and original.dtype == tensor.dtype
             return original.data_ptr() % TENSOR_ALIGNMENT if same else 0
 
@@ -731,14 +795,18 @@ def _write_store(
     *,
     phase_of: Callable[[str, torch.Tensor], int] | None = None,
     parts_of: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
+    """Write the store of ``model`` into ``staging``: the tensors of its ``state_dict`` (or ``state``, the same
+    names with tied ones sharing one tensor), each read by ``get_tensor`` when its block is written."""
     units = find_units(model)
     blocks = [name for name, _ in units]
     block_set = set(blocks)
+    linear = linear_weights(model, blocks) if kind in COMPACT_KINDS else set()
     owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["", *blocks]}
     seen: dict[tuple[str, int], str] = {}
     tied: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in (model.state_dict(keep_vars=True) if state is None else state).items():
         owner = _owner_of(name, block_set)
         key = (owner, id(tensor))
         if key in seen:  # the same tensor under a second name (tied weights): stored once
@@ -768,21 +836,29 @@ def _write_store(
             path = staging / rel
             # non-block weights stay as they are; every streamed unit is encoded (a head streamed on its own too:
             # at a small budget it is read every step like the blocks)
-            encoding = kind if block else None
+            encoding = kind if block and expands(kind) else None
             header = _reusable(path, block, encoding)
             nbytes = sum(_nbytes(t) for t in owned[block].values())
-            routed = experts_record(model, block, list(owned[block])) if block and encoding is None else []
+            routed = experts_record(model, block, list(owned[block])) if block and kind is None else []
             tail = [name for item in routed for name in item["tensors"]]
             if header is None:
                 tensors = {name: get_tensor(name, t) for name, t in owned[block].items()}
                 phases = {name: phase_of(name, t) for name, t in tensors.items()} if phase_of else {}
                 phases = {n: p for n, p in phases.items() if 0 < p < TENSOR_ALIGNMENT and p % tensors[n].itemsize == 0}
-                metadata = None
+                metadata: dict[str, str] | None = None
+                if block and kind in COMPACT_KINDS:  # linear weights as torchao's quantized tensors
+                    tensors, count = quantize_linears(tensors, kind, linear)
+                    encoded += count
+                # tensors a binding rule rebuilds (quantized tensor subclasses) are stored as their plain parts
+                tensors, rules = flatten_tensors(tensors)
+                if rules is not None:
+                    metadata = {RULES_KEY: rules}
+                    phases = {n: p for n, p in phases.items() if n in tensors}
                 # a pre-quantized block is checked against what transformers made of it once it is written
                 originals = tensors if encoding in PREQUANTIZED_KINDS else {}
                 if encoding is not None:  # phases of the encoded tensors go into the encoding, the rest stay
                     tensors, meta = encode_tensors(tensors, encoding, phases=phases, parts_of=parts_of)
-                    metadata = {ENCODING_KEY: meta}
+                    metadata = {**(metadata or {}), ENCODING_KEY: meta}
                     described = json.loads(meta)["tensors"]
                     encoded += len(described)
                     phases = {n: p for n, p in phases.items() if n not in described}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .encoding import BlockCodec
+from .encoding import BlockCodec, expands
 from .errors import FormatError, StaleStoreError
 from .format import MAX_FORMAT_VERSION, TsHeader, aligned_empty, read_data, read_ts_header, verify_buffer
 
@@ -254,7 +254,7 @@ class Store:
             return cached
         header = self.header(entry)
         codec = BlockCodec(header)
-        expected = self.kind if entry.name else None  # non-block weights are always plain
+        expected = self.kind if entry.name and expands(self.kind) else None  # non-block weights are always plain
         if codec.kind != expected or codec.region_bytes != entry.region_bytes:
             raise StaleStoreError(
                 f"{header.path} is a {codec.kind or 'plain'} file of {codec.region_bytes} bytes in memory, but the "
@@ -412,7 +412,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         seen_names.add(parsed.name)
         total += parsed.data_size
     kind = manifest.get("encoding")
-    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8", "mxfp4"):
+    if kind is not None and kind not in ("int8", "int4", "lossless", "fp8", "mxfp4", "compressed-tensors"):
         raise FormatError(f"{where}: encoding {kind!r} is not a store kind this tensorstream reads; {_FIX}")
     tied = manifest.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):

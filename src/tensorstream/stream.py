@@ -233,7 +233,7 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
                 f"the store {store.path} streams the block {name!r}, which this {type(model).__name__} does not have: "
                 f"the store was built for a different model or configuration; {repair_hint(store.path)}"
             ) from None
-    resident = [name for name in plan.resident if store.codec(_entry(store, name)).encoded]
+    resident = [name for name in plan.resident if store.codec(_entry(store, name)).needs_binding]
     if resident:  # an encoded store's resident blocks: expanded here, as the engine expands the streamed ones
         load_resident_blocks(
             store, resident, {n: model.get_submodule(n) for n in resident}, config.execution_device, config.verify
@@ -329,7 +329,7 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
     )
     plan = plan_for(store, config)
     # an encoded store's blocks all leave memory: the resident ones come back expanded from the store
-    streamed = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
+    streamed = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).needs_binding}
     device, dtype = config.execution_device, parse_dtype(config.dtype)
     keep = kept_in_fp32(model) if dtype is not None else None  # as the reshard converted them
     moved: dict[int, torch.Tensor] = {}
@@ -339,7 +339,10 @@ def offload(model: nn.Module, config: Config | None = None) -> nn.Module:
             target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             if keep is not None and tensor.is_floating_point() and keep(name):
                 target_dtype = torch.float32
-            data = tensor.detach().to(device="meta" if to_meta else device, dtype=target_dtype)
+            if to_meta and type(tensor) not in (torch.Tensor, nn.Parameter):  # a quantized tensor subclass
+                data = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")  # rebuilt by its binding rule
+            else:
+                data = tensor.detach().to(device="meta" if to_meta else device, dtype=target_dtype)
             moved[id(tensor)] = nn.Parameter(data, requires_grad=False) if isinstance(tensor, nn.Parameter) else data
         return moved[id(tensor)]
 

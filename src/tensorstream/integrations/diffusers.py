@@ -166,10 +166,10 @@ def _bind_resident(model: nn.Module, store: Store, streamed: set[str], device: t
 
     tied = store.manifest.get("tied", {})
     prefixes = tuple(f"{name}." for name in streamed)
-    encoded = {entry.name for entry in store.blocks if store.codec(entry).encoded and entry.name not in streamed}
+    encoded = {entry.name for entry in store.blocks if store.codec(entry).needs_binding and entry.name not in streamed}
     located: dict[str, Any] = {}
     for entry in store.entries():
-        for name, info in store.codec(entry).tensors.items():
+        for name, info in store.codec(entry).logical.items():
             located[name] = (entry, info)
     handles: dict[str, Any] = {}
     made: dict[int, Any] = {}

@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
+from ..bnb import KEPT_METHODS, bnb_layers
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
-from ..prequantized import describe_quantization
+from ..prequantized import describe_quantization, quantization_method
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
@@ -181,13 +182,15 @@ def load_streaming(
             model_kwargs=None if quantization_arg is None else {"quantization_config": quantization_arg},
         )
         store = Store.open(store_path, verify=config.verify)
-    if isinstance(store.manifest.get("quantization"), dict):
-        hf_config = _without_quantization(hf_config)
+    quantization = store.manifest.get("quantization")
+    kept = isinstance(quantization, dict) and quantization.get("kept") is True  # bitsandbytes' own layers
+    if isinstance(quantization, dict):
+        quantized_config, hf_config = hf_config, _without_quantization(hf_config)
         logger.info("tensorstream: %s", describe_quantization(store.manifest))
     plan = plan_for(store, config)
     # transformers loads what stays resident from the store's files, except an encoded store's blocks: tensorstream
     # expands those itself (`load_resident_blocks`), so they are left out of transformers' loading
-    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).encoded}
+    outside = set(plan.streamed) | {entry.name for entry in store.blocks if store.codec(entry).needs_binding}
     if config.verify == "checksum":  # resident weights are read once, by transformers' loader: check them first
         store.verify_checksums(e for e in store.entries() if e.name not in plan.streamed)
     device = config.execution_device
@@ -212,6 +215,8 @@ def load_streaming(
             **kwargs,
         )
     _remove_accelerate_hooks(model)
+    if kept:  # bitsandbytes' layers where the store binds its parameter classes (`tensorstream.bnb`)
+        bnb_layers(model, quantized_config, store, outside)
     _check_resident(model, tuple(outside), store)
     _restore_weight_conversions(model, store)
     start_streaming(model, store, plan, config)
@@ -249,7 +254,7 @@ def check_budget_before_reshard(
     from ..plan import find_blocks, make_plan
 
     sizes = {dtype.itemsize} if dtype is not None else _checkpoint_itemsizes(folder)
-    if not sizes:
+    if not sizes or quantization_method(hf_config) in KEPT_METHODS:  # 4-bit: half a byte per parameter
         return
     with init_empty_weights(include_buffers=False), quiet_transformers():
         skeleton = cls._from_config(hf_config)
@@ -424,11 +429,11 @@ def _model_folder(store: Store, hf_config: Any, folder: Path) -> Path:
         link = folder / entry.file
         link.parent.mkdir(parents=True, exist_ok=True)
         codec = store.codec(entry)
-        if codec.encoded:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
-            write_placeholder(link, codec.tensors)
+        if codec.needs_binding:  # names, dtypes and shapes of what the block binds; tensorstream provides the data
+            write_placeholder(link, codec.logical)
         else:
             link.symlink_to(store.file(entry))
-        weight_map.update(dict.fromkeys(codec.tensors, entry.file))
+        weight_map.update(dict.fromkeys(codec.logical, entry.file))
     index = {"metadata": {"total_size": store.total_bytes}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index), encoding="utf-8")
     return folder
@@ -473,7 +478,7 @@ def _check_resident(model: Any, streamed: tuple[str, ...], store: Store) -> None
     held = {}
     for entry in store.entries():
         if entry.name not in streamed:
-            held.update(store.header(entry).tensors)
+            held.update(store.codec(entry).logical)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(prefixes):
             continue
