@@ -107,10 +107,13 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
 
 
 def streaming_budget(store: Store) -> float:
-    """A budget (GB) that streams every block of ``store`` with one read ahead: two slots, too small to keep one
-    resident (an expanded lossless block takes its region in a slot, its expanded bytes when resident)."""
-    largest = max(e.memory_size or e.data_size for e in store.blocks)
-    return (store.non_block.data_size + (3 if store.kind == "lossless" else 2.5) * largest) / 1e9
+    """A budget (GB) that streams every block of ``store`` on the CPU (``mmap``) with one read ahead: two slots of
+    the largest block's load, too little left to keep a block resident."""
+    from tensorstream.binding import block_memory
+    from tensorstream.encoding import expands
+
+    slot = max(-(-block_memory(store.codec(e), expands(store.kind)) // 4096) * 4096 for e in store.blocks)
+    return (store.non_block.data_size + 2 * slot + (1 << 16)) / 1e9
 
 
 def json_tensors(store: Store) -> list[str]:
