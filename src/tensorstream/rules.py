@@ -195,7 +195,10 @@ def _import_class(path: str) -> type:
     module_name, _, qualname = path.partition(":")
     if not module_name.startswith(ALLOWED_MODULES) or not qualname:
         raise ValueError(f"{path!r} is not a tensor class of {ALLOWED_MODULES}")
-    target: Any = importlib.import_module(module_name)
+    from ._quiet import quiet_torchao
+
+    with quiet_torchao():  # torchao's import reports its CUDA-only extensions missing
+        target: Any = importlib.import_module(module_name)
     for attr in qualname.split("."):
         target = getattr(target, attr)
     if not (isinstance(target, type) and issubclass(target, torch.Tensor) and hasattr(target, "__tensor_unflatten__")):
