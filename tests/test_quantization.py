@@ -424,6 +424,22 @@ def test_cli_reshard_and_inspect_name_the_kind(
         main(["reshard", str(model_dirs["llama"]), "--quantize", "int8", "--compression", "lossless"])
 
 
+def test_save_pretrained_of_a_quantized_stream_is_refused_naming_what_to_save(
+    model_dirs: dict[str, Path], storage: Path, tmp_path: Path
+) -> None:
+    """Its weights are quantized tensor subclasses, which transformers writes only through its own quantizer."""
+    from tensorstream.errors import UnsupportedOperationError
+
+    model = streaming(
+        model_dirs["llama"], storage, budget_gb=0.002, prefetch=1, backend="posix", dtype="bf16", quantize="int8"
+    )
+    with pytest.raises(UnsupportedOperationError, match="Save the source checkpoint"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    tensorstream.detach(model)
+    assert "save_pretrained" not in model.__dict__  # the resident model's own method again
+
+
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules:UserWarning")
 def test_save_pretrained_of_a_lossless_stream_writes_the_weights_it_computes_with(
     model_dirs: dict[str, Path], storage: Path, tmp_path: Path
