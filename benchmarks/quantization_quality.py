@@ -75,7 +75,7 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
     rows = []
     for kind, settings in KINDS.items():
         store = Store.open(tensorstream.reshard(folder, work / "stores", progress=False, **settings))
-        budget = (store.non_block.data_size + 2.5 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
+        budget = streaming_budget(store)
         cfg = tensorstream.Config(device="cpu", storage_path=work / "stores", budget_gb=budget, prefetch=1, **settings)
         model = AutoModelForCausalLM.from_pretrained(folder, device_map="tensorstream", tensorstream_config=cfg)
         assert model._tensorstream_engine.plan.streamed, "every block should stream"
@@ -104,6 +104,16 @@ def measure(label: str, model_type: str, overrides: dict[str, Any], work: Path) 
         })  # fmt: skip
         print(json.dumps(rows[-1]))
     return rows
+
+
+def streaming_budget(store: Store) -> float:
+    """A budget (GB) that streams every block of ``store`` on the CPU (``mmap``) with one read ahead: two slots of
+    the largest block's load, too little left to keep a block resident."""
+    from tensorstream.binding import block_memory
+    from tensorstream.encoding import expands
+
+    slot = max(-(-block_memory(store.codec(e), expands(store.kind)) // 4096) * 4096 for e in store.blocks)
+    return (store.non_block.data_size + 2 * slot + (1 << 16)) / 1e9
 
 
 def json_tensors(store: Store) -> list[str]:
@@ -181,7 +191,7 @@ def minilm_rows(work: Path) -> list[dict[str, Any]]:
                 folder, work / "stores", progress=False, model_class=AutoModel, dtype="bf16", **settings
             )
         )
-        budget = (store.non_block.data_size + 2.5 * max(e.memory_size or e.data_size for e in store.blocks)) / 1e9
+        budget = streaming_budget(store)
         cfg = tensorstream.Config(
             device="cpu", storage_path=work / "stores", budget_gb=budget, prefetch=1, dtype="bf16", **settings
         )

@@ -189,6 +189,38 @@ def test_version_and_encoding_must_agree(tmp_path: Path, weights: dict[str, torc
         read_ts_header(path)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(rule="pickle"), "does not know"),
+        (lambda r: r["meta"].update({"class": "os:system"}), "is invalid"),  # never imported
+        (lambda r: r["meta"].update(stride="x"), "is invalid"),
+        (lambda r: r.update(parts=["qdata", "ghost"]), "is missing"),
+        (lambda r: r.update(shape=[-1]), "malformed"),
+    ],
+)
+def test_inconsistent_rule_records_are_format_errors(tmp_path: Path, change: Any, message: str) -> None:
+    """A store is untrusted input: a rule record names only registered rules, allowed classes and parts it holds."""
+    from tensorstream.rules import flatten_tensors
+
+    torch.manual_seed(0)
+    weight = quantize_weight(torch.randn(64, 256, dtype=torch.bfloat16), "int8")
+    assert weight is not None
+    entries, rules = flatten_tensors({"w": weight})
+    path = tmp_path / "b.ts"
+    save_to_ts(entries, path, {"rules": rules or ""}, block="b")
+    assert set(BlockCodec(read_ts_header(path)).rules) == {"w"}
+
+    def mutate(header: dict[str, Any]) -> None:
+        records = json.loads(header["__metadata__"]["rules"])
+        change(records["w"])
+        header["__metadata__"]["rules"] = json.dumps(records)
+
+    rewrite_header(path, mutate)
+    with pytest.raises(FormatError, match=message):
+        BlockCodec(read_ts_header(path))
+
+
 def test_a_zstd_frame_of_the_wrong_size_is_corrupt(tmp_path: Path) -> None:
     """A frame that expands to more (or fewer) values than its tensor has: an error, never a partial tensor."""
     import zstandard
@@ -295,6 +327,25 @@ def test_offload_builds_the_store_kind_and_keeps_the_reference(
     assert torch.equal(streamed, original) == (kind == "lossless")
 
 
+def test_an_int4_store_packed_for_another_cpu_is_refused(
+    model_dirs: dict[str, Path], storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int4's packed layout depends on the CPU's vector width: bound elsewhere it would compute wrong numbers."""
+    import tensorstream.rules
+
+    tensorstream.reshard(model_dirs["qwen2"], storage, progress=False, quantize="int4")
+    config = tensorstream.Config(
+        device="cpu", storage_path=storage, budget_gb=budgets(storage, 1)["stream_all"], prefetch=1, quantize="int4"
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dirs["qwen2"], device_map="tensorstream", tensorstream_config=config
+    )
+    assert model._tensorstream_engine.plan.streamed
+    monkeypatch.setattr(tensorstream.rules, "int4_layout", lambda: "ANOTHER")
+    with pytest.raises(StaleStoreError, match="packed for"):
+        tensorstream.detach(model)  # binds every streamed block
+
+
 def test_each_kind_is_its_own_store(model_dirs: dict[str, Path], storage: Path) -> None:
     plain = tensorstream.reshard(model_dirs["llama"], storage, progress=False, dtype="bf16")
     stores = {
@@ -371,6 +422,22 @@ def test_cli_reshard_and_inspect_name_the_kind(
     assert "int4 store" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # one kind per store
         main(["reshard", str(model_dirs["llama"]), "--quantize", "int8", "--compression", "lossless"])
+
+
+def test_save_pretrained_of_a_quantized_stream_is_refused_naming_what_to_save(
+    model_dirs: dict[str, Path], storage: Path, tmp_path: Path
+) -> None:
+    """Its weights are quantized tensor subclasses, which transformers writes only through its own quantizer."""
+    from tensorstream.errors import UnsupportedOperationError
+
+    model = streaming(
+        model_dirs["llama"], storage, budget_gb=0.002, prefetch=1, backend="posix", dtype="bf16", quantize="int8"
+    )
+    with pytest.raises(UnsupportedOperationError, match="Save the source checkpoint"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    tensorstream.detach(model)
+    assert "save_pretrained" not in model.__dict__  # the resident model's own method again
 
 
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules:UserWarning")

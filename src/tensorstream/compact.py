@@ -38,7 +38,9 @@ __all__ = [
     "as_packed",
     "kind_identity",
     "linear_weights",
+    "packed_class",
     "quantize_linears",
+    "quantize_model",
     "quantize_weight",
 ]
 

@@ -117,6 +117,9 @@ class BindingRule:
     def check(self, meta: Mapping[str, Any], device: torch.device) -> None:
         """Raise a typed error when the parameter cannot be bound on ``device`` (default: it can)."""
 
+    def validate(self, meta: Mapping[str, Any]) -> None:
+        """Raise `ValueError` when a record's ``meta`` (read from a store: untrusted) is not one this rule wrote."""
+
 
 _RULES: dict[str, BindingRule] = {}
 #: Modules of rule families, imported (once) before a tensor is flattened or a record parsed: each registers its rules.
@@ -192,7 +195,10 @@ def _import_class(path: str) -> type:
     module_name, _, qualname = path.partition(":")
     if not module_name.startswith(ALLOWED_MODULES) or not qualname:
         raise ValueError(f"{path!r} is not a tensor class of {ALLOWED_MODULES}")
-    target: Any = importlib.import_module(module_name)
+    from ._quiet import quiet_torchao
+
+    with quiet_torchao():  # torchao's import reports its CUDA-only extensions missing
+        target: Any = importlib.import_module(module_name)
     for attr in qualname.split("."):
         target = getattr(target, attr)
     if not (isinstance(target, type) and issubclass(target, torch.Tensor) and hasattr(target, "__tensor_unflatten__")):
@@ -254,6 +260,13 @@ class SubclassRule(BindingRule):
         if tuple(tensor.shape) != tuple(shape) or tensor.device != first.device:
             raise ValueError(f"rebuilt as {list(tensor.shape)} on {tensor.device}, expected {list(shape)}")
         return nn.Parameter(tensor, requires_grad=requires_grad)
+
+    def validate(self, meta: Mapping[str, Any]) -> None:
+        _import_class(str(meta.get("class")))
+        stride = meta.get("stride")
+        if not isinstance(stride, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in stride):
+            raise ValueError(f"stride {stride!r} is not a list of integers")
+        decode_value(meta.get("ctx"))
 
     def check(self, meta: Mapping[str, Any], device: torch.device) -> None:
         layout = meta.get("cpu_layout")
@@ -409,6 +422,10 @@ def parse_rules(raw: str | None, tensors: Mapping[str, TensorInfo], path: Any) -
             or not isinstance(meta, dict)
         ):
             raise fail(f"the rule record of {name!r} is malformed")
+        try:
+            rule.validate({**meta, "shape": shape})
+        except (ValueError, TypeError, ImportError, AttributeError) as err:
+            raise fail(f"the rule record of {name!r} is invalid ({err})") from None
         infos = {}
         for part in parts:
             info = tensors.get(part_name(name, str(part)))

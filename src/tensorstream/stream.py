@@ -245,6 +245,8 @@ def start_streaming(model: nn.Module, store: Store, plan: Plan, config: Config) 
     )  # every later change to the weights passes through it (see `guard_of`)
     attach_hooks(model, engine)
     _guard_casts(model, engine)
+    if any(store.codec(entry).rules for entry in store.blocks) and callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = _RefusedSave(type(model).__name__)  # type: ignore[assignment]
     setattr(model, ENGINE_ATTR, engine)
     logger.info(
         "tensorstream: streaming %d of %d blocks from %s into %s with the %s backend",
@@ -437,3 +439,21 @@ def _unguard_casts(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module.__dict__.get("_apply"), _CastGuard):
             del module._apply
+    if isinstance(model.__dict__.get("save_pretrained"), _RefusedSave):
+        del model.save_pretrained
+
+
+class _RefusedSave:
+    """``save_pretrained`` of a streaming model whose store holds quantized tensors (binding rules): refused, typed.
+    transformers writes torchao's tensors only for a model it quantized itself (its quantizer flattens them)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsupportedOperationError(
+            f"save_pretrained of this streaming {self.model_name}: its weights are quantized tensors (an int8/int4 "
+            "store, or a torchao checkpoint), which transformers writes only for a model it quantized itself. Save "
+            "the source checkpoint instead (the store is built from it), or stream the plain store to save plain "
+            "weights. Nothing was written."
+        )
