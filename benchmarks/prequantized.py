@@ -1,103 +1,103 @@
-"""A fine-grained FP8 checkpoint streamed as its own bytes (store kind ``fp8``) against its dequantized bf16 copy.
+"""`tensorstream bench` rows for a pre-quantized checkpoint: the standard model published in fine-grained FP8.
 
-Builds a Llama-shaped FP8 checkpoint in the published layout (``weight`` float8_e4m3fn + ``weight_scale_inv`` per
-128x128 block, ``quantization_config={"quant_method": "fp8", ...}``) and a plain checkpoint of the bf16 weights
-transformers dequantizes it to (what a store held before pre-quantized checkpoints streamed compact), then times
-greedy decoding with every block streamed, cold (the store's pages dropped before each step) and warm, and checks
-that both give the resident model's tokens.
+Writes the standard benchmark model (a random Llama of ~1.9 GB in bf16, 16 blocks; `build_standard_model`) once
+more in the published fine-grained FP8 layout (every block linear as ``weight`` float8_e4m3fn + ``weight_scale_inv``
+per 128x128 block, ``quantization_config={"quant_method": "fp8", ...}``, as DeepSeek-V3 and the Qwen3 FP8 releases
+are), then measures both with `tensorstream.bench.run_bench` (what ``tensorstream bench MODEL`` runs) in one run, at
+the same budget fraction: bytes read per decode step, cold and warm seconds per token, and the FP8 rows against the
+bf16 standard model's. The FP8 store holds the checkpoint's own float8 weights and scales and dequantizes each block
+as transformers does (docs/quantization.md, "Pre-quantized checkpoints"); its tokens are checked against
+transformers' resident load of the FP8 checkpoint by the bench itself (``same_as_resident``).
 
 Usage::
 
-    python benchmarks/prequantized.py --out benchmarks/results/prequantized-fp8-cpu.json
+    python benchmarks/prequantized.py --workdir /tmp/bench --out benchmarks/results/prequantized-fp8-cpu.json
+
+The same rows for any FP8 checkpoint: ``tensorstream bench path/to/fp8-checkpoint``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-import tensorstream
-from tensorstream.backends.posix import drop_page_cache
-from tensorstream.store import Store
+from tensorstream.bench import build_standard_model, format_table, rounded, run_bench
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from helpers.prequantized import FP8_CONFIG, fp8_convert, write_quantized
+from helpers.prequantized import FP8_CONFIG, fp8_convert  # the published layout, as the tests write it
 
 
-def measure(model: Any, files: list[Path], tokens: int, cold: bool) -> tuple[float, torch.Tensor]:
-    times: list[float] = []
+def fp8_checkpoint(bf16: Path, folder: Path) -> Path:
+    """``bf16`` (a safetensors checkpoint) rewritten in fine-grained FP8 into ``folder``, once, shard by shard."""
+    if (folder / "config.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(bf16.glob("*.safetensors")):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                tensors.update(fp8_convert(name, f.get_tensor(name)))
+        save_file(tensors, tmp / shard.name, metadata={"format": "pt"})
+    for extra in bf16.glob("*.json"):
+        data = json.loads(extra.read_text())
+        if extra.name == "config.json":
+            data["quantization_config"] = FP8_CONFIG
+        (tmp / extra.name).write_text(json.dumps(data, indent=1))
+    tmp.replace(folder)
+    return folder
 
-    def pre(*_: Any) -> None:
-        if cold:
-            drop_page_cache(files)
-        times.append(time.perf_counter())
 
-    handle = model.register_forward_pre_hook(pre)
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
-    handle.remove()
-    steps = [b - a for a, b in itertools.pairwise(times[1:])]  # times[0]: the prefill
-    return sorted(steps)[len(steps) // 2], out
+def summary(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (checkpoint, cache): bytes read per step and seconds per token, the FP8 one against bf16."""
+    lines = []
+    for cache in ("cold", "warm"):
+        base = next(r for r in rows["bf16"]["results"] if r["system"] == "tensorstream" and r["cache"] == cache)
+        for name, result in rows.items():
+            row = next(r for r in result["results"] if r["system"] == "tensorstream" and r["cache"] == cache)
+            lines.append({
+                "checkpoint": name, "cache": cache, "bytes_per_step": row["bytes_per_step"],
+                "bytes_vs_bf16": row["bytes_per_step"] / base["bytes_per_step"], "s_per_token": row["s_per_token"],
+                "tokens_per_s_vs_bf16": base["s_per_token"] / row["s_per_token"],
+                "same_tokens_as_resident": row.get("same_as_resident"),
+            })  # fmt: skip
+    return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="where the checkpoints and stores are kept")
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--budget-fraction", type=float, default=0.25)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 3,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 128,
-        num_key_value_heads=args.hidden // 128,
-        vocab_size=4096,
-    )
-    results: dict[str, Any] = {"hidden": args.hidden, "layers": args.layers, "torch_threads": torch.get_num_threads()}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        fp8 = write_quantized(root / "fp8", LlamaForCausalLM(config), fp8_convert, FP8_CONFIG)
-        resident = AutoModelForCausalLM.from_pretrained(fp8)
-        with torch.no_grad():
-            expected = resident.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=args.tokens, do_sample=False)
-        resident.save_pretrained(root / "bf16")  # the dequantized weights as a plain checkpoint
-        del resident
-        for name in ("fp8", "bf16"):
-            storage = root / f"store-{name}"
-            store = Store.open(tensorstream.reshard(root / name, storage, progress=False))
-            files = [store.file(e) for e in store.blocks]
-            block = max(e.memory_size or e.data_size for e in store.blocks)
-            budget = (store.non_block.data_size + 3 * block) / 1e9 + 0.001
-            ts = tensorstream.Config(device="cpu", storage_path=storage, budget_gb=budget, prefetch=2)
-            model = AutoModelForCausalLM.from_pretrained(
-                root / name, device_map="tensorstream", tensorstream_config=ts
-            )
-            row: dict[str, Any] = {"kind": store.kind or "plain", "block_bytes": store.blocks[0].data_size}
-            for mode in ("cold", "warm"):
-                seconds, out = measure(model, files, args.tokens, cold=mode == "cold")
-                row[f"{mode}_s_per_token"] = seconds
-                row[f"{mode}_equal_to_resident"] = bool(torch.equal(out, expected))
-            row["checkpoint_block_bytes"] = (
-                sum(p.stat().st_size for p in (root / name).glob("*.safetensors")) / args.layers
-            )
-            results[name] = row
-            print(name, row, flush=True)
-            del model
+    bf16 = build_standard_model(args.workdir / "standard-llama-2gb")
+    fp8 = fp8_checkpoint(bf16, args.workdir / "standard-llama-2gb-fp8")
+    rows: dict[str, dict[str, Any]] = {}
+    for name, source in (("bf16", bf16), ("fp8", fp8)):
+        rows[name] = run_bench(
+            source,
+            workdir=args.workdir,
+            budget_fraction=args.budget_fraction,
+            batches=(1,),
+            tokens=args.tokens,
+            runs=args.runs,
+            progress=lambda line: print(f"  {line}", flush=True),
+        )
+        print(f"== {name}\n{format_table(rows[name])}", flush=True)
+    lines = summary(rows)
+    for line in lines:
+        print({key: rounded(value) for key, value in line.items()}, flush=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps({"summary": lines, "runs": rows}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
 #   4. benchmarks/gpu_bench.py --kv-cache: transformers' offloaded KV cache (in host RAM) while the weights stream,
 #      tokens/s beside the default cache at batch 1 and 16 with the tokens checked against the resident model's,
 #      and a batch-16 2000-token decode under a GPU memory cap that its dynamic cache exceeds;
-#   5. benchmarks/quantized_matmul.py --device cuda: expanding int8/int4 weights on the device against the bf16
-#      matmul and the int4 kernel (docs/quantization.md asks which is faster on CUDA). The store-kind tests of
+#   5. benchmarks/quantized_matmul.py --device cuda: the int8/int4 kernels on the device against the bf16 matmul
+#      (an int8 store binds torchao's int8 tensors on CUDA too; an int4 store is CPU-only and refused there with a
+#      ConfigError, which step 1 checks). The store-kind tests of
 #      step 1 (test_gpu.py::test_store_kinds_on_the_gpu_equal_their_detached_reference) need torchao and
 #      zstandard, which --prepare carries. Step 1 also runs test_gpu.py::test_moe_routed_experts_on_the_gpu_equal_resident:
 #      a 64-expert MoE whose routed experts are gathered on the device (with and without the device-side expert
@@ -75,7 +76,7 @@ timeout 180 python3 benchmarks/h2d_paths.py --out "$OUT" || status=1
 echo "== KV cache offloaded to host RAM while the weights stream"
 timeout 180 python3 benchmarks/gpu_bench.py --kv-cache --out "$OUT" || status=1
 
-echo "== store kinds: expanding on the device vs the bf16 matmul and the int4 kernel"
+echo "== store kinds: the int8/int4 kernels on the device vs the bf16 matmul"
 timeout 120 python3 benchmarks/quantized_matmul.py --device cuda --out "$OUT/quantized-matmul-cuda.json" || status=1
 
 echo "== done (status $status)"

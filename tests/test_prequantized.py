@@ -168,8 +168,10 @@ def test_fp8_checkpoint_streams_its_own_bytes_bit_exact_to_the_resident_load(
         assert "F8_E4M3" in entry.dtypes
     stats = tensorstream.stats(model)
     if budget == "stream_all":
-        per_load = stats.bytes_read / stats.blocks_loaded
-        assert per_load <= 1.15 * checkpoint_block_bytes(fp8_checkpoint, "model.layers.0")
+        # bytes read count reads in flight into the slots, not loaded yet when the stats are read
+        assert stats.bytes_read <= 1.15 * checkpoint_block_bytes(fp8_checkpoint, "model.layers.0") * (
+            stats.blocks_loaded + stats.num_slots
+        )
         assert stats.store_kind == "fp8"
 
 
@@ -258,8 +260,9 @@ def test_mxfp4_gpt_oss_streams_its_own_bytes_bit_exact_to_the_resident_load(tmp_
         assert entry.data_size <= 1.15 * checkpoint_block_bytes(folder, entry.name)
     if budget == "stream_all":
         stats = tensorstream.stats(model)
-        assert stats.blocks_loaded and stats.bytes_read / stats.blocks_loaded <= 1.15 * checkpoint_block_bytes(
-            folder, "model.layers.0"
+        # reads may be in flight into every slot (their bytes counted, their loads not yet)
+        assert stats.blocks_loaded and stats.bytes_read <= 1.15 * checkpoint_block_bytes(folder, "model.layers.0") * (
+            stats.blocks_loaded + stats.num_slots
         )
 
 

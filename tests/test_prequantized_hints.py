@@ -102,7 +102,12 @@ def test_plan_inspect_and_stats_name_the_method_and_the_bytes_per_token(
     stats = tensorstream.stats(model)
     assert stats.quantization == text and "fp8 (fine-grained, 128x128 blocks)" in str(stats)
     total = sum(e["data_size"] for e in manifest["blocks"])
-    assert stats.bytes_per_pass == pytest.approx(total, rel=0.01)  # every block streamed once per pass
+    largest = max(e["data_size"] for e in manifest["blocks"])
+    # every block once per pass, plus the read-ahead of the next pass into the free slots, which lands before or
+    # after the reset and the reading of the stats as the threads run; fewer when a block is still in its slot from
+    # the pass before. Each load reads a block's compact bytes (no more), in flight or done:
+    assert 0 < stats.bytes_per_pass <= total + stats.num_slots * largest
+    assert stats.bytes_read <= largest * (stats.blocks_loaded + stats.num_slots)
     assert stats.as_dict()["quantization"] == text
     assert main(["inspect", str(store)]) == EXIT_OK
     assert text in capsys.readouterr().out

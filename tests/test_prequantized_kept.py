@@ -130,8 +130,9 @@ def test_a_bitsandbytes_checkpoint_streams_its_own_bytes_bit_exact_to_the_reside
     model = streaming(bnb_checkpoint, storage, budget_gb=budgets(storage)["stream_all"], backend=backend)
     assert torch.equal(logits(model)[0], expected[0]) and torch.equal(logits(model)[1], expected[1])
     stats = tensorstream.stats(model)
-    assert stats.blocks_loaded > 0 and stats.bytes_read / stats.blocks_loaded <= 1.15 * block_bytes(
-        bnb_checkpoint, "model.layers.0"
+    # reads may be in flight into every slot (their bytes counted, their loads not yet)
+    assert stats.blocks_loaded > 0 and stats.bytes_read <= 1.15 * block_bytes(bnb_checkpoint, "model.layers.0") * (
+        stats.blocks_loaded + stats.num_slots
     )
     layer = bound_weights(model)
     if method == "bitsandbytes_4bit":
@@ -276,8 +277,9 @@ def test_a_compressed_tensors_checkpoint_streams_its_compact_bytes_bit_exact_to_
     got = logits(model)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     stats = tensorstream.stats(model)
-    assert stats.streamed_blocks >= 4 and stats.bytes_read / stats.blocks_loaded <= 1.15 * block_bytes(
-        ct_checkpoint, "model.layers.0"
+    # reads may be in flight into every slot (their bytes counted, their loads not yet)
+    assert stats.streamed_blocks >= 4 and stats.bytes_read <= 1.15 * block_bytes(ct_checkpoint, "model.layers.0") * (
+        stats.blocks_loaded + stats.num_slots
     )
     assert "decompressed to plain weights as each block loads with compressed-tensors' own function" in str(
         describe_quantization(store.manifest)

@@ -100,4 +100,5 @@ def test_fp8_moe_streams_the_compact_experts_bit_exact(moe_checkpoint: Path, tmp
         # whole blocks stream (routed reads of compact experts are not done yet: docs/moe.md)
         assert stats.blocks_loaded >= len(store.blocks) and not stats.expert_bytes_read
         largest = max(block_bytes(moe_checkpoint, entry.name) for entry in store.blocks)
-        assert stats.bytes_read / stats.blocks_loaded <= 1.15 * largest
+        # reads may be in flight into every slot (their bytes counted, their loads not yet)
+        assert stats.bytes_read <= 1.15 * largest * (stats.blocks_loaded + stats.num_slots)

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from ._quiet import quiet_torchao
 from .backends.posix import choose_direct_io, drop_page_cache, raw_read_gb_per_s
 from .config import Config
 from .encoding import QUANTIZE_SCHEMES, store_kind
@@ -510,13 +511,14 @@ def run_bench(
                 max_memory: dict[Any, Any] = {"cpu": budget}
                 if run_device.type == "cuda":
                     max_memory = {run_device.index or 0: budget, "cpu": 0}
-                model = AutoModelForCausalLM.from_pretrained(
-                    source,
-                    device_map="auto",
-                    max_memory=max_memory,
-                    offload_folder=offload,
-                    dtype=base.dtype or "auto",
-                )
+                with quiet_torchao():
+                    model = AutoModelForCausalLM.from_pretrained(
+                        source,
+                        device_map="auto",
+                        max_memory=max_memory,
+                        offload_folder=offload,
+                        dtype=base.dtype or "auto",
+                    )
                 cold = [*checkpoint_files, *Path(offload).glob("*")] if cache == "cold" else None
                 for batch in batches:
                     measure = _decode(model, batch, tokens, runs, cold, run_device)
@@ -530,7 +532,8 @@ def run_bench(
     fits = model_bytes <= 0.8 * auto_budget_bytes(run_device)
     if resident and fits:
         say("fully resident model")
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=base.dtype or "auto")  # as the stores hold it
+        with quiet_torchao():  # transformers' load of a pre-quantized checkpoint imports torchao: CUDA-only noise
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=base.dtype or "auto")  # as the stores hold it
         model = model.to(run_device)
         for batch, kv_cache in [(batch, kv_cache) for batch in batches for kv_cache in kv_caches]:
             measure = _decode(model, batch, tokens, runs, None, run_device, kv_cache)
