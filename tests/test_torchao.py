@@ -88,7 +88,7 @@ def test_a_torchao_checkpoint_streams_its_own_quantized_tensors(
         assert entry.data_size <= 1.15 * own, (entry.name, entry.data_size, own)
     stats = tensorstream.stats(model)
     largest = max(_checkpoint_bytes(torchao_checkpoint, f"{name}.") for name in engine.plan.streamed)
-    assert stats.bytes_read <= 1.15 * largest * stats.blocks_run
+    assert stats.bytes_read <= 1.15 * largest * (stats.blocks_run + stats.num_slots)  # + reads in flight
     detached = tensorstream.detach(model)
     weight = detached.model.layers[0].self_attn.q_proj.weight
     resident_weight = resident.model.layers[0].self_attn.q_proj.weight
