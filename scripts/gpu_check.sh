@@ -15,7 +15,12 @@
 #      step 1 (test_gpu.py::test_store_kinds_on_the_gpu_equal_their_detached_reference) need torchao and
 #      zstandard, which --prepare carries. Step 1 also runs test_gpu.py::test_moe_routed_experts_on_the_gpu_equal_resident:
 #      a 64-expert MoE whose routed experts are gathered on the device (with and without the device-side expert
-#      cache), bit-exact to the model resident on the GPU (docs/moe.md; written without a GPU, not run yet).
+#      cache), bit-exact to the model resident on the GPU (docs/moe.md; written without a GPU, not run yet),
+#      test_gpu.py::test_fp8_checkpoint_on_the_gpu_streams_bit_exact_with_the_printed_fix (a fine-grained FP8
+#      checkpoint: refused where transformers keeps FP8 kernels, capability 8.9+, then streamed with the printed fix
+#      FineGrainedFP8Config(dequantize=True), bit-exact to that resident load on the GPU) and
+#      test_gpu.py::test_a_diffusers_model_streams_into_the_gpu_bit_exact (a tiny Flux transformer; diffusers is
+#      carried by --prepare). Both written without a GPU (checked on the CPU with "cuda" replaced), not run yet.
 # Writes $OUT/gpu_check.log, $OUT/gpu_bench.json, $OUT/h2d_paths.json and $OUT/gpu_kv_cache.json (OUT defaults
 # to ./gpu-check-out) and $OUT/quantized-matmul-cuda.json. Steps 4 and 5 were added without a GPU at hand and
 # have not run yet.
@@ -29,7 +34,7 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .gpu-wheels
   cp ../shared/gpu/wheels-cuda13/*.whl .gpu-wheels/ 2>/dev/null || echo "no kvikio wheels in ../shared/gpu/wheels-cuda13"
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --no-deps -d .gpu-wheels \
-    pytest pluggy iniconfig packaging torchao zstandard
+    pytest pluggy iniconfig packaging torchao zstandard diffusers
   grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo '/.gpu-wheels/' >> .git/info/exclude
   ls .gpu-wheels
   exit 0

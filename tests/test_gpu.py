@@ -214,3 +214,64 @@ def test_moe_routed_experts_on_the_gpu_equal_resident(tmp_path: Path, cache: flo
             assert torch.equal(model.generate(**args), reference.generate(**args))
     stats = tensorstream.stats(model)
     assert stats.experts_routed > 0 and stats.expert_bytes_read > 0
+
+
+@pytest.mark.cuda
+def test_fp8_checkpoint_on_the_gpu_streams_bit_exact_with_the_printed_fix(tmp_path: Path) -> None:
+    """A fine-grained FP8 checkpoint loaded for a GPU: where transformers keeps its FP8 layers (compute capability
+    8.9 or more) the load is refused with the fix ``FineGrainedFP8Config(dequantize=True)``; with it, the store
+    keeps the float8 bytes and the streamed model equals transformers' dequantizing load moved to the GPU."""
+    from transformers import FineGrainedFP8Config, LlamaConfig
+
+    from helpers.prequantized import FP8_CONFIG, fp8_convert, write_quantized
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    source = write_quantized(tmp_path / "fp8", AutoModelForCausalLM.from_config(config), fp8_convert, FP8_CONFIG)
+    fix = FineGrainedFP8Config(dequantize=True)
+    reference = AutoModelForCausalLM.from_pretrained(source, quantization_config=fix).to("cuda")
+    layer = sum(p.numel() * p.element_size() for p in reference.model.layers[0].parameters())
+    rest = sum(p.numel() * p.element_size() for n, p in reference.named_parameters() if ".layers." not in n)
+    cfg = tensorstream.Config(device="cuda", storage_path=tmp_path / "stores", budget_gb=(rest + 2.5 * layer) / 1e9,
+                              backend="posix")  # fmt: skip
+    if torch.cuda.get_device_capability() >= (8, 9):
+        with pytest.raises(tensorstream.UnsupportedQuantizationError, match=r"dequantize=True"):
+            AutoModelForCausalLM.from_pretrained(source, device_map="tensorstream", tensorstream_config=cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, device_map="tensorstream", tensorstream_config=cfg, quantization_config=fix
+    )
+    assert model._tensorstream_engine.plan.streamed and model._tensorstream_engine.store.kind == "fp8"
+    with torch.inference_mode():
+        for batch in (1, 3):
+            data = inputs(batch)
+            assert torch.equal(model(**data).logits, reference(**data).logits)
+            args = dict(data, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(model.generate(**args), reference.generate(**args))
+
+
+@pytest.mark.cuda
+def test_a_diffusers_model_streams_into_the_gpu_bit_exact(tmp_path: Path) -> None:
+    """A tiny Flux transformer from its diffusers checkpoint, streamed into the GPU with a budget that streams its
+    blocks, equals diffusers' own load moved to the GPU."""
+    diffusers = pytest.importorskip("diffusers")
+    from helpers.diffusers_models import inputs as step_inputs
+    from helpers.diffusers_models import tiny_model
+
+    tiny_model("flux").save_pretrained(tmp_path / "flux")
+    reference = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "flux").to("cuda")
+    blocks = [*reference.transformer_blocks, *reference.single_transformer_blocks]
+    largest = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
+    total = sum(p.numel() * p.element_size() for p in reference.parameters())
+    cfg = tensorstream.Config(device="cuda", storage_path=tmp_path / "stores",
+                              budget_gb=(total - sum(sum(p.numel() * p.element_size() for p in b.parameters())
+                                                     for b in blocks) + 2.5 * largest) / 1e9)  # fmt: skip
+    model = diffusers.FluxTransformer2DModel.from_pretrained(
+        tmp_path / "flux", device_map="tensorstream", tensorstream_config=cfg
+    )
+    data = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in step_inputs("flux").items()}
+    with torch.inference_mode():
+        expected = reference(**data)[0]
+        for _ in range(2):
+            assert torch.equal(model(**data)[0], expected)
+    assert tensorstream.stats(model).streamed_blocks > 0
