@@ -74,3 +74,23 @@ def test_cli_page_documents_every_command() -> None:
     commands = _parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for command in commands:
         assert f"## `tensorstream {command}" in text, command
+
+
+def test_guarantees_and_the_makefile_name_existing_tests() -> None:
+    """Every test docs/guarantees.md cites (``test_x.py::name``, or ``::name`` after one) and every test the
+    Makefile's smoke lists run exists: a renamed test must not leave a guarantee unproven or `make mindeps` failing."""
+    defined: dict[str, set[str]] = {
+        path.name: set(re.findall(r"^\s*def (\w+)", path.read_text(), re.MULTILINE))
+        for path in (ROOT / "tests").glob("test_*.py")
+    }
+    missing = []
+    for line in (DOCS / "guarantees.md").read_text().splitlines():
+        current = None
+        for file, name in re.findall(r"`(test_\w+\.py)?::(\w+)", line):
+            current = file or current
+            if current is None or name not in defined.get(current, set()):
+                missing.append(f"guarantees.md: {current}::{name}")
+    for file, name in re.findall(r"tests/(test_\w+\.py)::(\w+)", (ROOT / "Makefile").read_text()):
+        if name not in defined.get(file, set()):
+            missing.append(f"Makefile: {file}::{name}")
+    assert not missing, missing
