@@ -4,10 +4,13 @@ Writes the standard benchmark model (a random Llama of ~1.9 GB in bf16, 16 block
 more in the published fine-grained FP8 layout (every block linear as ``weight`` float8_e4m3fn + ``weight_scale_inv``
 per 128x128 block, ``quantization_config={"quant_method": "fp8", ...}``, as DeepSeek-V3 and the Qwen3 FP8 releases
 are), then measures both with `tensorstream.bench.run_bench` (what ``tensorstream bench MODEL`` runs) in one run, at
-the same budget fraction: bytes read per decode step, cold and warm seconds per token, and the FP8 rows against the
-bf16 standard model's. The FP8 store holds the checkpoint's own float8 weights and scales and dequantizes each block
-as transformers does (docs/quantization.md, "Pre-quantized checkpoints"); its tokens are checked against
-transformers' resident load of the FP8 checkpoint by the bench itself (``same_as_resident``).
+the same budget (a fraction of the bf16 model's bytes, the same gigabytes for the FP8 one: its blocks take their
+bf16 size in memory once dequantized): bytes read per decode step, cold and warm seconds per token, and the FP8
+rows against the bf16 standard model's. The FP8 store holds the checkpoint's own float8 weights and scales and
+dequantizes each block as transformers does (docs/quantization.md, "Pre-quantized checkpoints"); its tokens are
+checked against transformers' resident load of the FP8 checkpoint by the bench itself (``same_as_resident``). A
+third row streams the FP8 checkpoint with ``Config(dequantize="once")``: a store of the bf16 weights transformers
+dequantizes it to, nothing dequantized per pass.
 
 Usage::
 
@@ -28,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tensorstream import Config
 from tensorstream.bench import build_standard_model, format_table, rounded, run_bench
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
@@ -76,23 +80,28 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="where the checkpoints and stores are kept")
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--budget-fraction", type=float, default=0.25)
+    parser.add_argument("--budget-fraction", type=float, default=0.25, help="of the bf16 model's bytes")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     bf16 = build_standard_model(args.workdir / "standard-llama-2gb")
     fp8 = fp8_checkpoint(bf16, args.workdir / "standard-llama-2gb-fp8")
     rows: dict[str, dict[str, Any]] = {}
-    for name, source in (("bf16", bf16), ("fp8", fp8)):
+    budget_gb = None  # the bf16 run's, for both
+    runs = (("bf16", bf16, "per_block"), ("fp8", fp8, "per_block"), ("fp8-dequantize-once", fp8, "once"))
+    for name, source, dequantize in runs:
         rows[name] = run_bench(
             source,
+            config=Config.from_env(dequantize=dequantize),
             workdir=args.workdir,
             budget_fraction=args.budget_fraction,
+            budget_gb=budget_gb,
             batches=(1,),
             tokens=args.tokens,
             runs=args.runs,
             progress=lambda line: print(f"  {line}", flush=True),
         )
         print(f"== {name}\n{format_table(rows[name])}", flush=True)
+        budget_gb = budget_gb or rows[name]["budget"]["bytes"] / 1e9
     lines = summary(rows)
     for line in lines:
         print({key: rounded(value) for key, value in line.items()}, flush=True)

@@ -286,6 +286,43 @@ def test_a_quantization_config_passed_to_from_pretrained_is_part_of_the_fingerpr
         assert torch.equal(model(IDS).logits, expected)
 
 
+def test_dequantize_once_stores_the_bf16_weights_and_streams_bit_exact(
+    fp8_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``Config(dequantize="once")``: the store holds the bf16 weights transformers dequantizes the FP8 checkpoint
+    to (nothing dequantized per pass), under a fingerprint of its own; the same results; its repair passes it again;
+    an unquantized checkpoint ignores it (same store)."""
+    from tensorstream.cli import main
+    from tensorstream.store import repair_command
+
+    expected = resident_logits(fp8_checkpoint)
+    compact = Store.open(tensorstream.reshard(fp8_checkpoint, tmp_path / "compact", progress=False))
+    storage = tmp_path / "store"
+    once = Store.open(tensorstream.reshard(fp8_checkpoint, storage, dequantize="once", progress=False))
+    assert once.path.name != compact.path.name and once.kind is None and compact.kind == "fp8"
+    for small, large in zip(compact.blocks, once.blocks, strict=True):  # block linears: 2 bytes a value, not 1
+        assert 1.6 * small.data_size < large.data_size <= 2.05 * small.data_size
+        assert "F8_E4M3" not in large.dtypes
+    budget = budgets(storage, prefetch=1)["stream_all"]
+    model = streaming(fp8_checkpoint, storage, budget_gb=budget, prefetch=1, dequantize="once")
+    assert model._tensorstream_engine.store.path == once.path and model._tensorstream_engine.plan.streamed
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, expected)
+    text = tensorstream.stats(model).quantization
+    assert "dequantized once when the store was written" in text and "dequantize='once'" in text
+    command = repair_command(once.path)
+    assert command.endswith("--dequantize once")
+    assert main([*command.split()[1:], "--json"]) == 0  # the repair rebuilds this store, not the compact one
+    assert json.loads(capsys.readouterr().out)["store"] == str(once.path)
+    with pytest.raises(tensorstream.ConfigError, match="dequantize='twice' is not one of 'per_block', 'once'"):
+        tensorstream.Config(dequantize="twice")
+    plain = tmp_path / "plain"
+    tiny_llama().save_pretrained(plain)
+    assert tensorstream.reshard(plain, storage, progress=False) == tensorstream.reshard(
+        plain, storage, dequantize="once", progress=False
+    )
+
+
 def test_the_offload_of_a_dequantized_fp8_model_is_bit_exact(fp8_checkpoint: Path, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(fp8_checkpoint)
     with torch.no_grad():

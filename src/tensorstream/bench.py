@@ -400,7 +400,7 @@ def run_bench(
             )
         store = Store.open(source, verify="header")
     else:
-        store = Store.open(reshard(source, storage, dtype=base.dtype, progress=False))
+        store = Store.open(reshard(source, storage, dtype=base.dtype, dequantize=base.dequantize, progress=False))
     kind_stores: dict[str | None, Any] = {None: store}
     for extra in kinds:
         say(f"{extra} store (resharding once)")

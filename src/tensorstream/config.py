@@ -40,6 +40,7 @@ Backend = Literal["auto", "posix", "mmap", "kvikio"]
 Verify = Literal["off", "header", "checksum"]
 _BACKENDS = ("auto", "posix", "mmap", "kvikio")
 _VERIFY = ("off", "header", "checksum")
+_DEQUANTIZE = ("per_block", "once")
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -132,6 +133,12 @@ class Config:
         compression (`str`, *optional*):
             ``"lossless"``: build a store whose 16-bit weights are stored as byte planes with the high one
             zstd-compressed; results bit-identical to the original model. See docs/quantization.md.
+        dequantize (`str`, defaults to ``"per_block"``):
+            For a checkpoint published in fine-grained FP8 or MXFP4 that transformers dequantizes at load (as on a
+            CPU): ``"per_block"`` stores its compact bytes and dequantizes each block as it is loaded (the fewest
+            bytes read); ``"once"`` stores the bf16 weights transformers dequantizes it to (about 1.9x the bytes,
+            nothing dequantized per pass: faster on a CPU, whose dequantization is slower than its disk). Same
+            results either way; ignored for other checkpoints. See docs/quantization.md.
         verify (`str`, defaults to ``"header"``):
             ``"off"``, ``"header"`` (headers, sizes and offsets checked against the manifest when the model
             is loaded) or ``"checksum"`` (also every block's checksum each time it is read).
@@ -161,6 +168,7 @@ class Config:
     dtype: str | torch.dtype | None = None
     quantize: str | None = None
     compression: str | None = None
+    dequantize: str = "per_block"
     verify: Verify = "header"
     io_threads: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
@@ -204,6 +212,11 @@ class Config:
             raise ConfigError(f"backend={self.backend!r} is not one of {', '.join(map(repr, _BACKENDS))}.")
         if self.verify not in _VERIFY:
             raise ConfigError(f"verify={self.verify!r} is not one of {', '.join(map(repr, _VERIFY))}.")
+        if self.dequantize not in _DEQUANTIZE:
+            raise ConfigError(
+                f"dequantize={self.dequantize!r} is not one of {', '.join(map(repr, _DEQUANTIZE))}: when an FP8 or "
+                "MXFP4 checkpoint is dequantized (as each block loads, or once, into the store)."
+            )
         if not isinstance(self.routed_experts, bool):
             routed = _as_optional_bool(self.routed_experts, "routed_experts")
             set_(self, "routed_experts", True if routed is None else routed)

@@ -442,7 +442,9 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
         what = "float8 weights and block scales" if method == "fp8" else "FP4 blocks and E8M0 scales"
         how = (
             f"the store holds the checkpoint's {what} (fused experts included), dequantized per block on the CPU "
-            "as transformers does (its arithmetic, checked bit for bit when the store was written)"
+            "as transformers does (its arithmetic, checked bit for bit when the store was written; on a CPU this "
+            "takes longer than reading the dequantized weights would: Config(dequantize='once') stores those "
+            "instead)"
         )
     elif encoding == CT_KIND:
         how = (
@@ -454,6 +456,11 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
         how = (
             "the store holds the checkpoint's own tensors (packed weights and their quantization state), bound at "
             "each block's load as bitsandbytes' Linear4bit/Linear8bitLt parameters, which compute on them"
+        )
+    elif manifest.get("dequantize") == "once":
+        how = (
+            "the store holds the weights transformers dequantizes it to at load, dequantized once when the store was "
+            "written (dequantize='once'): nothing is dequantized per pass, for more bytes read"
         )
     elif encoding is not None:
         how = f"the store holds the weights transformers dequantizes it to at load, stored as {encoding}"
@@ -478,6 +485,8 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
             f"compact form under their runtime names in the checkpoint{': ' + ', '.join(examples) if examples else ''}"
             ")"
         )
+    if manifest.get("dequantize") == "once":
+        return f"{text}: larger, since the store holds the dequantized weights (dequantize='once')"
     if encoding not in DEQUANTIZED_METHODS:
         return f"{text}: larger, since the store holds the dequantized weights"
     return text

@@ -114,6 +114,7 @@ def source_fingerprint(
     config: Any,
     kind: str | None = None,
     quantization_arg: Any = None,
+    dequantize: str = "per_block",
 ) -> str:
     """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind,
     and a ``quantization_config`` passed to ``from_pretrained`` (``quantization_arg``, every field of it).
@@ -139,6 +140,8 @@ def source_fingerprint(
         if quantization_method(config) in DEQUANTIZED_METHODS:
             # FP8 stores written before fused experts were stored compact held them as bf16: rebuilt once
             head["compact_experts"] = 1
+            if dequantize == "once":  # the bf16 weights transformers makes, not the compact bytes: another store
+                head["dequantize"] = dequantize
     if quantization_arg is not None:
         head["quantization_arg"] = quantization_identity(quantization_arg)
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
@@ -308,6 +311,7 @@ def reshard(
     dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     compression: str | None = None,
+    dequantize: str = "per_block",
     model_class: type | str | None = None,
     config: Any = None,
     force: bool = False,
@@ -335,6 +339,10 @@ def reshard(
         compression (`str`, *optional*):
             ``"lossless"``: store 16-bit weights as byte planes, the high one zstd-compressed (needs
             ``pip install 'tensorstream[compression]'``); expands to the exact original bytes.
+        dequantize (`str`, defaults to ``"per_block"``):
+            For a fine-grained FP8 or MXFP4 checkpoint: ``"per_block"`` stores its compact bytes, dequantized as
+            each block loads; ``"once"`` stores the bf16 weights transformers dequantizes it to (about 1.9x the
+            bytes, nothing to dequantize per pass). Ignored for other checkpoints. See docs/quantization.md.
         model_class (`type` or `str`, *optional*):
             The transformers class whose runtime tensors the store holds. Defaults to ``config.architectures[0]``.
         config (`PretrainedConfig`, *optional*): a config to build the model with instead of the folder's.
@@ -390,6 +398,8 @@ def reshard(
     cls = resolve_model_class(config, model_class)
     dtype = parse_dtype(dtype)
     kind = store_kind(quantize, compression)
+    if dequantize not in ("per_block", "once"):
+        raise ConfigError(f"dequantize={dequantize!r} is not one of 'per_block', 'once'.")
     # a typed refusal before anything is built or written
     quantization_arg = (model_kwargs or {}).get("quantization_config")
     method = quantization_method(config)
@@ -397,7 +407,10 @@ def reshard(
         check_method(quantization_method(quantization_arg) or "unknown", str(source), on_the_fly=True)
     check_method(method, str(source))
     check_fp8_blocks(folder, config, str(source))
-    fingerprint = source_fingerprint(folder, cls, dtype, config, kind, quantization_arg)
+    once = dequantize == "once" and method in DEQUANTIZED_METHODS  # stored as the bf16 transformers makes of it
+    fingerprint = source_fingerprint(
+        folder, cls, dtype, config, kind, quantization_arg, "once" if once else "per_block"
+    )
     root = Path(storage_path).expanduser() if storage_path else default_storage_path()
     build_config, ruled = config, None
     if method in RULED_METHODS:  # its tensors are stored as the checkpoint holds them, bound by binding rules
@@ -440,7 +453,7 @@ def reshard(
         check_loaded(model, method, str(source))
         loader = _offload_loader(model, folder)
         # an FP8 or MXFP4 checkpoint keeps its own compact bytes (unless another store kind was asked for)
-        compact = checkpoint_parts(folder, model, config) if kind is None else None
+        compact = checkpoint_parts(folder, model, config) if kind is None and not once else None
 
         def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
             quantized = ruled(name, tensor) if ruled is not None else None
@@ -460,6 +473,8 @@ def reshard(
         }
         if quantization_arg is not None:  # part of the fingerprint: a rebuild must pass it again (`repair_command`)
             source_info["quantization_arg"] = quantization_identity(quantization_arg)
+        if once:  # part of the fingerprint too (`repair_command` passes it again)
+            source_info["dequantize"] = "once"
         if method is not None:  # dequantized at load (`check_loaded`), or its tensors stored as they are (ruled):
             source_info["quantization"] = {  # either way the streamed model is built without it
                 "method": method,

@@ -75,9 +75,10 @@ def repair_command(store: str | os.PathLike[str]) -> str:
         # a quantization_config passed to from_pretrained is part of the fingerprint, and `tensorstream reshard`
         # cannot pass one: a reshard would write another store. Removing this one lets the next load rebuild it.
         passed = manifest.get("quantization_arg") is not None
+        once = manifest.get("dequantize") == "once"
     except (OSError, ValueError, AttributeError):
         source = cls = dtype = kind = None
-        passed = False
+        passed = once = False
     if not isinstance(source, str) or not source or source.startswith("in-memory ") or passed:
         root = path.parent
         return f"tensorstream cache rm {path.name} --storage-path {shlex.quote(str(root))}"
@@ -90,6 +91,8 @@ def repair_command(store: str | os.PathLike[str]) -> str:
         parts += ["--quantize", kind]
     elif kind == "lossless":
         parts += ["--compression", kind]
+    if once:
+        parts += ["--dequantize", "once"]
     return " ".join(shlex.quote(part) for part in parts)
 
 

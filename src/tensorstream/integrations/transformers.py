@@ -175,6 +175,7 @@ def load_streaming(
             dtype=dtype,
             quantize=config.quantize,
             compression=config.compression,
+            dequantize=config.dequantize,
             model_class=cls,
             config=hf_config,
             # applied to the reshard's load as transformers applies it (its loading attributes override the
