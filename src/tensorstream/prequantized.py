@@ -61,6 +61,7 @@ from .dequantize import (
     mxfp4_dequantize,
 )
 from .errors import UnsupportedQuantizationError
+from .gptq import GPTQ_METHODS, gptq_available
 
 __all__ = [
     "FP8_SCALE_SUFFIX",
@@ -94,22 +95,33 @@ _ALTERNATIVES = (
 )
 #: Why each method is not streamed yet (docs/quantization.md, "Pre-quantized checkpoints").
 _REASONS = {
-    "gptq": (
-        "GPTQ/AWQ layers (gptqmodel) convert the checkpoint's zero points when a model loads (qzeros v1 -> v2); a "
-        "streamed model would convert the stored, already converted values once more and compute wrong numbers"
+    "awq": (
+        "AWQ layers (gptqmodel) keep their own packed weights, scales and zero points (qzeros) and may repack them "
+        "for their kernels after loading, which tensorstream has not yet reproduced and compared bit for bit with "
+        "transformers' resident load"
     ),
 }
-_REASONS["awq"] = _REASONS["gptq"]
 #: What works instead, where it differs from `_ALTERNATIVES`.
 _FIXES = {
-    method: (
+    "awq": (
         "load it without device_map='tensorstream' (transformers runs it resident through gptqmodel: `pip install "
         "gptqmodel`), or stream the model's unquantized release with a compact store of tensorstream's own "
         "(tensorstream_config=tensorstream.Config(quantize='int4'), or `tensorstream reshard <unquantized model> "
         "--quantize int4`)"
-    )
-    for method in ("gptq", "awq")
+    ),
 }
+#: `check_method`'s refusal of a GPTQ checkpoint where gptqmodel is not installed.
+_GPTQ_MISSING = (
+    "tensorstream streams GPTQ in gptqmodel's own layers, loading the checkpoint's tensors into them at each forward "
+    "as transformers' load does (its zero points, qzeros, converted once), and gptqmodel and optimum, which "
+    "transformers' GPTQ load needs too, are not installed here"
+)
+_GPTQ_FIX = (
+    "`pip install gptqmodel optimum` (gptqmodel needs torch 2.14.1 or later; `make gptq` in tensorstream's "
+    "repository builds such an environment), or stream the model's unquantized release with a compact store of "
+    "tensorstream's own (tensorstream_config=tensorstream.Config(quantize='int4'), or `tensorstream reshard "
+    "<unquantized model> --quantize int4`)"
+)
 #: `check_offload`'s fix: the model is loaded already.
 _OFFLOAD_FIX = (
     "keep it resident (without tensorstream.offload), or load the model's unquantized release with "
@@ -201,6 +213,14 @@ def check_method(method: str | None, where: str, *, on_the_fly: bool = False) ->
         return  # `check_loaded` confirms that transformers dequantized it; a ruled tensor is checked as it is stored
     if method in KEPT_METHODS:
         return  # streamed in bitsandbytes' own layers (`tensorstream.bnb`)
+    if method in GPTQ_METHODS:  # streamed in gptqmodel's own layers (`tensorstream.gptq`)
+        if not gptq_available():
+            raise UnsupportedQuantizationError(
+                f"{where} is quantized with {method}, which needs gptqmodel: {_GPTQ_MISSING}. Instead, {_GPTQ_FIX} "
+                "(docs/quantization.md, 'Pre-quantized checkpoints').",
+                method,
+            )
+        return
     if method == CT_KIND:
         return  # its compact tensors decompressed per block (`tensorstream.ctensors`)
     reason = _REASONS.get(
@@ -300,6 +320,16 @@ def check_offload(model: torch.nn.Module) -> None:
                 "with from_pretrained(..., device_map='tensorstream')",
             )
         return
+    if method in GPTQ_METHODS:
+        raise _refuse(
+            where,
+            method,
+            "a loaded GPTQ model holds its zero points converted at load (qzeros v2) and, after its first forward, "
+            "weights repacked for its kernel; tensorstream streams GPTQ from the checkpoint's own tensors, loaded "
+            "into gptqmodel's layers at each block's forward",
+            "keep it resident (without tensorstream.offload), or stream its checkpoint with "
+            "from_pretrained(<checkpoint>, device_map='tensorstream')",
+        )
     if (
         method is not None
         and method not in RULED_METHODS
@@ -449,6 +479,12 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
             "the store holds the checkpoint's compact tensors (packed integers or float8 weights, scales, zero "
             "points), decompressed to plain weights as each block loads with compressed-tensors' own function, as "
             "transformers' resident model does at its first forward"
+        )
+    elif info.get("kept") is True and method in GPTQ_METHODS:
+        how = (
+            "the store holds the checkpoint's own tensors (qweight, qzeros in its v1 format, scales, g_idx), loaded "
+            "at each block's forward into gptqmodel's layers as transformers' resident load does (qzeros converted "
+            "to v2 by gptqmodel, post_init), which compute on them"
         )
     elif info.get("kept") is True:
         how = (

@@ -1,0 +1,234 @@
+"""GPTQ checkpoints, streamed as published: the checkpoint's tensors in gptqmodel's own layers, loaded at each bind.
+
+transformers loads a GPTQ checkpoint through optimum and gptqmodel: every quantized linear of a block becomes the
+``QuantLinear`` class gptqmodel selects for the device (on a CPU, ``TorchAtenLinear``), holding the checkpoint's
+``qweight``, ``qzeros``, ``scales``, ``g_idx`` (and ``bias``) as *buffers*; then, once, optimum converts ``qzeros``
+from the checkpoint's v1 format to gptqmodel's v2 (``0x77777777`` -> ``0x88888888`` at 4 bits,
+``convert_gptq_v1_to_v2_format_module``) and calls each layer's ``post_init``; at its first forward
+``TorchAtenLinear`` repacks ``qweight``/``qzeros``/``scales`` for the CPU's int4 kernel, in place of the buffers.
+
+A store built from a loaded model held converted values that a streamed load converted again (every zero point off by
+one). So the store is written from the checkpoint's files (`checkpoint_tensors`): its tensors as they are, ``qzeros``
+marked by the binding rule ``gptq-qzeros-v1`` (`GptqZerosRule`: still in the checkpoint's v1 format). The streamed
+model gets gptqmodel's layers where the store holds ``qweight`` (`gptq_layers`, with the class optimum's quantizer
+selects for the execution device), their state registered as parameters, which the engine binds like any other. A
+forward pre-hook then does, at *every* forward, what the resident load did once: the layer's own state back to what
+its constructor made, the bound tensors as its buffers, ``qzeros`` copied (the slot is never written) and converted
+by gptqmodel's own function, ``post_init``. The forward repacks as the resident layer's first forward did; a post-hook
+puts the bound parameters back and drops what the forward made. Nothing converted outlives the forward.
+
+Only kernels whose streamed forward was compared bit for bit with the resident one are used (`VERIFIED_KERNELS`);
+another kernel selected on this device (a GPU's Marlin, ...) is refused with `UnsupportedQuantizationError`.
+gptqmodel and optimum are imported only when a GPTQ store or model is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .rules import BindingRule, register_rule
+
+__all__ = [
+    "GPTQ_METHODS",
+    "GptqZerosRule",
+    "VERIFIED_KERNELS",
+    "checkpoint_tensors",
+    "gptq_available",
+    "gptq_layers",
+]
+
+#: The pre-quantized methods streamed in gptqmodel's own layers.
+GPTQ_METHODS = ("gptq",)
+#: gptqmodel's layer classes whose streamed forward is tested bit-exact against the resident load (tests/test_gptq.py).
+VERIFIED_KERNELS = ("TorchAtenLinear",)
+#: A quantized layer's state in a GPTQ checkpoint (``bias`` where the layer has one), in the resident layer's order.
+STATE = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_INTERNALS = frozenset(nn.Module().__dict__)  # torch's own module state (hooks, parameters, training, ...)
+
+
+def gptq_available() -> bool:
+    """Whether gptqmodel and optimum, which transformers' own GPTQ load needs, are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("gptqmodel", "optimum"))
+
+
+class _V1Zeros(torch.Tensor):
+    """A checkpoint's ``qzeros`` in GPTQ's v1 format, as `checkpoint_tensors` reads it (for `GptqZerosRule`)."""
+
+
+class GptqZerosRule(BindingRule):
+    """A GPTQ layer's ``qzeros`` in the checkpoint's v1 format: stored as they are, bound as a view of the slot; the
+    layer's pre-hook converts a copy to v2 at every forward (`gptq_layers`)."""
+
+    name = "gptq-qzeros-v1"
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        return type(tensor) is _V1Zeros
+
+    def flatten(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {"data": tensor.as_subclass(torch.Tensor)}, {"format": 1}
+
+    def rebuild(self, parts: Mapping[str, torch.Tensor], meta: Mapping[str, Any], requires_grad: bool) -> nn.Parameter:
+        return nn.Parameter(parts["data"], requires_grad=False)
+
+    def validate(self, meta: Mapping[str, Any]) -> None:
+        if meta.get("format") != 1:
+            raise ValueError(f"qzeros format {meta.get('format')!r}, not 1")
+
+
+register_rule(GptqZerosRule())
+
+
+def checkpoint_tensors(
+    folder: Path, cls: type, config: Any, method: str
+) -> tuple[nn.Module, dict[str, torch.Tensor], Any, Any]:
+    """What a store of the GPTQ checkpoint in ``folder`` holds, read from the checkpoint itself: for every name of
+    the resident model's ``state_dict`` (a quantized linear's ``qweight``, ``qzeros``, ``scales``, ``g_idx``,
+    ``bias`` in place of its ``weight``), the checkpoint's tensor, ``qzeros`` as `GptqZerosRule` stores it.
+
+    Returns:
+        (an empty skeleton of the model, ``{name: meta tensor}``, ``get_tensor(name, meta)``, ``phase_of(name,
+        tensor)``), as `tensorstream.bnb.checkpoint_tensors`.
+
+    Raises:
+        `FormatError`: no safetensors file, or no quantized layer (``*.qweight``) in it.
+    """
+    from .checkpoint_files import CheckpointFiles, skeleton_state
+    from .errors import FormatError
+
+    files = CheckpointFiles(folder, method)
+    if not any(name.endswith(".qweight") for name in files.infos):
+        raise FormatError(
+            f"{folder}/config.json says the checkpoint is quantized with {method}, but its weights hold no quantized "
+            "layer (no '*.qweight' tensor): it was not saved quantized. Remove quantization_config from config.json, "
+            "or save the quantized model again."
+        )
+
+    def held(name: str, tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype] | None:
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{layer}.qweight" in files:
+            return (0,), torch.int32  # replaced below by the layer's quantized state
+        return (files.infos[name].shape, files.infos[name].torch_dtype) if name in files else None
+
+    model, skeleton = skeleton_state(cls, config, held)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in skeleton.items():
+        layer = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and f"{layer}.qweight" in files):
+            state[name] = tensor
+            continue
+        for part in STATE:
+            if f"{layer}.{part}" in files:
+                info = files.infos[f"{layer}.{part}"]
+                state[f"{layer}.{part}"] = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
+
+    def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        data = files.read(name)
+        return data.as_subclass(_V1Zeros) if name.endswith(".qzeros") else data
+
+    def phase_of(name: str, tensor: torch.Tensor) -> int:
+        return files.phase(name)
+
+    return model, state, get_tensor, phase_of
+
+
+def _quantizer(quantization_config: Any) -> Any:
+    """optimum's ``GPTQQuantizer`` made as transformers' ``GptqHfQuantizer`` makes it."""
+    from optimum.gptq import GPTQQuantizer
+
+    return GPTQQuantizer.from_dict(quantization_config.to_dict_optimum())
+
+
+def gptq_layers(model: nn.Module, config: Any, store: Any, blocks: Any, device: torch.device) -> None:
+    """Make the linears of ``blocks`` whose ``qweight`` the store holds gptqmodel's layers, of the class optimum's
+    quantizer selects for ``device`` (as the resident load does), each with its state as meta parameters that the
+    engine binds, and the hooks that load it at every forward (module docstring).
+
+    Raises:
+        `UnsupportedQuantizationError`: the class selected is not one of `VERIFIED_KERNELS`.
+    """
+    from transformers.utils.quantization_config import GPTQConfig
+
+    from .errors import UnsupportedQuantizationError
+
+    qc = config.quantization_config
+    qc = GPTQConfig.from_dict(qc) if isinstance(qc, dict) else qc
+    quantizer = _quantizer(qc)
+    quantizer.select_quant_linear(device_map={"": device}, pack=False)
+    kernel = quantizer.quant_linear
+    if kernel.__name__ not in VERIFIED_KERNELS:
+        raise UnsupportedQuantizationError(
+            f"gptqmodel selects {kernel.__name__} for GPTQ layers on {device}, and tensorstream streams GPTQ "
+            f"checkpoints only in the kernels it has compared bit for bit with transformers' resident load "
+            f"({', '.join(VERIFIED_KERNELS)}, gptqmodel's CPU kernel). Instead, load it without "
+            "device_map='tensorstream' (transformers runs it resident), or stream it on the CPU "
+            "(tensorstream.Config(device='cpu')) (docs/quantization.md, 'Pre-quantized checkpoints').",
+            "gptq",
+        )
+    entries = {entry.name: entry for entry in store.blocks}
+    for block in blocks:
+        codec = store.codec(entries[block])
+        module = model.get_submodule(block)
+        for local, linear in list(module.named_modules()):
+            full = f"{block}.{local}"
+            if not isinstance(linear, nn.Linear) or f"{full}.qweight" not in codec.logical:
+                continue
+            layer = kernel(
+                quantizer.bits,
+                quantizer.group_size,
+                quantizer.desc_act,
+                quantizer.sym,
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                weight_dtype=linear.weight.dtype,
+            )
+            layer.device = torch.device(device)
+            for part in STATE:
+                info = codec.logical.get(f"{full}.{part}")
+                layer._buffers.pop(part, None)
+                if info is not None:
+                    meta = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
+                    layer._parameters[part] = nn.Parameter(meta, requires_grad=False)
+            layer.train(linear.training)
+            _install(layer)
+            owner, _, attr = local.rpartition(".")
+            setattr(module.get_submodule(owner), attr, layer)
+    model.config.quantization_config = qc  # type: ignore[union-attr]  # what transformers' GPTQ load records
+
+
+def _install(layer: nn.Module) -> None:
+    """The hooks that load ``layer``'s bound state at every forward and put it back after (module docstring)."""
+    fresh = {k: copy.copy(v) for k, v in layer.__dict__.items() if k not in _INTERNALS}
+    names = [part for part in STATE if part in layer._parameters]
+
+    def load(module: Any, args: Any) -> None:
+        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+        # the engine bound them for this block's forward (`tensorstream.engine`); never None here
+        bound: dict[str, torch.Tensor] = {part: module._parameters.pop(part) for part in names}
+        for key in [k for k in module.__dict__ if k not in _INTERNALS and k not in fresh]:
+            del module.__dict__[key]  # what a forward made (the CPU kernel's packed tensors, caches)
+        module.__dict__.update({k: copy.copy(v) for k, v in fresh.items()})
+        module.__dict__["_tensorstream_bound"] = bound
+        for part, param in bound.items():
+            module._buffers[part] = param.detach()
+        module._buffers["qzeros"] = bound["qzeros"].detach().clone()  # converted in place below: never the slot
+        module.qzero_format(format=1)
+        convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
+        module.post_init()
+
+    def unload(module: Any, args: Any, output: Any) -> None:
+        bound = module.__dict__.pop("_tensorstream_bound", {})
+        for part in names:
+            module._buffers.pop(part, None)
+        module._parameters.update(bound)
+
+    layer.register_forward_pre_hook(load)
+    layer.register_forward_hook(unload)
