@@ -75,7 +75,12 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"input_ids": torch.randint(4, 96, (1, 32), generator=generator), "attention_mask": torch.ones(1, 32)}
         for _ in range(8)
     ]
-    model.quantize(calibration, batch_size=1)
+    cwd = Path.cwd()
+    os.chdir(source)  # gptqmodel writes its quantization log into ./logs
+    try:
+        model.quantize(calibration, batch_size=1)
+    finally:
+        os.chdir(cwd)
     folder = tmp_path_factory.mktemp("gptq-native")
     model.save(str(folder))
     return folder
@@ -197,3 +202,20 @@ def test_without_gptqmodel_a_gptq_checkpoint_is_refused_naming_the_install(
         streaming(published, tmp_path / "store")
     assert info.value.method == "gptq"
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_a_quantized_head_is_refused_naming_it(tmp_path: Path) -> None:
+    """GPTQ's ``lm_head=True`` quantizes the head too: tensorstream streams GPTQ layers inside blocks only."""
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name != "lm_head.weight":
+            return gptq_convert(name, tensor)
+        return {
+            key.replace("head.layers.proj", "lm_head"): t
+            for key, t in gptq_convert("head.layers.proj.weight", tensor).items()
+        }
+
+    folder = write_quantized(tmp_path / "model", tiny_llama(), convert, {**GPTQ_CONFIG, "lm_head": True})
+    with pytest.raises(UnsupportedQuantizationError, match=r"lm_head\.qweight") as info:
+        streaming(folder, tmp_path / "store")
+    assert info.value.method == "gptq"

@@ -98,9 +98,11 @@ def checkpoint_tensors(
 
     Raises:
         `FormatError`: no safetensors file, or no quantized layer (``*.qweight``) in it.
+        `UnsupportedQuantizationError`: a quantized layer outside the model's blocks (a quantized ``lm_head``).
     """
     from .checkpoint_files import CheckpointFiles, skeleton_state
-    from .errors import FormatError
+    from .errors import FormatError, UnsupportedQuantizationError
+    from .plan import find_units
 
     files = CheckpointFiles(folder, method)
     if not any(name.endswith(".qweight") for name in files.infos):
@@ -117,6 +119,15 @@ def checkpoint_tensors(
         return (files.infos[name].shape, files.infos[name].torch_dtype) if name in files else None
 
     model, skeleton = skeleton_state(cls, config, held)
+    blocks = tuple(f"{name}." for name, kind in find_units(model) if kind == "block")
+    outside = [n for n in files.infos if n.endswith(".qweight") and not n.startswith(blocks)]
+    if outside:
+        raise UnsupportedQuantizationError(
+            f"{folder} is quantized with {method} outside the model's repeated blocks ({outside[0]}: a quantized "
+            "head or embedding, GPTQ's lm_head=True), and tensorstream streams GPTQ layers inside blocks only. "
+            "Instead, load it without device_map='tensorstream' (docs/quantization.md, 'Pre-quantized checkpoints').",
+            method,
+        )
     state: dict[str, torch.Tensor] = {}
     for name, tensor in skeleton.items():
         layer = name.removesuffix(".weight")

@@ -24,19 +24,22 @@ method and the machine:
   parameters, and each bind rebuilds ``Params4bit``/``Int8Params`` from views of the slot (`tensorstream.bnb`).
   Both this and the previous kind are written from the checkpoint's files block by block: transformers cannot
   disk-offload them.
-* **not streamed yet** (GPTQ/AWQ, torchao, and FP8/MXFP4 with their kernels): the model holds the method's own
-  modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
+* **loaded into the method's own layers at each forward** (GPTQ, where gptqmodel is installed): the resident model
+  converts ``qzeros`` once after loading and its CPU kernel repacks at the first forward; the store holds the
+  checkpoint's tensors unconverted and each forward of a streamed layer repeats that load (`tensorstream.gptq`).
+* **not streamed yet** (AWQ, GPTQ without gptqmodel, and FP8/MXFP4 with their kernels): the model holds the method's
+  own modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
   `UnsupportedQuantizationError` naming the method, the reason and what works instead, before any store is written.
 
 `check_offload` does the same for `tensorstream.offload` on a model already loaded.
 
 Example:
     ```python
-    >>> quantization_method({"quantization_config": {"quant_method": "gptq", "bits": 4}})
-    'gptq'
-    >>> check_method("gptq", "./tiny-gptq")
+    >>> quantization_method({"quantization_config": {"quant_method": "awq", "bits": 4}})
+    'awq'
+    >>> check_method("awq", "./tiny-awq")
     Traceback (most recent call last):
-    tensorstream.errors.UnsupportedQuantizationError: ./tiny-gptq is quantized with gptq, ...
+    tensorstream.errors.UnsupportedQuantizationError: ./tiny-awq is quantized with awq, ...
     ```
 """
 
