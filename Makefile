@@ -34,6 +34,12 @@ GPTQ_VENV ?= .venv-gptq
 GPTQ_PY := $(GPTQ_VENV)/bin/python
 GPTQ_TORCH_SPEC ?= torch==2.14.1
 GPTQ_SPEC ?= gptqmodel==7.7.0 optimum==2.3.0
+GPTQ_SMOKE ?= tests/test_gptq.py \
+	tests/test_prequantized.py::test_without_gptqmodel_a_gptq_checkpoint_is_refused_not_streamed_wrong \
+	tests/test_streaming.py::test_logits_and_generation_bit_identical \
+	tests/test_reshard.py::test_round_trip_every_tensor_equal tests/test_cli.py::test_reshard_inspect_verify \
+	tests/test_package.py tests/test_quantization.py::test_streamed_equals_its_detached_reference \
+	-k "not (qwen2 or gpt2)"
 
 .PHONY: install test test-slow mindeps mindeps-diffusers gptq demo bench quality style docs clean help
 
@@ -99,8 +105,7 @@ gptq:
 	$(GPTQ_PY) -m pip install --quiet -e ".[dev]"
 	$(GPTQ_PY) -m pip check
 	$(GPTQ_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|gptqmodel|optimum|accelerate) "
-	$(GPTQ_PY) -m pytest -q -p no:cacheprovider tests/test_gptq.py \
-		tests/test_prequantized.py::test_without_gptqmodel_a_gptq_checkpoint_is_refused_not_streamed_wrong $(SMOKE)
+	$(GPTQ_PY) -m pytest -q -p no:cacheprovider $(GPTQ_SMOKE)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -166,6 +166,35 @@ def test_the_published_v1_zero_points_are_converted_once_per_forward(published: 
     assert int(stored.flatten()[0]) & 0xFFFFFFFF == 0x77777777  # the store's bytes are never written
 
 
+def test_checkpoint_tensors_are_cast_to_the_layer_buffers_dtype_as_transformers_loads_them(
+    published: Path, tmp_path: Path
+) -> None:
+    """transformers casts each checkpoint tensor to the dtype of the buffer it loads it into: ``scales`` saved in bf16
+    become the layer's fp16. The store keeps the checkpoint's bf16 bytes; each forward casts them the same way."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bf16-scales"
+    shutil.copytree(published, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors = {k: v.to(torch.bfloat16) if k.endswith(".scales") else v for k, v in tensors.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    reference = resident(folder)
+    assert reference.model.layers[0].self_attn.q_proj.scales.dtype == torch.float16
+    expected = logits(reference)
+    model = streaming(folder, tmp_path / "store", budget_gb=0.0006)
+    seen: list[torch.dtype] = []
+    layer = model.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(module.scales.dtype))
+    try:
+        got = logits(model)
+    finally:
+        handle.remove()
+    assert seen == [torch.float16, torch.float16]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_a_gptq_checkpoint_with_resident_blocks_and_detached_is_bit_exact(native: Path, tmp_path: Path) -> None:
     expected = logits(resident(native))
     storage = tmp_path / "store"

@@ -201,23 +201,28 @@ def gptq_layers(model: nn.Module, config: Any, store: Any, blocks: Any, device: 
                 weight_dtype=linear.weight.dtype,
             )
             layer.device = torch.device(device)
+            # transformers' loader casts each checkpoint tensor to the dtype of the buffer it loads it into (a GPTQ
+            # checkpoint's bf16 scales become the layer's fp16); the hook does the same at every forward
+            dtypes: dict[str, torch.dtype] = {}
             for part in STATE:
                 info = codec.logical.get(f"{full}.{part}")
-                layer._buffers.pop(part, None)
+                buffer = layer._buffers.pop(part, None)
                 if info is not None:
+                    dtypes[part] = buffer.dtype if buffer is not None else info.torch_dtype
                     meta = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
                     layer._parameters[part] = nn.Parameter(meta, requires_grad=False)
             layer.train(linear.training)
-            _install(layer)
+            _install(layer, dtypes)
             owner, _, attr = local.rpartition(".")
             setattr(module.get_submodule(owner), attr, layer)
     model.config.quantization_config = qc  # type: ignore[union-attr]  # what transformers' GPTQ load records
 
 
-def _install(layer: nn.Module) -> None:
-    """The hooks that load ``layer``'s bound state at every forward and put it back after (module docstring)."""
+def _install(layer: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """The hooks that load ``layer``'s bound state (``dtypes``: the dtype of each buffer it is loaded into) at every
+    forward and put it back after (module docstring)."""
     fresh = {k: copy.copy(v) for k, v in layer.__dict__.items() if k not in _INTERNALS}
-    names = [part for part in STATE if part in layer._parameters]
+    names = list(dtypes)
 
     def load(module: Any, args: Any) -> None:
         from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
@@ -229,8 +234,8 @@ def _install(layer: nn.Module) -> None:
         module.__dict__.update({k: copy.copy(v) for k, v in fresh.items()})
         module.__dict__["_tensorstream_bound"] = bound
         for part, param in bound.items():
-            module._buffers[part] = param.detach()
-        module._buffers["qzeros"] = bound["qzeros"].detach().clone()  # converted in place below: never the slot
+            module._buffers[part] = param.detach().to(dtype=dtypes[part])  # transformers' `_materialize_copy`
+        module._buffers["qzeros"] = module._buffers["qzeros"].clone()  # converted in place below: never the slot
         module.qzero_format(format=1)
         convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
         module.post_init()
