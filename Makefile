@@ -25,9 +25,9 @@ DIFFUSERS_SMOKE ?= tests/test_diffusers.py tests/test_package.py \
 	tests/test_hub.py::test_offline_preshard_repo_of_a_diffusers_model_streams_in_place \
 	tests/test_hub.py::test_push_a_diffusers_model_and_stream_it_from_the_hub \
 	tests/test_hub.py::test_preshard_pipeline_repo_streams_its_store_components
-# `make gptq`: GPTQ checkpoints stream through gptqmodel, which needs torch >= 2.14.1 (this project's floor is 2.13):
-# a venv of its own with that torch (the CUDA build; it runs on a CPU), gptqmodel and optimum (transformers' GPTQ load
-# needs both), then the package; the GPTQ tests and the core smoke subset run on it. gptqmodel 7.7.0 is an sdist
+# `make gptq`: GPTQ and AWQ checkpoints stream through gptqmodel, which needs torch >= 2.14.1 (this project's floor is
+# 2.13): a venv of its own with that torch (the CUDA build; it runs on a CPU), gptqmodel and optimum (transformers'
+# GPTQ load needs both), then the package; the GPTQ/AWQ tests and the core smoke subset run on it. gptqmodel 7.7.0 is an sdist
 # whose setup.py builds no extension (its kernels are compiled at run time, only where a kernel that needs one is
 # selected), so nothing CUDA is built at install.
 GPTQ_VENV ?= .venv-gptq

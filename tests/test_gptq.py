@@ -86,7 +86,35 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(params=["native", "published"])
+@pytest.fixture(scope="module")
+def awq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint quantized with AWQ by gptqmodel on this CPU (4 bits, group 32, GEMM), saved as it publishes."""
+    from helpers.tokenizer import save_tokenizer
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import AWQConfig, GPTQModel
+
+    source = tmp_path_factory.mktemp("awq-bf16")
+    tiny_llama().save_pretrained(source)
+    save_tokenizer(source)
+    model = GPTQModel.load(str(source), AWQConfig(bits=4, group_size=32), device="cpu")
+    generator = torch.Generator().manual_seed(2)
+    calibration = [
+        {"input_ids": torch.randint(4, 96, (1, 32), generator=generator), "attention_mask": torch.ones(1, 32)}
+        for _ in range(8)
+    ]
+    cwd = Path.cwd()
+    os.chdir(source)  # gptqmodel writes its quantization log into ./logs
+    try:
+        model.quantize(calibration, batch_size=1)
+    finally:
+        os.chdir(cwd)
+    folder = tmp_path_factory.mktemp("awq-native")
+    model.save(str(folder))
+    return folder
+
+
+@pytest.fixture(params=["native", "published", "awq"])
 def checkpoint(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param)
 
@@ -120,7 +148,8 @@ def test_a_gptq_checkpoint_streams_bit_exact_to_the_resident_load(
     storage = tmp_path / "store"
     tensorstream.reshard(checkpoint, storage, progress=False)
     store = only_store(storage)
-    assert store.manifest["quantization"]["method"] == "gptq" and store.manifest["quantization"]["kept"]
+    method = store.manifest["quantization"]["method"]
+    assert method == reference.config.quantization_config.quant_method and store.manifest["quantization"]["kept"]
     source = read_ts_header(checkpoint / "model.safetensors", require_ts=False)
     for entry in store.blocks:  # the checkpoint's own tensors, qzeros unconverted (v1)
         assert entry.data_size <= 1.15 * block_bytes(checkpoint, entry.name)
@@ -140,8 +169,8 @@ def test_a_gptq_checkpoint_streams_bit_exact_to_the_resident_load(
     layer = model.model.layers[-1].self_attn.q_proj
     assert type(layer) is type(reference.model.layers[-1].self_attn.q_proj)  # gptqmodel's kernel, as selected
     assert type(layer.qweight).__name__ == "StreamedParameter"  # between forwards: nothing converted is kept
-    assert model.config.quantization_config.quant_method == "gptq"  # as transformers' load leaves it
-    assert str(describe_quantization(store.manifest)).startswith("gptq: ")
+    assert type(model.config.quantization_config) is type(reference.config.quantization_config)  # as loaded
+    assert str(describe_quantization(store.manifest)).startswith(f"{method}: ")
 
 
 def test_the_published_v1_zero_points_are_converted_once_per_forward(published: Path, tmp_path: Path) -> None:
@@ -226,7 +255,7 @@ def test_without_gptqmodel_a_gptq_checkpoint_is_refused_naming_the_install(
 ) -> None:
     import tensorstream.prequantized as prequantized
 
-    monkeypatch.setattr(prequantized, "gptq_available", lambda: False)
+    monkeypatch.setattr(prequantized, "gptq_available", lambda method: False)
     with pytest.raises(UnsupportedQuantizationError, match="pip install gptqmodel optimum") as info:
         streaming(published, tmp_path / "store")
     assert info.value.method == "gptq"

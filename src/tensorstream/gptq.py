@@ -1,4 +1,4 @@
-"""GPTQ checkpoints, streamed as published: the checkpoint's tensors in gptqmodel's own layers, loaded at each bind.
+"""GPTQ and AWQ checkpoints, streamed as published: the checkpoint's tensors in gptqmodel's layers, loaded per forward.
 
 transformers loads a GPTQ checkpoint through optimum and gptqmodel: every quantized linear of a block becomes the
 ``QuantLinear`` class gptqmodel selects for the device (on a CPU, ``TorchAtenLinear``), holding the checkpoint's
@@ -17,9 +17,15 @@ its constructor made, the bound tensors as its buffers, ``qzeros`` copied (the s
 by gptqmodel's own function, ``post_init``. The forward repacks as the resident layer's first forward did; a post-hook
 puts the bound parameters back and drops what the forward made. Nothing converted outlives the forward.
 
+AWQ goes the same way without the ``qzeros`` conversion: transformers builds its layers with
+``replace_with_awq_linear`` (gptqmodel's class for ``METHOD.AWQ``; ``TorchAtenAwqLinear`` on a CPU), loads the
+checkpoint's ``qweight``, ``qzeros``, ``scales`` into them and calls ``post_init``; the first forward repacks for the
+CPU's int4 kernel. Its ``qzeros`` are marked by the rule ``awq-qzeros`` (no conversion). Model types whose AWQ load
+also scales activations (``replace_quantization_scales``: Falcon, MPT, BLOOM, ...) are refused.
+
 Only kernels whose streamed forward was compared bit for bit with the resident one are used (`VERIFIED_KERNELS`);
 another kernel selected on this device (a GPU's Marlin, ...) is refused with `UnsupportedQuantizationError`.
-gptqmodel and optimum are imported only when a GPTQ store or model is used.
+gptqmodel and optimum are imported only when such a store or model is used.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import copy
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +43,7 @@ from .rules import BindingRule, register_rule
 
 __all__ = [
     "GPTQ_METHODS",
+    "AwqZerosRule",
     "GptqZerosRule",
     "VERIFIED_KERNELS",
     "checkpoint_tensors",
@@ -45,44 +52,63 @@ __all__ = [
 ]
 
 #: The pre-quantized methods streamed in gptqmodel's own layers.
-GPTQ_METHODS = ("gptq",)
+GPTQ_METHODS = ("gptq", "awq")
 #: gptqmodel's layer classes whose streamed forward is tested bit-exact against the resident load (tests/test_gptq.py).
-VERIFIED_KERNELS = ("TorchAtenLinear",)
+VERIFIED_KERNELS = ("TorchAtenLinear", "TorchAtenAwqLinear")
+#: What transformers' load of each method needs installed.
+NEEDS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel",)}
 #: A quantized layer's state in a GPTQ checkpoint (``bias`` where the layer has one), in the resident layer's order.
 STATE = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _INTERNALS = frozenset(nn.Module().__dict__)  # torch's own module state (hooks, parameters, training, ...)
 
 
-def gptq_available() -> bool:
-    """Whether gptqmodel and optimum, which transformers' own GPTQ load needs, are installed."""
-    return all(importlib.util.find_spec(name) is not None for name in ("gptqmodel", "optimum"))
+def gptq_available(method: str = "gptq") -> bool:
+    """Whether what transformers' own load of ``method`` needs is installed (`NEEDS`: gptqmodel, and for GPTQ
+    optimum)."""
+    return all(importlib.util.find_spec(name) is not None for name in NEEDS.get(method, ("gptqmodel",)))
 
 
 class _V1Zeros(torch.Tensor):
     """A checkpoint's ``qzeros`` in GPTQ's v1 format, as `checkpoint_tensors` reads it (for `GptqZerosRule`)."""
 
 
+class _AwqZeros(torch.Tensor):
+    """A checkpoint's AWQ ``qzeros``, as `checkpoint_tensors` reads it (for `AwqZerosRule`)."""
+
+
 class GptqZerosRule(BindingRule):
     """A GPTQ layer's ``qzeros`` in the checkpoint's v1 format: stored as they are, bound as a view of the slot; the
-    layer's pre-hook converts a copy to v2 at every forward (`gptq_layers`)."""
+    layer's pre-hook converts a copy to v2 at every forward (`gptq_layers`). The record makes the block one that
+    tensorstream binds itself (resident or streamed), into the layers `gptq_layers` makes."""
 
     name = "gptq-qzeros-v1"
+    marker: type = _V1Zeros
+    meta: ClassVar[dict[str, Any]] = {"format": 1}
 
     def matches(self, tensor: torch.Tensor) -> bool:
-        return type(tensor) is _V1Zeros
+        return type(tensor) is self.marker
 
     def flatten(self, tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {"data": tensor.as_subclass(torch.Tensor)}, {"format": 1}
+        return {"data": tensor.as_subclass(torch.Tensor)}, dict(self.meta)
 
     def rebuild(self, parts: Mapping[str, torch.Tensor], meta: Mapping[str, Any], requires_grad: bool) -> nn.Parameter:
         return nn.Parameter(parts["data"], requires_grad=False)
 
     def validate(self, meta: Mapping[str, Any]) -> None:
-        if meta.get("format") != 1:
-            raise ValueError(f"qzeros format {meta.get('format')!r}, not 1")
+        if {k: meta.get(k) for k in self.meta} != self.meta:
+            raise ValueError(f"{self.name} record {dict(meta)!r}, expected {self.meta!r}")
+
+
+class AwqZerosRule(GptqZerosRule):
+    """An AWQ layer's ``qzeros``, stored and bound as they are (AWQ's load converts nothing)."""
+
+    name = "awq-qzeros"
+    marker = _AwqZeros
+    meta: ClassVar[dict[str, Any]] = {"method": "awq"}
 
 
 register_rule(GptqZerosRule())
+register_rule(AwqZerosRule())
 
 
 def checkpoint_tensors(
@@ -104,6 +130,17 @@ def checkpoint_tensors(
     from .errors import FormatError, UnsupportedQuantizationError
     from .plan import find_units
 
+    if method == "awq":
+        from transformers.integrations.awq import AWQ_SCALES_MAPPINGS
+
+        if getattr(config, "model_type", None) in AWQ_SCALES_MAPPINGS:
+            raise UnsupportedQuantizationError(
+                f"{folder} is quantized with awq for a {config.model_type} model, whose AWQ load also scales its "
+                "activations (transformers' replace_quantization_scales), which tensorstream does not reproduce yet. "
+                "Instead, load it without device_map='tensorstream' (docs/quantization.md, 'Pre-quantized "
+                "checkpoints').",
+                method,
+            )
     files = CheckpointFiles(folder, method)
     if not any(name.endswith(".qweight") for name in files.infos):
         raise FormatError(
@@ -139,9 +176,11 @@ def checkpoint_tensors(
                 info = files.infos[f"{layer}.{part}"]
                 state[f"{layer}.{part}"] = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
 
+    marker = _V1Zeros if method == "gptq" else _AwqZeros
+
     def get_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
         data = files.read(name)
-        return data.as_subclass(_V1Zeros) if name.endswith(".qzeros") else data
+        return data.as_subclass(marker) if name.endswith(".qzeros") else data
 
     def phase_of(name: str, tensor: torch.Tensor) -> int:
         return files.phase(name)
@@ -149,48 +188,17 @@ def checkpoint_tensors(
     return model, state, get_tensor, phase_of
 
 
-def _quantizer(quantization_config: Any) -> Any:
-    """optimum's ``GPTQQuantizer`` made as transformers' ``GptqHfQuantizer`` makes it."""
-    from optimum.gptq import GPTQQuantizer
+def _layer_factory(method: str, qc: Any, device: torch.device) -> tuple[Any, Any]:
+    """(gptqmodel's layer class transformers' load of ``method`` selects for ``device``, a function making one such
+    layer for an ``nn.Linear`` as that load makes it)."""
+    if method == "gptq":  # optimum's GPTQQuantizer, made and used as transformers' GptqHfQuantizer does
+        from optimum.gptq import GPTQQuantizer
 
-    return GPTQQuantizer.from_dict(quantization_config.to_dict_optimum())
+        quantizer = GPTQQuantizer.from_dict(qc.to_dict_optimum())
+        quantizer.select_quant_linear(device_map={"": device}, pack=False)
 
-
-def gptq_layers(model: nn.Module, config: Any, store: Any, blocks: Any, device: torch.device) -> None:
-    """Make the linears of ``blocks`` whose ``qweight`` the store holds gptqmodel's layers, of the class optimum's
-    quantizer selects for ``device`` (as the resident load does), each with its state as meta parameters that the
-    engine binds, and the hooks that load it at every forward (module docstring).
-
-    Raises:
-        `UnsupportedQuantizationError`: the class selected is not one of `VERIFIED_KERNELS`.
-    """
-    from transformers.utils.quantization_config import GPTQConfig
-
-    from .errors import UnsupportedQuantizationError
-
-    qc = config.quantization_config
-    qc = GPTQConfig.from_dict(qc) if isinstance(qc, dict) else qc
-    quantizer = _quantizer(qc)
-    quantizer.select_quant_linear(device_map={"": device}, pack=False)
-    kernel = quantizer.quant_linear
-    if kernel.__name__ not in VERIFIED_KERNELS:
-        raise UnsupportedQuantizationError(
-            f"gptqmodel selects {kernel.__name__} for GPTQ layers on {device}, and tensorstream streams GPTQ "
-            f"checkpoints only in the kernels it has compared bit for bit with transformers' resident load "
-            f"({', '.join(VERIFIED_KERNELS)}, gptqmodel's CPU kernel). Instead, load it without "
-            "device_map='tensorstream' (transformers runs it resident), or stream it on the CPU "
-            "(tensorstream.Config(device='cpu')) (docs/quantization.md, 'Pre-quantized checkpoints').",
-            "gptq",
-        )
-    entries = {entry.name: entry for entry in store.blocks}
-    for block in blocks:
-        codec = store.codec(entries[block])
-        module = model.get_submodule(block)
-        for local, linear in list(module.named_modules()):
-            full = f"{block}.{local}"
-            if not isinstance(linear, nn.Linear) or f"{full}.qweight" not in codec.logical:
-                continue
-            layer = kernel(
+        def gptq(linear: nn.Linear) -> nn.Module:
+            return quantizer.quant_linear(  # optimum's `_replace_by_quant_layers`
                 quantizer.bits,
                 quantizer.group_size,
                 quantizer.desc_act,
@@ -200,6 +208,76 @@ def gptq_layers(model: nn.Module, config: Any, store: Any, blocks: Any, device: 
                 linear.bias is not None,
                 weight_dtype=linear.weight.dtype,
             )
+
+        return quantizer.quant_linear, gptq
+    from gptqmodel.quantization import METHOD
+    from gptqmodel.utils.importer import hf_select_quant_linear_v2
+
+    kernel = hf_select_quant_linear_v2(  # transformers' `replace_with_awq_linear`
+        bits=qc.bits,
+        group_size=qc.group_size,
+        desc_act=False,
+        sym=False,
+        format=qc.format,
+        backend=qc.backend,
+        device_map={"": device},
+        quant_method=METHOD.AWQ,
+        zero_point=qc.zero_point,
+        pack=False,
+    )
+
+    def awq(linear: nn.Linear) -> nn.Module:
+        with torch.device("meta"):
+            layer = kernel(
+                bits=qc.bits,
+                sym=qc.sym,
+                desc_act=qc.desc_act,
+                group_size=qc.group_size,
+                in_features=linear.in_features,
+                out_features=linear.out_features,
+                bias=linear.bias is not None,
+                dev=linear.weight.device,
+                register_buffers=True,
+            )
+        return layer.requires_grad_(False)
+
+    return kernel, awq
+
+
+def gptq_layers(model: nn.Module, config: Any, store: Any, blocks: Any, device: torch.device, method: str) -> None:
+    """Make the linears of ``blocks`` whose ``qweight`` the store holds gptqmodel's layers, of the class transformers'
+    load selects for ``device`` and made as it makes them (`_layer_factory`), each with its state as meta parameters
+    that the engine binds, and the hooks that load it at every forward (module docstring).
+
+    Raises:
+        `UnsupportedQuantizationError`: the class selected is not one of `VERIFIED_KERNELS`.
+    """
+    from transformers.utils.quantization_config import AwqConfig, GPTQConfig
+
+    from .errors import UnsupportedQuantizationError
+
+    qc = config.quantization_config
+    if isinstance(qc, dict):
+        qc = (GPTQConfig if method == "gptq" else AwqConfig).from_dict(qc)
+    kernel, make = _layer_factory(method, qc, device)
+    if kernel.__name__ not in VERIFIED_KERNELS:
+        raise UnsupportedQuantizationError(
+            f"gptqmodel selects {kernel.__name__} for {method} layers on {device}, and tensorstream streams "
+            f"{method} checkpoints only in the kernels it has compared bit for bit with transformers' resident load "
+            f"({', '.join(VERIFIED_KERNELS)}, gptqmodel's CPU kernels). Instead, load it without "
+            "device_map='tensorstream' (transformers runs it resident), or stream it on the CPU "
+            "(tensorstream.Config(device='cpu')) (docs/quantization.md, 'Pre-quantized checkpoints').",
+            method,
+        )
+    entries = {entry.name: entry for entry in store.blocks}
+    for block in blocks:
+        codec = store.codec(entries[block])
+        module = model.get_submodule(block)
+        for local, linear in list(module.named_modules()):
+            full = f"{block}.{local}"
+            if not isinstance(linear, nn.Linear) or f"{full}.qweight" not in codec.logical:
+                continue
+            layer = make(linear)
             layer.device = torch.device(device)
             # transformers' loader casts each checkpoint tensor to the dtype of the buffer it loads it into (a GPTQ
             # checkpoint's bf16 scales become the layer's fp16); the hook does the same at every forward
@@ -212,15 +290,15 @@ def gptq_layers(model: nn.Module, config: Any, store: Any, blocks: Any, device: 
                     meta = torch.empty(info.shape, dtype=info.torch_dtype, device="meta")
                     layer._parameters[part] = nn.Parameter(meta, requires_grad=False)
             layer.train(linear.training)
-            _install(layer, dtypes)
+            _install(layer, dtypes, convert=method == "gptq")
             owner, _, attr = local.rpartition(".")
             setattr(module.get_submodule(owner), attr, layer)
-    model.config.quantization_config = qc  # type: ignore[union-attr]  # what transformers' GPTQ load records
+    model.config.quantization_config = qc  # type: ignore[union-attr]  # what transformers' load records
 
 
-def _install(layer: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
-    """The hooks that load ``layer``'s bound state (``dtypes``: the dtype of each buffer it is loaded into) at every
-    forward and put it back after (module docstring)."""
+def _install(layer: nn.Module, dtypes: Mapping[str, torch.dtype], convert: bool) -> None:
+    """The hooks that load ``layer``'s bound state (``dtypes``: the dtype of each buffer it is loaded into;
+    ``convert``: GPTQ's ``qzeros`` v1 -> v2) at every forward and put it back after (module docstring)."""
     fresh = {k: copy.copy(v) for k, v in layer.__dict__.items() if k not in _INTERNALS}
     names = list(dtypes)
 
@@ -235,9 +313,10 @@ def _install(layer: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
         module.__dict__["_tensorstream_bound"] = bound
         for part, param in bound.items():
             module._buffers[part] = param.detach().to(dtype=dtypes[part])  # transformers' `_materialize_copy`
-        module._buffers["qzeros"] = module._buffers["qzeros"].clone()  # converted in place below: never the slot
-        module.qzero_format(format=1)
-        convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
+        if convert:
+            module._buffers["qzeros"] = module._buffers["qzeros"].clone()  # converted in place: never the slot
+            module.qzero_format(format=1)
+            convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
         module.post_init()
 
     def unload(module: Any, args: Any, output: Any) -> None:

@@ -216,8 +216,9 @@ def load_streaming(
             **kwargs,
         )
     _remove_accelerate_hooks(model)
-    if kept and quantization_method(quantized_config) in GPTQ_METHODS:  # gptqmodel's layers (`tensorstream.gptq`)
-        gptq_layers(model, quantized_config, store, outside, device)
+    method = quantization_method(quantized_config) if kept else None
+    if method in GPTQ_METHODS:  # gptqmodel's layers (`tensorstream.gptq`)
+        gptq_layers(model, quantized_config, store, outside, device, str(method))
     elif kept:  # bitsandbytes' layers where the store binds its parameter classes (`tensorstream.bnb`)
         bnb_layers(model, quantized_config, store, outside)
     _check_resident(model, tuple(outside), store)
