@@ -224,6 +224,23 @@ def test_checkpoint_tensors_are_cast_to_the_layer_buffers_dtype_as_transformers_
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+def test_a_streamed_layer_called_outside_its_block_is_refused_and_the_model_still_exact(
+    published: Path, tmp_path: Path
+) -> None:
+    """Outside its block's forward a layer holds placeholders: calling it alone is a typed error, and nothing of it
+    changes (the next forward of the model is still the resident load's)."""
+    from tensorstream.errors import UnsupportedOperationError
+
+    expected = logits(resident(published), 1)[0]
+    storage = tmp_path / "store"
+    tensorstream.reshard(published, storage, progress=False)
+    model = streaming(published, storage, budget_gb=budgets(storage)["stream_all"])
+    assert tensorstream.stats(model).resident_blocks == 0
+    with pytest.raises(UnsupportedOperationError, match="called on its own"), torch.no_grad():
+        model.model.layers[0].self_attn.q_proj(torch.zeros(1, 128, dtype=torch.bfloat16))
+    assert torch.equal(logits(model, 1)[0], expected)
+
+
 def test_a_gptq_checkpoint_with_resident_blocks_and_detached_is_bit_exact(native: Path, tmp_path: Path) -> None:
     expected = logits(resident(native))
     storage = tmp_path / "store"

@@ -305,14 +305,24 @@ def _install(layer: nn.Module, dtypes: Mapping[str, torch.dtype], convert: bool)
     def load(module: Any, args: Any) -> None:
         from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
-        # the engine bound them for this block's forward (`tensorstream.engine`); never None here
-        bound: dict[str, torch.Tensor] = {part: module._parameters.pop(part) for part in names}
+        # the engine bound them for this block's forward (`tensorstream.engine`); outside it they are placeholders
+        bound: dict[str, torch.Tensor] = {part: module._parameters[part] for part in names}
+        if any(param.is_meta for param in bound.values()):
+            from .errors import UnsupportedOperationError
+
+            raise UnsupportedOperationError(
+                f"a {type(module).__name__} of a streamed block was called on its own: its weights exist only while "
+                "its block runs (the block's forward binds them). Call the model (or the whole block), or load the "
+                "model resident (without device_map='tensorstream', or tensorstream.detach(model))."
+            )
+        loaded = {part: param.detach().to(dtype=dtypes[part]) for part, param in bound.items()}  # `_materialize_copy`
         for key in [k for k in module.__dict__ if k not in _INTERNALS and k not in fresh]:
             del module.__dict__[key]  # what a forward made (the CPU kernel's packed tensors, caches)
         module.__dict__.update({k: copy.copy(v) for k, v in fresh.items()})
         module.__dict__["_tensorstream_bound"] = bound
-        for part, param in bound.items():
-            module._buffers[part] = param.detach().to(dtype=dtypes[part])  # transformers' `_materialize_copy`
+        for part in names:
+            del module._parameters[part]
+        module._buffers.update(loaded)
         if convert:
             module._buffers["qzeros"] = module._buffers["qzeros"].clone()  # converted in place: never the slot
             module.qzero_format(format=1)
