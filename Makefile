@@ -25,8 +25,23 @@ DIFFUSERS_SMOKE ?= tests/test_diffusers.py tests/test_package.py \
 	tests/test_hub.py::test_offline_preshard_repo_of_a_diffusers_model_streams_in_place \
 	tests/test_hub.py::test_push_a_diffusers_model_and_stream_it_from_the_hub \
 	tests/test_hub.py::test_preshard_pipeline_repo_streams_its_store_components
+# `make gptq`: GPTQ and AWQ checkpoints stream through gptqmodel, which needs torch >= 2.14.1 (this project's floor is
+# 2.13): a venv of its own with that torch (the CUDA build; it runs on a CPU), gptqmodel and optimum (transformers'
+# GPTQ load needs both), then the package; the GPTQ/AWQ tests and the core smoke subset run on it. gptqmodel 7.7.0 is an sdist
+# whose setup.py builds no extension (its kernels are compiled at run time, only where a kernel that needs one is
+# selected), so nothing CUDA is built at install.
+GPTQ_VENV ?= .venv-gptq
+GPTQ_PY := $(GPTQ_VENV)/bin/python
+GPTQ_TORCH_SPEC ?= torch==2.14.1
+GPTQ_SPEC ?= gptqmodel==7.7.0 optimum==2.3.0
+GPTQ_SMOKE ?= tests/test_gptq.py \
+	tests/test_prequantized.py::test_without_gptqmodel_a_gptq_checkpoint_is_refused_not_streamed_wrong \
+	tests/test_streaming.py::test_logits_and_generation_bit_identical \
+	tests/test_reshard.py::test_round_trip_every_tensor_equal tests/test_cli.py::test_reshard_inspect_verify \
+	tests/test_package.py tests/test_quantization.py::test_streamed_equals_its_detached_reference \
+	-k "not (qwen2 or gpt2)"
 
-.PHONY: install test test-slow mindeps mindeps-diffusers demo bench quality style docs clean help
+.PHONY: install test test-slow mindeps mindeps-diffusers gptq demo bench quality style docs clean help
 
 help:
 	@echo "make demo     build a ~480 MB random Llama and stream it with a quarter of its size as budget"
@@ -34,6 +49,7 @@ help:
 	@echo "make test-slow  the slow sweeps make test leaves out (pytest -m slow; CI runs both)"
 	@echo "make mindeps  install the declared minimum versions in $(MIN_VENV) and run a smoke subset"
 	@echo "make mindeps-diffusers  the same with the diffusers extra's floors, in $(MIN_DIFFUSERS_VENV)"
+	@echo "make gptq     gptqmodel (torch 2.14.1) in $(GPTQ_VENV): the GPTQ streaming tests and the smoke subset"
 	@echo "make bench    tensorstream bench --compare accelerate on the standard ~1.9 GB model (minutes)"
 	@echo "make quality  ruff check, ruff format --check, mypy"
 	@echo "make style    ruff format and autofix"
@@ -81,6 +97,16 @@ mindeps-diffusers:
 	$(MIN_DIFFUSERS_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|accelerate|safetensors|huggingface.hub|tqdm|diffusers) "
 	$(MIN_DIFFUSERS_PY) -m pytest -q -p no:cacheprovider $(DIFFUSERS_SMOKE)
 
+gptq:
+	$(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_PY) -m pip install --quiet --upgrade pip
+	$(GPTQ_PY) -m pip install --quiet "$(GPTQ_TORCH_SPEC)"
+	$(GPTQ_PY) -m pip install --quiet $(GPTQ_SPEC)
+	$(GPTQ_PY) -m pip install --quiet -e ".[dev]"
+	$(GPTQ_PY) -m pip check
+	$(GPTQ_PY) -m pip list 2>/dev/null | grep -iE "^(torch|transformers|gptqmodel|optimum|accelerate) "
+	$(GPTQ_PY) -m pytest -q -p no:cacheprovider $(GPTQ_SMOKE)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
@@ -109,4 +135,4 @@ docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(MIN_DIFFUSERS_VENV) .demo .pytest_cache .mypy_cache .ruff_cache site
+	rm -rf $(VENV) $(MIN_VENV) $(MIN_DIFFUSERS_VENV) $(GPTQ_VENV) .demo .pytest_cache .mypy_cache .ruff_cache site

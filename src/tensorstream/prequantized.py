@@ -24,19 +24,22 @@ method and the machine:
   parameters, and each bind rebuilds ``Params4bit``/``Int8Params`` from views of the slot (`tensorstream.bnb`).
   Both this and the previous kind are written from the checkpoint's files block by block: transformers cannot
   disk-offload them.
-* **not streamed yet** (GPTQ/AWQ, torchao, and FP8/MXFP4 with their kernels): the model holds the method's own
-  modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
+* **loaded into the method's own layers at each forward** (GPTQ and AWQ, where gptqmodel is installed): the resident
+  model converts GPTQ's ``qzeros`` once after loading and its CPU kernel repacks at the first forward; the store holds
+  the checkpoint's tensors unconverted and each forward of a streamed layer repeats that load (`tensorstream.gptq`).
+* **not streamed yet** (GPTQ/AWQ without gptqmodel, and FP8/MXFP4 with their kernels): the model holds the method's
+  own modules or tensor subclasses, and some convert tensors after loading. `check_method` and `check_loaded` raise
   `UnsupportedQuantizationError` naming the method, the reason and what works instead, before any store is written.
 
 `check_offload` does the same for `tensorstream.offload` on a model already loaded.
 
 Example:
     ```python
-    >>> quantization_method({"quantization_config": {"quant_method": "gptq", "bits": 4}})
-    'gptq'
-    >>> check_method("gptq", "./tiny-gptq")
+    >>> quantization_method({"quantization_config": {"quant_method": "hqq", "nbits": 4}})
+    'hqq'
+    >>> check_method("hqq", "./tiny-hqq")
     Traceback (most recent call last):
-    tensorstream.errors.UnsupportedQuantizationError: ./tiny-gptq is quantized with gptq, ...
+    tensorstream.errors.UnsupportedQuantizationError: ./tiny-hqq is quantized with hqq, ...
     ```
 """
 
@@ -61,6 +64,7 @@ from .dequantize import (
     mxfp4_dequantize,
 )
 from .errors import UnsupportedQuantizationError
+from .gptq import GPTQ_METHODS, NEEDS, gptq_available
 
 __all__ = [
     "FP8_SCALE_SUFFIX",
@@ -93,23 +97,21 @@ _ALTERNATIVES = (
     "checkpoint instead (tensorstream.Config(quantize='int8') or 'int4' makes a compact store of it)"
 )
 #: Why each method is not streamed yet (docs/quantization.md, "Pre-quantized checkpoints").
-_REASONS = {
-    "gptq": (
-        "GPTQ/AWQ layers (gptqmodel) convert the checkpoint's zero points when a model loads (qzeros v1 -> v2); a "
-        "streamed model would convert the stored, already converted values once more and compute wrong numbers"
-    ),
-}
-_REASONS["awq"] = _REASONS["gptq"]
+_REASONS: dict[str, str] = {}
 #: What works instead, where it differs from `_ALTERNATIVES`.
-_FIXES = {
-    method: (
-        "load it without device_map='tensorstream' (transformers runs it resident through gptqmodel: `pip install "
-        "gptqmodel`), or stream the model's unquantized release with a compact store of tensorstream's own "
-        "(tensorstream_config=tensorstream.Config(quantize='int4'), or `tensorstream reshard <unquantized model> "
-        "--quantize int4`)"
-    )
-    for method in ("gptq", "awq")
-}
+_FIXES: dict[str, str] = {}
+#: `check_method`'s refusal of a GPTQ or AWQ checkpoint where gptqmodel (or, for GPTQ, optimum) is not installed.
+_GPTQ_MISSING = (
+    "tensorstream streams {method} in gptqmodel's own layers, loading the checkpoint's tensors (qweight, qzeros, "
+    "scales) into them at each forward as transformers' load does, and {needs}, which transformers' {method} load "
+    "needs too, {are} not installed here"
+)
+_GPTQ_FIX = (
+    "`pip install {install}` (gptqmodel needs torch 2.14.1 or later; `make gptq` in tensorstream's repository "
+    "builds such an environment), or stream the model's unquantized release with a compact store of tensorstream's "
+    "own (tensorstream_config=tensorstream.Config(quantize='int4'), or `tensorstream reshard <unquantized model> "
+    "--quantize int4`)"
+)
 #: `check_offload`'s fix: the model is loaded already.
 _OFFLOAD_FIX = (
     "keep it resident (without tensorstream.offload), or load the model's unquantized release with "
@@ -201,6 +203,16 @@ def check_method(method: str | None, where: str, *, on_the_fly: bool = False) ->
         return  # `check_loaded` confirms that transformers dequantized it; a ruled tensor is checked as it is stored
     if method in KEPT_METHODS:
         return  # streamed in bitsandbytes' own layers (`tensorstream.bnb`)
+    if method in GPTQ_METHODS:  # streamed in gptqmodel's own layers (`tensorstream.gptq`)
+        if not gptq_available(method):
+            needs = NEEDS[method]
+            reason = _GPTQ_MISSING.format(method=method, needs=" and ".join(needs), are="are" if needs[1:] else "is")
+            raise UnsupportedQuantizationError(
+                f"{where} is quantized with {method}, which needs gptqmodel: {reason}. Instead, "
+                f"{_GPTQ_FIX.format(install=' '.join(needs))} (docs/quantization.md, 'Pre-quantized checkpoints').",
+                method,
+            )
+        return
     if method == CT_KIND:
         return  # its compact tensors decompressed per block (`tensorstream.ctensors`)
     reason = _REASONS.get(
@@ -300,6 +312,16 @@ def check_offload(model: torch.nn.Module) -> None:
                 "with from_pretrained(..., device_map='tensorstream')",
             )
         return
+    if method in GPTQ_METHODS:
+        raise _refuse(
+            where,
+            method,
+            f"a loaded {method} model holds its state as its load left it (GPTQ's zero points converted to v2) and, "
+            f"after its first forward, weights repacked for its kernel; tensorstream streams {method} from the "
+            "checkpoint's own tensors, loaded into gptqmodel's layers at each block's forward",
+            "keep it resident (without tensorstream.offload), or stream its checkpoint with "
+            "from_pretrained(<checkpoint>, device_map='tensorstream')",
+        )
     if (
         method is not None
         and method not in RULED_METHODS
@@ -451,6 +473,13 @@ def describe_quantization(manifest: Mapping[str, Any]) -> str | None:
             "the store holds the checkpoint's compact tensors (packed integers or float8 weights, scales, zero "
             "points), decompressed to plain weights as each block loads with compressed-tensors' own function, as "
             "transformers' resident model does at its first forward"
+        )
+    elif info.get("kept") is True and method in GPTQ_METHODS:
+        what = "qweight, qzeros in GPTQ's v1 format, scales, g_idx" if method == "gptq" else "qweight, qzeros, scales"
+        done = "qzeros converted to v2 by gptqmodel, post_init" if method == "gptq" else "post_init"
+        how = (
+            f"the store holds the checkpoint's own tensors ({what}), loaded at each block's forward into gptqmodel's "
+            f"layers as transformers' resident load does ({done}), which compute on them"
         )
     elif info.get("kept") is True:
         how = (

@@ -57,6 +57,7 @@ from .errors import (
 )
 from .experts import EXPERTS_KEY, add_checksums, experts_record, whole_block_reason
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
+from .gptq import GPTQ_METHODS
 from .integrations.hub import resolve_model_class, resolve_source
 from .plan import find_units, resident_parts
 from .prequantized import (
@@ -431,7 +432,7 @@ def reshard(
                 f"tensorstream: resharding {source} into {root / fingerprint} (building the model first)",
                 file=sys.stderr,
             )
-        if method in KEPT_METHODS or method == CT_KIND:  # written from the checkpoint's own tensors
+        if method in KEPT_METHODS or method in GPTQ_METHODS or method == CT_KIND:  # from the checkpoint's tensors
             write_from_checkpoint(staging)
             return
         try:
@@ -502,9 +503,9 @@ def reshard(
                 shutil.copyfile(folder / name, staging / name)
 
     def write_from_checkpoint(staging: Path) -> None:
-        """bitsandbytes (its layers bind the checkpoint's tensors) and compressed-tensors (the checkpoint's compact
-        tensors, decompressed as each block loads): transformers cannot disk-offload either, so the store is written
-        from the checkpoint's files, block by block."""
+        """bitsandbytes and GPTQ (their layers bind the checkpoint's tensors) and compressed-tensors (the checkpoint's
+        compact tensors, decompressed as each block loads): transformers cannot disk-offload them, or (GPTQ) converts
+        them at load, so the store is written from the checkpoint's files, block by block."""
         if dtype is not None or kind is not None:
             raise ConfigError(
                 f"{source} is quantized with {method}: its store holds the checkpoint's own tensors, so no dtype or "
@@ -517,7 +518,10 @@ def reshard(
 
             model, state, get_tensor, parts_of, phase_of = checkpoint_source(folder, cls, config, str(source))
         else:
-            from .bnb import checkpoint_tensors
+            if method in GPTQ_METHODS:
+                from .gptq import checkpoint_tensors
+            else:
+                from .bnb import checkpoint_tensors
 
             model, state, get_tensor, phase_of = checkpoint_tensors(folder, cls, config, str(method))
             model.config = config  # config.json keeps quantization_config: the streamed model is built with it

@@ -36,6 +36,7 @@ from ..bnb import KEPT_METHODS, bnb_layers
 from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
+from ..gptq import GPTQ_METHODS, gptq_layers
 from ..prequantized import describe_quantization, quantization_method
 from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
@@ -216,7 +217,10 @@ def load_streaming(
             **kwargs,
         )
     _remove_accelerate_hooks(model)
-    if kept:  # bitsandbytes' layers where the store binds its parameter classes (`tensorstream.bnb`)
+    method = quantization_method(quantized_config) if kept else None
+    if method in GPTQ_METHODS:  # gptqmodel's layers (`tensorstream.gptq`)
+        gptq_layers(model, quantized_config, store, outside, device, str(method))
+    elif kept:  # bitsandbytes' layers where the store binds its parameter classes (`tensorstream.bnb`)
         bnb_layers(model, quantized_config, store, outside)
     _check_resident(model, tuple(outside), store)
     _restore_weight_conversions(model, store)
@@ -255,7 +259,7 @@ def check_budget_before_reshard(
     from ..plan import find_blocks, make_plan
 
     sizes = {dtype.itemsize} if dtype is not None else _checkpoint_itemsizes(folder)
-    if not sizes or quantization_method(hf_config) in KEPT_METHODS:  # 4-bit: half a byte per parameter
+    if not sizes or quantization_method(hf_config) in (*KEPT_METHODS, *GPTQ_METHODS):  # 4-bit: packed parameters
         return
     with init_empty_weights(include_buffers=False), quiet_transformers():
         skeleton = cls._from_config(hf_config)
