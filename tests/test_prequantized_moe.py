@@ -102,3 +102,23 @@ def test_fp8_moe_streams_the_compact_experts_bit_exact(moe_checkpoint: Path, tmp
         largest = max(block_bytes(moe_checkpoint, entry.name) for entry in store.blocks)
         # reads may be in flight into every slot (their bytes counted, their loads not yet)
         assert stats.bytes_read <= 1.15 * largest * (stats.blocks_loaded + stats.num_slots)
+
+
+def test_dequantize_once_streams_the_routed_experts_of_an_fp8_moe(tmp_path: Path) -> None:
+    """With ``Config(dequantize="once")`` an FP8 mixture of experts is stored as the bf16 transformers makes of it,
+    a plain store, whose experts are read routed (docs/moe.md): bit-exact, and a decode step reads expert bytes,
+    not whole blocks."""
+    folder = write_quantized(tmp_path / "ckpt", tiny_moe(), fp8_moe_convert, FP8_CONFIG)
+    expected = resident_logits(folder)
+    storage = tmp_path / "store"
+    store = Store.open(tensorstream.reshard(folder, storage, dequantize="once", progress=False))
+    assert store.kind is None and store.manifest.get("dequantize") == "once"
+    model = streaming(folder, storage, budget_gb=budgets(storage, prefetch=1)["stream_all"], prefetch=1,
+                      dequantize="once")  # fmt: skip
+    assert model._tensorstream_engine.plan.routed
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, expected)
+        tensorstream.stats(model).reset()
+        assert torch.equal(model(IDS[:, :1]).logits, expected[:, :1])
+    stats = tensorstream.stats(model)
+    assert stats.experts_routed > 0 and stats.expert_bytes_read > 0
