@@ -31,6 +31,7 @@ from tensorstream.store import MANIFEST_NAME, Store
 HELPERS = Path(__file__).parent / "helpers"
 reshard_module = importlib.import_module("tensorstream.reshard")
 format_module = importlib.import_module("tensorstream.format")
+staging_module = importlib.import_module("tensorstream.staging")
 
 #: Kill points (see helpers/crash_worker.py); "bytes:random" entries are replaced by seeded random offsets.
 KILL_POINTS = [
@@ -216,7 +217,7 @@ def test_full_disk_at_fsync_or_manifest_is_a_clear_error(
     if where == "fsync":  # delayed allocation: the data fits in the page cache, fsync finds no space
         monkeypatch.setattr(os, "fsync", lambda fd: disk_full("fsync"))
     else:
-        monkeypatch.setattr(reshard_module, "open", WriteLimit(10, disk_full), raising=False)
+        monkeypatch.setattr(staging_module, "open", WriteLimit(10, disk_full), raising=False)
     with pytest.raises(tensorstream.StorageFullError) as info:
         tensorstream.reshard(model_dirs["llama"], storage, progress=False)
     assert_storage_full(info.value, storage)

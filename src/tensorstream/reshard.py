@@ -19,18 +19,13 @@ read.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import pickle
-import re
 import shutil
-import stat
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -41,6 +36,7 @@ from huggingface_hub.utils import are_progress_bars_disabled
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import staging as store_writes  # its write_json by attribute: tests interrupt it there
 from ._quiet import quiet_torchao
 from .bnb import KEPT_METHODS
 from .compact import COMPACT_KINDS, kind_identity, linear_weights, quantize_linears
@@ -50,15 +46,15 @@ from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tenso
 from .errors import (
     ConfigError,
     FormatError,
-    LockTimeoutError,
     StaleStoreError,
-    StorageFullError,
     TensorStreamError,
 )
 from .experts import EXPERTS_KEY, add_checksums, experts_record, whole_block_reason
+from .fingerprint import LAYOUT_REVISION, WEIGHT_SUFFIXES, source_fingerprint
 from .format import FORMAT_VERSION, TENSOR_ALIGNMENT, TsHeader, read_ts_header, save_to_ts
 from .gptq import GPTQ_METHODS
 from .integrations.hub import resolve_model_class, resolve_source
+from .loaded_tensors import initialised_tensor, offload_loader, source_phases, weight_conversions
 from .plan import find_units, resident_parts
 from .prequantized import (
     DEQUANTIZED_METHODS,
@@ -74,6 +70,7 @@ from .prequantized import (
     torchao_tensors,
 )
 from .rules import RULES_KEY, flatten_tensors, plain_parts, rule_for
+from .staging import publish, remove_trash, staging_folder, store_lock
 from .store import MANIFEST_NAME, STORE_FORMAT, Store, repair_hint
 
 __all__ = ["build_store", "reshard", "reshard_module", "resolve_source", "weight_conversions"]
@@ -83,88 +80,6 @@ logger = logging.getLogger(__name__)
 #: Store files end in ``.ts.safetensors``: a .ts file, and a name transformers' loader recognises as safetensors.
 TS_SUFFIX = ".ts.safetensors"
 NON_BLOCK_FILE = f"non_block{TS_SUFFIX}"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_SOURCE_FILES = (
-    "config.json",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.bin.index.json",
-)
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-_CONFIG_KEYS_IGNORED = {
-    "_name_or_path",
-    "transformers_version",
-    "_diffusers_version",
-    "_commit_hash",
-    "dtype",
-    "torch_dtype",
-}
-#: A Hub cache blob is named by its content hash: a sha256 (LFS files) or a git blob sha1.
-_HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-#: What a store's layout holds beyond the format version (part of the fingerprint): 2 = converted tensors at the
-#: resident phase (0) and routed experts stored last with their checksums (docs/moe.md).
-LAYOUT_REVISION = 2
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: a file size limit (RLIMIT_FSIZE, quota)
-
-
-def source_fingerprint(
-    folder: Path,
-    cls: type,
-    dtype: torch.dtype | None,
-    config: Any,
-    kind: str | None = None,
-    quantization_arg: Any = None,
-    dequantize: str = "per_block",
-) -> str:
-    """A short hash of what decides the store's content: the weight files, the config, the class, dtype and kind,
-    and a ``quantization_config`` passed to ``from_pretrained`` (``quantization_arg``, every field of it).
-
-    ``config`` is a transformers config or, for a diffusers model, its config dict.
-
-    Files are identified by name, size and, for Hub cache snapshots, their blob name (a content hash), else
-    their modification time (a link's target's): a large checkpoint is never read to fingerprint it. A source
-    changed since resharding therefore gets a new store; the old one is never used for it.
-    """
-    values = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)  # a diffusers config: a dict
-    config_dict = {k: v for k, v in values.items() if k not in _CONFIG_KEYS_IGNORED}
-    digest = hashlib.sha256()
-    head = {"format_version": FORMAT_VERSION, "class": cls.__name__, "dtype": str(dtype), "config": config_dict}
-    # stores written before tensors converted at load were given the resident model's address phase (0), and before
-    # routed experts were stored last, get a new fingerprint: they are rebuilt once, never reused
-    head["layout"] = LAYOUT_REVISION
-    if kind is not None:  # a plain store keeps the fingerprint it always had
-        head["encoding"] = kind_identity(kind)
-    quantization = quantization_identity(config)
-    if quantization is not None:  # every field, loading attributes (dequantize, run_compressed) included
-        head["quantization"] = quantization
-        if quantization_method(config) in DEQUANTIZED_METHODS:
-            # FP8 stores written before fused experts were stored compact held them as bf16: rebuilt once
-            head["compact_experts"] = 1
-            if dequantize == "once":  # the bf16 weights transformers makes, not the compact bytes: another store
-                head["dequantize"] = dequantize
-    if quantization_arg is not None:
-        head["quantization_arg"] = quantization_identity(quantization_arg)
-    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
-    for file in sorted(folder.iterdir()):
-        if not (file.suffix in _WEIGHT_SUFFIXES or file.name in _SOURCE_FILES) or not file.is_file():
-            continue
-        stat = file.stat()  # follows links: the target's size and modification time
-        identity = _hub_blob(file) or str(stat.st_mtime_ns)
-        digest.update(f"{file.name}\0{stat.st_size}\0{identity}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _hub_blob(file: Path) -> str | None:
-    """The blob name (a content hash) when ``file`` links into a Hub cache ``blobs/`` folder, else ``None``.
-
-    Any other link (a local folder whose weights link elsewhere) is identified by its target's modification time,
-    so rewriting the target changes the fingerprint.
-    """
-    if not file.is_symlink():
-        return None
-    target = Path(os.readlink(file))
-    return target.name if target.parent.name == "blobs" and _HUB_BLOB.fullmatch(target.name) else None
 
 
 @contextlib.contextmanager
@@ -187,122 +102,6 @@ def quiet_transformers() -> Iterator[None]:
         accelerate_logger.setLevel(accelerate_level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def store_lock(root: Path, fingerprint: str, timeout: float | None = None) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<root>/.<fingerprint>.lock``; other processes wait (and say so in the log)."""
-    path = root / f".{fingerprint}.lock"
-    fd = _open_own_file(path, os.O_RDWR | os.O_CREAT)
-    try:
-        start = time.monotonic()
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if not announced:
-                # a warning, so it shows without logging set up: a silent wait looks like a hang
-                logger.warning(
-                    "tensorstream: another process is resharding into %s; waiting for it to finish%s",
-                    root / fingerprint,
-                    _holder(fd),
-                )
-                announced = True
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise LockTimeoutError(
-                    f"{path} was held by another process for over {timeout:.0f} s; if no reshard is running, "
-                    "delete the lock file and retry."
-                )
-            time.sleep(0.05)
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        except OSError as err:
-            if err.errno not in _DISK_FULL:
-                raise
-            raise _storage_full(root, f"the lock file {path.name}", err, None) from err
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _holder(fd: int) -> str:
-    """`` (pid N holds the lock)`` from the lock file the holder wrote its pid into, or ``""``."""
-    try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {pid} holds the lock)" if pid.isdigit() else ""
-
-
-def _open_own_file(path: Path, flags: int) -> int:
-    """Open a file tensorstream owns in the storage folder, refusing a link or anything but a regular file there.
-
-    A link planted as ``.<fingerprint>.lock`` would make reshard truncate and write the link's target.
-    """
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise FormatError(f"{path} is a symbolic link, which is never followed; delete it and retry.") from None
-        if err.errno in _DISK_FULL:
-            raise _storage_full(path.parent, f"the lock file {path.name}", err, None) from err
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FormatError(f"{path} is not a regular file; tensorstream refuses to use it. Delete it and retry.")
-    return fd
-
-
-@contextlib.contextmanager
-def staging_folder(root: Path, fingerprint: str, what: str, needed_bytes: int | None) -> Iterator[Path]:
-    """``<root>/.<fingerprint>.partial``, ready to (re)write a store into; enter it holding the store lock.
-
-    What an interrupted run left is cleaned first: its temporary files (complete block files stay, to be reused)
-    and the previous store moved aside by an interrupted ``--force``. A full disk (``ENOSPC``, ``EDQUOT``) removes
-    the whole partial store, to give the space back, and raises `StorageFullError`. The scratch offload folder
-    is always removed, and the staging folder too while it is still empty.
-    """
-    _remove_trash(root, fingerprint)
-    staging = root / f".{fingerprint}.partial"
-    if staging.is_symlink() or (os.path.lexists(staging) and not staging.is_dir()):
-        raise FormatError(
-            f"{staging} is a symbolic link or not a folder; reshard would write (and delete) through it. "
-            "Delete it and retry."
-        )
-    try:
-        staging.mkdir(exist_ok=True)
-        for tmp in staging.rglob(".*.tmp-*"):  # temporary files of save_to_ts and _write_json that a kill left
-            tmp.unlink(missing_ok=True)
-        yield staging
-    except OSError as err:
-        if err.errno not in _DISK_FULL:
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _storage_full(root, what, err, needed_bytes) from err
-    finally:
-        shutil.rmtree(staging / "_offload", ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging.rmdir()  # only succeeds while nothing was written
-
-
-def _storage_full(root: Path, what: str, err: OSError, needed_bytes: int | None) -> StorageFullError:
-    try:
-        free = f"{shutil.disk_usage(root).free / 1e9:.3g} GB free"
-    except OSError:
-        free = "free space unknown"
-    needs = f", about {needed_bytes / 1e9:.3g} GB needed" if needed_bytes else ""
-    return StorageFullError(
-        f"{root}: {os.strerror(err.errno or errno.ENOSPC)} while writing the store of {what} ({free}{needs}); the "
-        "partial store was removed. Free some space or choose another storage_path (Config(storage_path=...) or "
-        "TENSORSTREAM_STORAGE_PATH), then retry.",
-        err.errno or errno.ENOSPC,
-        str(err.filename) if err.filename else None,
-    )
 
 
 def reshard(
@@ -452,7 +251,7 @@ def reshard(
                 "run code when loaded). Convert it to safetensors where you trust it, and reshard that."
             ) from err
         check_loaded(model, method, str(source))
-        loader = _offload_loader(model, folder)
+        loader = offload_loader(model, folder)
         # an FP8 or MXFP4 checkpoint keeps its own compact bytes (unless another store kind was asked for)
         compact = checkpoint_parts(folder, model, config) if kind is None and not once else None
 
@@ -495,7 +294,7 @@ def reshard(
             source_info,
             progress,
             compact.kind if compact is not None else kind,
-            phase_of=_source_phases(loader, staging / "_offload"),
+            phase_of=source_phases(loader, staging / "_offload"),
             parts_of=compact,
         )
         for name in ("generation_config.json",):
@@ -555,7 +354,7 @@ def build_store(
     final = root / fingerprint
     if not force and _is_complete(final):
         logger.info("tensorstream: store %s is up to date with %s; nothing to reshard", final, source)
-        _remove_trash(root, fingerprint)
+        remove_trash(root, fingerprint)
         return final
     with store_lock(root, fingerprint):
         if not force and _is_complete(final):
@@ -564,7 +363,7 @@ def build_store(
         with staging_folder(root, fingerprint, source, needed_bytes) as staging:
             write(staging)
             shutil.rmtree(staging / "_offload", ignore_errors=True)
-            _publish(staging, final)
+            publish(staging, final)
     return final
 
 
@@ -645,7 +444,7 @@ def reshard_module(
                 kind,
                 phase_of=phase_of,
             )
-            _publish(staging, final)
+            publish(staging, final)
     return final
 
 
@@ -663,133 +462,6 @@ def _is_complete(store: Path) -> bool:
         hint = "" if "`tensorstream " in str(err) else f" {repair_hint(store, sentence=True)}"
         raise StaleStoreError(f"{store} exists but is damaged: {err}{hint}") from err
     return True
-
-
-def weight_conversions(model: nn.Module) -> list[list[Any]]:
-    """The load-time conversions transformers applied to the checkpoint (renamed or fused tensors), as JSON.
-
-    A model built later from the store loads runtime names, so transformers records no conversion and its
-    ``save_pretrained`` would write the runtime layout. The manifest keeps this description so that the
-    streamed model can be given back the same conversions and save the checkpoint's own layout
-    (`tensorstream.integrations.transformers`).
-    """
-    return [describe_conversion(c) for c in getattr(model, "_weight_conversions", None) or []]
-
-
-def describe_conversion(conversion: Any) -> list[Any]:
-    """A transformers ``WeightTransform`` as ``[class name, source patterns, target patterns, scope prefix]``."""
-    return [
-        type(conversion).__name__,
-        list(conversion.source_patterns),
-        list(conversion.target_patterns),
-        getattr(conversion, "scope_prefix", None),
-    ]
-
-
-def initialised_tensor(model: nn.Module, name: str, placeholder: torch.Tensor) -> torch.Tensor:
-    """The value transformers gives ``name``, a tensor the checkpoint lacks, when it builds the model resident.
-
-    Some tensors are rebuilt at init and left out of the checkpoint (Marian's sinusoidal position tables, listed in
-    ``_keys_to_ignore_on_save``): a resident ``from_pretrained`` initialises them with the model's own
-    ``_init_weights``, while the disk-offloaded build the reshard reads from leaves them on the meta device. The
-    owning module's init (that of the nearest `PreTrainedModel` around it) is run twice on a fresh CPU tensor,
-    under two different seeds and from two different fillings: a value that comes out the same both times is what
-    the resident model holds, and is stored.
-
-    Raises:
-        `UnsupportedModelError`: the tensor's init is random (or leaves it untouched), so no store can hold what a
-            resident load would give; the message names the tensor.
-
-    Example:
-        ```python
-        >>> initialised_tensor(marian, "model.encoder.embed_positions.weight", placeholder).shape
-        torch.Size([512, 32])
-        ```
-    """
-    from .errors import UnsupportedModelError
-
-    module_path, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_path)
-    owner: Any = model
-    parts = module_path.split(".") if module_path else []
-    for i in range(len(parts) + 1):  # the innermost sub-model's init handles its own modules (composite models)
-        candidate = model.get_submodule(".".join(parts[:i]))
-        if callable(getattr(candidate, "_init_weights", None)):
-            owner = candidate
-    is_parameter = attr in module._parameters
-    values = []
-    for seed, fill in ((0, 0.0), (1, 1.0)):
-        fresh = torch.full(placeholder.shape, fill, dtype=placeholder.dtype)
-        tensor = nn.Parameter(fresh, requires_grad=placeholder.requires_grad) if is_parameter else fresh
-        slots: dict[str, Any] = module._parameters if is_parameter else module._buffers
-        slots[attr] = tensor
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                owner._init_weights(module)
-        except Exception as err:
-            raise UnsupportedModelError(
-                f"{name} is not in the checkpoint, and initialising it as transformers does failed ({err}); "
-                "reshard a checkpoint that holds it (save_pretrained of the loaded model)."
-            ) from err
-        finally:
-            slots[attr] = placeholder
-        values.append(tensor.detach())
-    if not torch.equal(values[0], values[1]):
-        raise UnsupportedModelError(
-            f"{name} is not in the checkpoint and transformers initialises it at random: a resident load would give "
-            "other values each time, so no store can hold them. Use a checkpoint that holds it (save_pretrained of "
-            "the model after loading it once), or load this model without device_map='tensorstream'."
-        )
-    return values[0]
-
-
-def _source_phases(loader: Mapping[str, torch.Tensor], offload_folder: Path) -> Callable[[str, torch.Tensor], int]:
-    """Where a resident CPU load puts each tensor, modulo 64: its address phase in the mapped source file.
-
-    transformers binds a tensor it reads from a safetensors file of the checkpoint unchanged (same dtype, any name) as
-    a view of the file's memory map, so its address modulo 64 is its offset in the file modulo 64; some CPU kernels
-    give other bits for other alignments (``torch._grouped_mm``, oneDNN convolutions). A tensor transformers
-    converted at load (experts fused into one ``[E, ...]`` tensor, a cast, a ``.bin`` file) is a fresh allocation,
-    64-byte aligned: phase 0. The disk offload index names, for a converted tensor, the file transformers wrote it to
-    in ``offload_folder``, never a file of the checkpoint: only the checkpoint's own files give a phase.
-    """
-    index = getattr(loader, "index", None) or {}
-    headers: dict[str, TsHeader | None] = {}
-    written = offload_folder.resolve()
-
-    def phase_of(name: str, tensor: torch.Tensor) -> int:
-        entry = index.get(name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("safetensors_file"), str):
-            return 0
-        file = entry["safetensors_file"]
-        if (
-            Path(file).resolve().is_relative_to(written)
-        ):  # written by transformers at load: converted, a fresh allocation
-            return 0
-        if file not in headers:
-            try:
-                headers[file] = read_ts_header(file, require_ts=False)
-            except (TensorStreamError, OSError):
-                headers[file] = None
-        header = headers[file]
-        info = None if header is None else header.tensors.get(entry.get("weight_name", name))
-        if header is None or info is None or info.torch_dtype != tensor.dtype:
-            return 0
-        return (header.data_offset + info.start) % TENSOR_ALIGNMENT
-
-    return phase_of
-
-
-def _offload_loader(model: nn.Module, folder: Path) -> Mapping[str, torch.Tensor]:
-    for module in model.modules():
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        if weights_map is not None:
-            return getattr(weights_map, "dataset", weights_map)
-    raise TensorStreamError(
-        f"transformers built {type(model).__name__} from {folder} without a disk offload index; this transformers "
-        "version loads disk-offloaded models differently than tensorstream expects. Please report it."
-    )
 
 
 def _owner_of(name: str, blocks: set[str]) -> str:
@@ -916,7 +588,7 @@ def _write_store(
     if config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(staging / "config.json"))
     total_size = sum(entry["data_size"] for entry in entries)
-    _write_json(
+    store_writes.write_json(
         staging / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     )
     from . import __version__
@@ -944,7 +616,7 @@ def _write_store(
     reason = whole_block_reason(model)
     if reason:  # a mixture of experts outside transformers' experts interface: said by Plan.describe
         manifest["whole_block_experts"] = reason
-    _write_json(staging / MANIFEST_NAME, manifest)
+    store_writes.write_json(staging / MANIFEST_NAME, manifest)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -959,7 +631,7 @@ def check_model_folder(folder: Path, source: str | os.PathLike[str]) -> None:
             f"{where} has no config.json: it is not a model folder. Pass the folder that holds config.json and the "
             "weights (what save_pretrained writes), or a Hub repo id."
         )
-    if not any(f.suffix in _WEIGHT_SUFFIXES for f in folder.iterdir()):
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in folder.iterdir()):
         raise FormatError(
             f"{where} has a config.json but no weight files (*.safetensors or *.bin): pass the folder that holds "
             "the weights too (what save_pretrained writes)."
@@ -968,7 +640,7 @@ def check_model_folder(folder: Path, source: str | os.PathLike[str]) -> None:
 
 def _checkpoint_bytes(folder: Path) -> int:
     """Bytes of the weight files in ``folder`` (safetensors when it has any): about what its store needs."""
-    files = [f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file()]
+    files = [f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
     safetensors = [f for f in files if f.suffix == ".safetensors"]
     return sum(f.stat().st_size for f in safetensors or files)
 
@@ -984,64 +656,3 @@ def _reusable(path: Path, block: str, kind: str | None = None) -> TsHeader | Non
         path.unlink(missing_ok=True)
         return None
     return header if header.block == block and codec.kind == kind else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _publish(staging: Path, final: Path) -> None:
-    """Rename the complete ``staging`` folder to ``final``.
-
-    With ``--force`` over an existing store, the two are exchanged atomically (Linux ``renameat2``), so a process
-    loading the store at that moment finds the old or the new one, never none; the old one is then deleted.
-    Elsewhere the old store is moved aside first (a short window without a store).
-    """
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if _exchange(staging, final):
-            os.replace(staging, trash)  # the old store, out of the staging path at once (never resumed from)
-        else:
-            os.replace(final, trash)
-            os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    _fsync_dir(final.parent)
-
-
-def _remove_trash(root: Path, fingerprint: str) -> None:
-    """Delete old stores that a killed ``--force`` left moved aside."""
-    for trash in root.glob(f".{fingerprint}.old-*"):
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically with ``renameat2(RENAME_EXCHANGE)``; False where it is not available."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem or kernel without it
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -78,7 +78,8 @@ def arm(point: str) -> bool:
     elif kind == "save":
         ts_reshard.save_to_ts = _after_nth(int(arg), ts_reshard.save_to_ts)  # type: ignore[assignment]
     elif kind in ("json", "json-after"):
-        real_json = ts_reshard._write_json
+        staging = importlib.import_module("tensorstream.staging")  # the reshard calls staging.write_json
+        real_json = staging.write_json
 
         def write_json(path: Path, data: Any) -> None:
             if kind == "json" and path.name == arg:
@@ -87,7 +88,7 @@ def arm(point: str) -> bool:
             if path.name == arg:
                 sigkill()
 
-        ts_reshard._write_json = write_json  # type: ignore[assignment]
+        staging.write_json = write_json
     elif kind == "publish-force":
         real_replace = os.replace
 

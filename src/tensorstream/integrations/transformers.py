@@ -37,8 +37,9 @@ from ..config import Config, parse_dtype
 from ..errors import ConfigError, StaleStoreError
 from ..format import TensorInfo
 from ..gptq import GPTQ_METHODS, gptq_layers
+from ..loaded_tensors import describe_conversion
 from ..prequantized import describe_quantization, quantization_method
-from ..reshard import describe_conversion, quiet_transformers, reshard, resolve_source
+from ..reshard import quiet_transformers, reshard, resolve_source
 from ..store import INDEX_NAME, Store, read_config, repair_hint
 from ..stream import check_device, plan_for, start_streaming
 from . import wrap_classmethod
