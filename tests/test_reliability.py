@@ -690,6 +690,9 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(
     main = threading.main_thread().ident
     assert main is not None and threading.current_thread() is threading.main_thread()
     timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT))
+    # Python's own handler, whatever this process inherited: a test run started in the background by a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and Python then installs no handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     start = time.monotonic()
     timer.start()
     try:
@@ -698,6 +701,7 @@ def test_ctrl_c_during_generate_leaves_the_model_usable(
     finally:
         timer.cancel()
         timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 2.4  # it was the signal that ended generate, not the last token
     engine.backend.read_into = real
     args["max_new_tokens"] = 6
