@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import tensorstream
 from helpers.models import budgets, streaming
-from helpers.prequantized import GPTQ_CONFIG, gptq_convert, write_quantized
+from helpers.prequantized import GPTQ_CONFIG, gptq_convert, tiny_llama, write_quantized
 from tensorstream.errors import UnsupportedQuantizationError
 from tensorstream.format import read_ts_header
 from tensorstream.prequantized import describe_quantization
@@ -36,25 +36,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Implicitly cleaning up:ResourceW
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3, 14, 2]])
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(torch.bfloat16)
-
-
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The published GPTQ layout (4 bits, group 32, v1 ``qzeros``), written tensor by tensor."""
-    return write_quantized(tmp_path_factory.mktemp("gptq-published"), tiny_llama(), gptq_convert, GPTQ_CONFIG)
+    return write_quantized(
+        tmp_path_factory.mktemp("gptq-published"),
+        tiny_llama(layers=6, dtype=torch.bfloat16),
+        gptq_convert,
+        GPTQ_CONFIG,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +57,7 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     source = tmp_path_factory.mktemp("gptq-bf16")
-    tiny_llama().save_pretrained(source)
+    tiny_llama(layers=6, dtype=torch.bfloat16).save_pretrained(source)
     save_tokenizer(source)
     model = GPTQModel.load(str(source), QuantizeConfig(bits=4, group_size=32, desc_act=True, sym=True), device="cpu")
     generator = torch.Generator().manual_seed(1)
@@ -95,7 +85,7 @@ def awq(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gptqmodel import AWQConfig, GPTQModel
 
     source = tmp_path_factory.mktemp("awq-bf16")
-    tiny_llama().save_pretrained(source)
+    tiny_llama(layers=6, dtype=torch.bfloat16).save_pretrained(source)
     save_tokenizer(source)
     model = GPTQModel.load(str(source), AWQConfig(bits=4, group_size=32), device="cpu")
     generator = torch.Generator().manual_seed(2)
@@ -290,7 +280,9 @@ def test_a_quantized_head_is_refused_naming_it(tmp_path: Path) -> None:
             for key, t in gptq_convert("head.layers.proj.weight", tensor).items()
         }
 
-    folder = write_quantized(tmp_path / "model", tiny_llama(), convert, {**GPTQ_CONFIG, "lm_head": True})
+    folder = write_quantized(
+        tmp_path / "model", tiny_llama(layers=6, dtype=torch.bfloat16), convert, {**GPTQ_CONFIG, "lm_head": True}
+    )
     with pytest.raises(UnsupportedQuantizationError, match=r"lm_head\.qweight") as info:
         streaming(folder, tmp_path / "store")
     assert info.value.method == "gptq"

@@ -16,10 +16,6 @@ from transformers import (
     AutoModelForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
 )
 
 import tensorstream
@@ -33,6 +29,8 @@ from helpers.prequantized import (
     fp8_moe_convert,
     gptq_convert,
     mxfp4_convert,
+    tiny_llama,
+    tiny_qwen3_moe,
     write_quantized,
 )
 from tensorstream.encoding import BlockCodec, encode_tensors
@@ -42,21 +40,6 @@ from tensorstream.prequantized import check_loaded, fp8_dequantize, mxfp4_dequan
 from tensorstream.store import Store
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3]])
-
-
-def tiny_llama(layers: int = 3) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -192,27 +175,13 @@ def test_a_block_that_would_not_expand_exactly_is_an_error_at_reshard(
 
 
 def test_fp8_per_expert_moe_streams_bit_exact_to_the_resident_load(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    folder = write_quantized(tmp_path / "moe", Qwen3MoeForCausalLM(config), fp8_moe_convert, FP8_CONFIG)
+    folder = write_quantized(tmp_path / "moe", tiny_qwen3_moe(experts=4, top_k=2), fp8_moe_convert, FP8_CONFIG)
     expected = resident_logits(folder)
     model = streaming(folder, tmp_path / "store")
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, expected)
     store = only_store(tmp_path / "store")
-    # attention keeps its float8 bytes; the experts are fused at load, so they are stored as transformers made them
+    # attention and the experts (fused as transformers fuses them) keep their float8 bytes; norms stay bf16
     assert store.kind == "fp8" and "F8_E4M3" in store.blocks[0].dtypes and "BF16" in store.blocks[0].dtypes
 
 

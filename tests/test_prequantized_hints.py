@@ -15,27 +15,12 @@ from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig
 
 import tensorstream
 from helpers.models import budgets, streaming
-from helpers.prequantized import FP8_CONFIG, GPTQ_CONFIG, fp8_convert, gptq_convert, write_quantized
+from helpers.prequantized import FP8_CONFIG, GPTQ_CONFIG, fp8_convert, gptq_convert, tiny_llama, write_quantized
 from tensorstream.cli import EXIT_ERROR, EXIT_OK, main
 from tensorstream.errors import StaleStoreError, UnsupportedQuantizationError
 from tensorstream.prequantized import describe_quantization
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3]])
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -164,25 +149,9 @@ def test_the_fix_for_a_store_built_with_a_quantization_config_rebuilds_that_stor
 
 
 def test_the_fix_for_a_damaged_fp8_moe_store_rebuilds_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from helpers.prequantized import fp8_moe_convert, tiny_qwen3_moe
 
-    from helpers.prequantized import fp8_moe_convert
-
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        num_experts=8,
-        num_experts_per_tok=4,
-        max_position_embeddings=64,
-    )
-    folder = write_quantized(tmp_path / "moe", Qwen3MoeForCausalLM(config), fp8_moe_convert, FP8_CONFIG)
+    folder = write_quantized(tmp_path / "moe", tiny_qwen3_moe(experts=8, top_k=4), fp8_moe_convert, FP8_CONFIG)
     expected = resident_logits(folder)
     storage = tmp_path / "store"
     streaming(folder, storage)

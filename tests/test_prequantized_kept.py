@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import tensorstream
 from helpers.models import budgets, streaming
+from helpers.prequantized import tiny_llama
 from tensorstream.errors import FormatError, UnsupportedQuantizationError
 from tensorstream.format import read_ts_header
 from tensorstream.prequantized import describe_quantization
@@ -39,25 +40,10 @@ BNB = {
 }
 
 
-def tiny_llama(layers: int = 6, hidden: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(torch.bfloat16)
-
-
 @pytest.fixture(scope="module")
 def bf16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("bf16")
-    tiny_llama().save_pretrained(folder)
+    tiny_llama(layers=6, dtype=torch.bfloat16).save_pretrained(folder)
     return folder
 
 
@@ -229,7 +215,7 @@ def write_compressed(
     )
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    model = tiny_llama(hidden=256)
+    model = tiny_llama(layers=6, hidden=256, dtype=torch.bfloat16)
     args = QuantizationArgs(**weights)
     scheme = QuantizationScheme(
         targets=["Linear"],

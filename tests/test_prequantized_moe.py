@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM
 
 import tensorstream
 from helpers.models import budgets, streaming
-from helpers.prequantized import FP8_CONFIG, fp8_blockwise, fp8_convert, fp8_moe_convert, write_quantized
+from helpers.prequantized import (
+    FP8_CONFIG,
+    fp8_blockwise,
+    fp8_convert,
+    fp8_moe_convert,
+    tiny_qwen3_moe,
+    write_quantized,
+)
 from tensorstream.format import read_ts_header
 from tensorstream.store import Store
 
@@ -28,28 +35,15 @@ def fp8_fused_convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor
     return fp8_convert(name, tensor)
 
 
-def tiny_moe() -> Qwen3MoeForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        hidden_size=256,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        vocab_size=96,
-        num_experts=16,
-        num_experts_per_tok=4,
-        max_position_embeddings=64,
-    )
-    return Qwen3MoeForCausalLM(config)
-
-
 @pytest.fixture(scope="module", params=["per_expert", "fused"])
 def moe_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     convert = fp8_moe_convert if request.param == "per_expert" else fp8_fused_convert
-    return write_quantized(tmp_path_factory.mktemp(request.param), tiny_moe(), convert, FP8_CONFIG)
+    return write_quantized(
+        tmp_path_factory.mktemp(request.param),
+        tiny_qwen3_moe(experts=16, top_k=4, hidden=256, layers=3),
+        convert,
+        FP8_CONFIG,
+    )
 
 
 def resident_logits(folder: Path) -> torch.Tensor:
@@ -66,8 +60,12 @@ def block_bytes(folder: Path, block: str) -> int:
 def test_both_layouts_load_resident_to_the_same_model(tmp_path: Path) -> None:
     """transformers 5.24 loads both layouts on a CPU, dequantizing each expert with its scales (the fused one is not
     merely cast: it equals the per-expert one, made from the same weights)."""
-    per = write_quantized(tmp_path / "per", tiny_moe(), fp8_moe_convert, FP8_CONFIG)
-    fused = write_quantized(tmp_path / "fused", tiny_moe(), fp8_fused_convert, FP8_CONFIG)
+    per = write_quantized(
+        tmp_path / "per", tiny_qwen3_moe(experts=16, top_k=4, hidden=256, layers=3), fp8_moe_convert, FP8_CONFIG
+    )
+    fused = write_quantized(
+        tmp_path / "fused", tiny_qwen3_moe(experts=16, top_k=4, hidden=256, layers=3), fp8_fused_convert, FP8_CONFIG
+    )
     assert torch.equal(resident_logits(per), resident_logits(fused))
 
 
@@ -108,7 +106,9 @@ def test_dequantize_once_streams_the_routed_experts_of_an_fp8_moe(tmp_path: Path
     """With ``Config(dequantize="once")`` an FP8 mixture of experts is stored as the bf16 transformers makes of it,
     a plain store, whose experts are read routed (docs/moe.md): bit-exact, and a decode step reads expert bytes,
     not whole blocks."""
-    folder = write_quantized(tmp_path / "ckpt", tiny_moe(), fp8_moe_convert, FP8_CONFIG)
+    folder = write_quantized(
+        tmp_path / "ckpt", tiny_qwen3_moe(experts=16, top_k=4, hidden=256, layers=3), fp8_moe_convert, FP8_CONFIG
+    )
     expected = resident_logits(folder)
     storage = tmp_path / "store"
     store = Store.open(tensorstream.reshard(folder, storage, dequantize="once", progress=False))

@@ -19,6 +19,45 @@ from safetensors.torch import load_file, save_file
 FP8_CONFIG = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic", "fmt": "e4m3"}
 
 
+def tiny_llama(layers: int = 3, hidden: int = 128, dtype: torch.dtype = torch.float32) -> Any:
+    """A seeded random Llama whose block linears are whole 128x128 FP8 blocks (``head_dim`` 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def tiny_qwen3_moe(experts: int, top_k: int, hidden: int = 128, layers: int = 2) -> Any:
+    """A seeded random Qwen3-MoE with ``experts`` experts (128 rows each), ``top_k`` of them routed per token."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        hidden_size=hidden,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        vocab_size=96,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=64,
+    )
+    return Qwen3MoeForCausalLM(config)
+
+
 def fp8_blockwise(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` as float8 values and float32 ``scale_inv`` per block (as DeepSeek's conversion script does)."""
     rows, cols = weight.shape
