@@ -294,6 +294,19 @@ def _reset_peak() -> None:
         pass
 
 
+def bench_settings(
+    config: Config | None, device: str | None, workdir: str | os.PathLike[str] | None
+) -> tuple[Config, Path]:
+    """The settings a bench runs with (``config``, else the environment's, on ``device`` when given) and its work
+    folder (``workdir``, else ``<storage_path>/bench``), created."""
+    base = config or Config.from_env()
+    if device is not None:
+        base = base.replace(device=device)
+    work = Path(workdir) if workdir else base.store_root / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    return base, work
+
+
 def run_bench(
     source: str | os.PathLike[str] | None = None,
     *,
@@ -370,12 +383,8 @@ def run_bench(
     say = progress or (lambda line: logger.info("tensorstream bench: %s", line))
     model: Any
     engine: Any
-    base = config or Config.from_env()
-    if device is not None:
-        base = base.replace(device=device)
+    base, work = bench_settings(config, device, workdir)
     run_device = base.execution_device
-    work = Path(workdir) if workdir else base.store_root / "bench"
-    work.mkdir(parents=True, exist_ok=True)
     if source is None:
         say("standard model (random Llama, ~1.9 GB bf16, 16 blocks)")
         source = build_standard_model(work / "standard-llama-2gb")

@@ -225,7 +225,7 @@ def run_diffusion_bench(
         >>> print(format_markdown(result))
         ```
     """
-    from ..bench import _check_budget, _MemorySampler, cache_config, unmap_when_cold
+    from ..bench import _check_budget, _MemorySampler, bench_settings, cache_config, unmap_when_cold
     from ..reshard import reshard
     from ..store import Store, read_config
     from ..stream import ENGINE_ATTR
@@ -241,12 +241,8 @@ def run_diffusion_bench(
         raise ConfigError(f"caches={list(caches)}: each must be 'cold' or 'warm'.")
     if not batches:
         raise ConfigError("batches=[]: measure at least one batch size.")
-    base = config or Config.from_env()
-    if device is not None:
-        base = base.replace(device=device)
+    base, work = bench_settings(config, device, workdir)
     run_device = base.execution_device
-    work = Path(workdir) if workdir else base.store_root / "bench"
-    work.mkdir(parents=True, exist_ok=True)
     if source is None:
         say("standard diffusion model (random Flux transformer, ~330 MB fp32, 11 blocks)")
         source = build_standard_diffusers_model(work / "standard-flux-330mb")
