@@ -112,7 +112,7 @@ def _add_reshard(sub: Subparsers) -> None:
     _store_kind_flags(p)
     p.add_argument(
         "--dequantize",
-        choices=["per_block", "once"],
+        choices=["per_block", "once"],  # Config.DEQUANTIZE_CHOICES (config imports torch; --help must not)
         default="per_block",
         help="an FP8 or MXFP4 checkpoint: store its compact bytes, dequantized as each block loads (per_block, the "
         "default), or the bf16 weights transformers dequantizes it to (once: ~1.9x the bytes, faster on a CPU)",

@@ -40,7 +40,8 @@ Backend = Literal["auto", "posix", "mmap", "kvikio"]
 Verify = Literal["off", "header", "checksum"]
 _BACKENDS = ("auto", "posix", "mmap", "kvikio")
 _VERIFY = ("off", "header", "checksum")
-_DEQUANTIZE = ("per_block", "once")
+#: When a pre-quantized FP8/MXFP4 checkpoint is dequantized (`Config.dequantize`, `tensorstream.reshard`).
+DEQUANTIZE_CHOICES = ("per_block", "once")
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -212,11 +213,7 @@ class Config:
             raise ConfigError(f"backend={self.backend!r} is not one of {', '.join(map(repr, _BACKENDS))}.")
         if self.verify not in _VERIFY:
             raise ConfigError(f"verify={self.verify!r} is not one of {', '.join(map(repr, _VERIFY))}.")
-        if self.dequantize not in _DEQUANTIZE:
-            raise ConfigError(
-                f"dequantize={self.dequantize!r} is not one of {', '.join(map(repr, _DEQUANTIZE))}: when an FP8 or "
-                "MXFP4 checkpoint is dequantized (as each block loads, or once, into the store)."
-            )
+        check_dequantize(self.dequantize)
         if not isinstance(self.routed_experts, bool):
             routed = _as_optional_bool(self.routed_experts, "routed_experts")
             set_(self, "routed_experts", True if routed is None else routed)
@@ -389,6 +386,15 @@ def _check_names(given: Mapping[str, Any], where: str) -> None:
             raise ConfigError(
                 f"{where}({name}=...): {name!r} is not a Config field; {hint}The fields are {', '.join(fields)}."
             )
+
+
+def check_dequantize(value: Any) -> None:
+    """`ConfigError` unless ``value`` is one of `DEQUANTIZE_CHOICES`."""
+    if value not in DEQUANTIZE_CHOICES:
+        raise ConfigError(
+            f"dequantize={value!r} is not one of {', '.join(map(repr, DEQUANTIZE_CHOICES))}: when an FP8 or MXFP4 "
+            "checkpoint is dequantized (as each block loads, or once, into the store)."
+        )
 
 
 def _given(kwargs: Mapping[str, Any]) -> frozenset[str]:

@@ -40,7 +40,7 @@ from . import staging as store_writes  # its write_json by attribute: tests inte
 from ._quiet import quiet_torchao
 from .bnb import KEPT_METHODS
 from .compact import COMPACT_KINDS, kind_identity, linear_weights, quantize_linears
-from .config import default_storage_path, parse_dtype
+from .config import check_dequantize, default_storage_path, parse_dtype
 from .ctensors import CT_KIND
 from .encoding import ENCODING_KEY, PREQUANTIZED_KINDS, BlockCodec, encode_tensors, expands, store_kind
 from .errors import (
@@ -198,8 +198,7 @@ def reshard(
     cls = resolve_model_class(config, model_class)
     dtype = parse_dtype(dtype)
     kind = store_kind(quantize, compression)
-    if dequantize not in ("per_block", "once"):
-        raise ConfigError(f"dequantize={dequantize!r} is not one of 'per_block', 'once'.")
+    check_dequantize(dequantize)
     # a typed refusal before anything is built or written
     quantization_arg = (model_kwargs or {}).get("quantization_config")
     method = quantization_method(config)
